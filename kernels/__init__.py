@@ -1,0 +1,1 @@
+"""Ternary BitLinear kernels: weight packings, numba kernels, and the ONNX Runtime operator."""

@@ -1,0 +1,3 @@
+from tdpu_tui.cli import main
+
+raise SystemExit(main())

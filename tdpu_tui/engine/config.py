@@ -1,0 +1,222 @@
+"""`tdpu.toml`: loading and validation (SPEC §3).
+
+Unknown keys and wrong types are errors naming the key and the file. Relative paths are
+relative to the configuration file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from tdpu_tui.engine.errors import ConfigError
+
+PRESETS = ("tiny", "2b4t")
+PROFILES = ("reference", "icraft")
+LAYOUTS = ("tdpu", "hf")
+
+
+@dataclass
+class SyntheticConfig:
+    preset: str = "tiny"
+    seed: int = 0
+    # Overrides of the preset's shapes; None keeps the preset's value.
+    layers: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    vocab_size: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    source: str = "synthetic"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ExportConfig:
+    profile: str = "reference"
+    opset: int = 17
+    seq_len: int = 128
+    # Verification inputs: `verify_batch` sequences of `verify_tokens` tokens.
+    verify_batch: int = 2
+    verify_tokens: int = 32
+    verify_seed: int = 1234
+
+
+@dataclass
+class IcraftConfig:
+    bin: str = "icraft"
+    net_name: str = "bitnet_b158"
+    target: str = "buyi"
+    timeout_s: float = 3600
+    pass_on: list[str] = field(default_factory=lambda: ["tdpu.ReplaceMatMulWithBitLinear"])
+    # A user's own op-support table (CSV of reference/icraft/onnx_op_support.csv format).
+    op_table: str | None = None
+
+
+@dataclass
+class ReplaceConfig:
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=lambda: ["*lm_head*"])
+    layout: str = "tdpu"
+
+
+@dataclass
+class ValidateConfig:
+    seed: int = 7
+    batch: int = 1
+    # Timed repetitions of each latency measurement (the median is reported).
+    repeats: int = 5
+    # Replaced nodes whose integer core is checked one by one.
+    sample_nodes: int = 8
+
+
+@dataclass
+class PathsConfig:
+    output: str = "models/output"
+    logs: str = "phase3_logs"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    icraft: IcraftConfig = field(default_factory=IcraftConfig)
+    replace: ReplaceConfig = field(default_factory=ReplaceConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    # Where the file was read from; relative paths resolve against its directory.
+    file: Path | None = None
+
+    @property
+    def base_dir(self) -> Path:
+        return self.file.parent if self.file is not None else Path.cwd()
+
+    def resolve(self, p: str | Path) -> Path:
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    @property
+    def output_dir(self) -> Path:
+        return self.resolve(self.paths.output)
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.resolve(self.paths.logs)
+
+    @property
+    def model_source(self) -> str | Path:
+        """"synthetic" or the absolute path of a checkpoint directory."""
+        if self.model.source == "synthetic":
+            return "synthetic"
+        return self.resolve(self.model.source)
+
+
+_CHOICES = {
+    "model.synthetic.preset": PRESETS,
+    "export.profile": PROFILES,
+    "replace.layout": LAYOUTS,
+}
+_POSITIVE = {
+    "export.opset", "export.seq_len", "export.verify_batch", "export.verify_tokens",
+    "icraft.timeout_s", "validate.batch", "validate.repeats",
+    "model.synthetic.layers", "model.synthetic.hidden_size", "model.synthetic.intermediate_size",
+    "model.synthetic.num_heads", "model.synthetic.num_kv_heads", "model.synthetic.vocab_size",
+}
+
+
+def _type_name(t: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(t, str(t))
+
+
+def _check_value(value: Any, annotation: str, key: str, file: Path | None) -> Any:
+    optional = annotation.endswith("| None")
+    base = annotation.removesuffix(" | None").strip()
+    if base == "list[str]":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"expected a list of strings, found {value!r}", file=file, key=key)
+        return list(value)
+    expected = {"int": int, "float": float, "str": str, "bool": bool}[base]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) and expected is not bool or not isinstance(value, expected):
+        hint = " (or leave it out)" if optional else ""
+        raise ConfigError(
+            f"expected {_type_name(expected)}{hint}, found {type(value).__name__} {value!r}",
+            file=file, key=key,
+        )
+    return value
+
+
+def _build(cls: type, table: dict, prefix: str, file: Path | None) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "file"}
+    kwargs: dict[str, Any] = {}
+    for name, value in table.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown key (known here: {known})", file=file, key=key)
+        f = fields[name]
+        ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        sub = _SECTIONS.get(ann)
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"expected a table [{key}], found {value!r}", file=file, key=key)
+            kwargs[name] = _build(sub, value, f"{key}.", file)
+            continue
+        value = _check_value(value, ann, key, file)
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ConfigError(
+                f"expected one of {', '.join(map(repr, _CHOICES[key]))}, found {value!r}",
+                file=file, key=key,
+            )
+        if key in _POSITIVE and value is not None and value <= 0:
+            raise ConfigError(f"expected a positive value, found {value!r}", file=file, key=key)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+_SECTIONS: dict[str, type] = {
+    "SyntheticConfig": SyntheticConfig,
+    "ModelConfig": ModelConfig,
+    "ExportConfig": ExportConfig,
+    "IcraftConfig": IcraftConfig,
+    "ReplaceConfig": ReplaceConfig,
+    "ValidateConfig": ValidateConfig,
+    "PathsConfig": PathsConfig,
+}
+
+
+def parse_config(text: str, file: Path | None = None) -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", file=file) from None
+    cfg = _build(Config, data, "", file)
+    cfg.file = file
+    if cfg.export.opset < 17:
+        raise ConfigError(f"expected 17 or later (Icraft's PyTorch route), found {cfg.export.opset}",
+                          file=file, key="export.opset")
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path).expanduser().resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("configuration file not found", file=path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the configuration: {exc}", file=path) from None
+    return parse_config(text, path)

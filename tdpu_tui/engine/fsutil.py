@@ -1,0 +1,88 @@
+"""Writes that never leave a half-written artifact: temp file in the same directory + rename."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path`, else it is removed.
+
+    Ctrl-C (KeyboardInterrupt) counts as failure: the old file, if any, is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        if fsync:
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+        if fsync:
+            fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def staging_dir(final_dir: str | Path) -> Iterator[Path]:
+    """A temporary directory inside `final_dir` for artifacts that must appear together.
+
+    Move the finished files out with `commit_files`; the directory is removed either way.
+    """
+    final_dir = Path(final_dir)
+    final_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=final_dir))
+    try:
+        yield tmp
+    finally:
+        for p in sorted(tmp.rglob("*"), reverse=True):
+            with contextlib.suppress(OSError):
+                p.unlink() if not p.is_dir() else p.rmdir()
+        with contextlib.suppress(OSError):
+            tmp.rmdir()
+
+
+def commit_files(pairs: list[tuple[Path, Path]]) -> None:
+    """Rename each (staged, final) pair in order; data files first, index files last."""
+    for src, dst in pairs:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+    for d in {dst.parent for _, dst in pairs}:
+        fsync_dir(d)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

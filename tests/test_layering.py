@@ -1,0 +1,24 @@
+"""The execution core must be importable without the TUI (STYLE.md, harlequin's contract)."""
+
+import subprocess
+import sys
+
+import pytest
+
+ENGINE_MODULES = [
+    "tdpu_tui.engine.config",
+    "tdpu_tui.engine.pipeline",
+    "tdpu_tui.engine.stages",
+    "kernels.packing",
+]
+
+
+@pytest.mark.parametrize("module", ENGINE_MODULES)
+def test_engine_module_imports_without_textual_or_rich(module):
+    code = (
+        f"import importlib, sys; importlib.import_module({module!r}); "
+        "bad = [m for m in ('textual', 'rich') if m in sys.modules]; "
+        "print(','.join(bad)); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, f"{module} pulled in {proc.stdout.strip()} {proc.stderr[-2000:]}"

@@ -119,6 +119,7 @@ class Pipeline:
         self._sink = on_event or (lambda _e: None)
         self._lock = threading.Lock()
         self._interrupted = False
+        self.summary: RunSummary | None = None
 
     @property
     def names(self) -> list[str]:
@@ -139,7 +140,7 @@ class Pipeline:
 
     def run(self, names: Iterable[str] | None = None) -> RunSummary:
         selected = self.select(names)
-        summary = RunSummary()
+        summary = self.summary = RunSummary()
         outcome: dict[str, Status] = {}
         state: dict[str, Any] = {}
         paths = Artifacts.of(self.config)

@@ -1,0 +1,131 @@
+"""`tdpu --batch`: the headless face. Progress to stderr, results to stdout (SPEC §2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TextIO
+
+from tdpu_tui.engine.config import Config
+from tdpu_tui.engine.errors import ExitCode
+from tdpu_tui.engine.events import (
+    Event, RunSummary, StageFinished, StageLog, StageProgress, StageResult, StageStarted, Status,
+)
+from tdpu_tui.engine.fsutil import atomic_write_text
+from tdpu_tui.engine.pipeline import Pipeline
+
+_COLORS = {Status.OK: "32", Status.FAILED: "31", Status.SKIPPED: "33"}
+
+
+class ProgressPrinter:
+    """Renders events on stderr: a live line on a terminal, plain lines otherwise."""
+
+    def __init__(self, stream: TextIO = sys.stderr):
+        self.stream = stream
+        self.live = stream.isatty() and os.environ.get("TERM", "") != "dumb"
+        self.color = self.live and "NO_COLOR" not in os.environ
+        self._last_live = 0.0
+        self._live_shown = False
+        self._lock = threading.Lock()
+
+    def _paint(self, text: str, status: Status) -> str:
+        code = _COLORS.get(status)
+        return f"\x1b[{code}m{text}\x1b[0m" if self.color and code else text
+
+    def _clear_live(self) -> None:
+        if self._live_shown:
+            self.stream.write("\r\x1b[2K")
+            self._live_shown = False
+
+    def __call__(self, event: Event) -> None:
+        with self._lock:
+            self._handle(event)
+            self.stream.flush()
+
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, StageStarted):
+            self._clear_live()
+            self.stream.write(f"[{event.stage}] started\n")
+        elif isinstance(event, StageProgress):
+            note = f" {event.note}" if event.note else ""
+            if event.total:
+                frac = max(0.0, min(1.0, event.done / event.total))
+                text = f"[{event.stage}] {frac:6.1%}{note}"
+            else:
+                text = f"[{event.stage}]{note}"
+            if self.live:
+                now = time.monotonic()
+                if now - self._last_live < 0.1:
+                    return
+                self._last_live = now
+                width = 28
+                if event.total:
+                    filled = int(width * frac)
+                    bar = "#" * filled + "-" * (width - filled)
+                    text = f"[{event.stage}] [{bar}] {frac:6.1%}{note}"
+                self.stream.write("\r\x1b[2K" + text[:200])
+                self._live_shown = True
+            elif note:
+                self.stream.write(text + "\n")
+        elif isinstance(event, StageLog):
+            self._clear_live()
+            level = "" if event.level == "info" else f"{event.level}: "
+            self.stream.write(f"[{event.stage}] {level}{event.line}\n")
+        elif isinstance(event, StageFinished):
+            self._clear_live()
+            r = event.result
+            status = self._paint(r.status.value, r.status)
+            self.stream.write(f"[{r.name}] {status} in {r.seconds:.1f}s: {r.message}\n")
+
+
+def summary_table(results: list[StageResult]) -> str:
+    rows = [("stage", "status", "seconds", "result")]
+    rows += [(r.name, r.status.value, f"{r.seconds:.1f}", r.message.splitlines()[0] if r.message else "")
+             for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
+    return "\n".join(lines)
+
+
+def _draft_bug(result: StageResult, cfg: Config) -> None:
+    from tdpu_tui.engine.artifacts import Artifacts
+    from tdpu_tui.engine.bugbook import draft_from_failure
+    record = draft_from_failure(Artifacts.of(cfg).bugs, result.name, result.message, result.log_tail)
+    if record is not None:
+        print(f"[{result.name}] drafted Bug #{record.number} in {Artifacts.of(cfg).bugs}", file=sys.stderr)
+
+
+def run_batch(cfg: Config, stages: list[str] | None, *, json_path: str | None = None,
+              bug_drafts: bool = True) -> int:
+    printer = ProgressPrinter()
+    pipeline = Pipeline(cfg, on_event=printer, on_failure=_draft_bug if bug_drafts else None)
+    try:
+        pipeline.select(stages)
+    except KeyError as exc:
+        print(f"tdpu: error: {exc.args[0]}", file=sys.stderr)
+        return ExitCode.USAGE
+    summary: RunSummary | None = None
+    code = ExitCode.OK
+    try:
+        summary = pipeline.run(stages)
+        code = ExitCode.FAILURE if summary.failed else ExitCode.OK
+    except KeyboardInterrupt:
+        printer._clear_live()
+        print("tdpu: interrupted", file=sys.stderr)
+        summary = pipeline.summary
+        if summary is not None:
+            summary.interrupted = True
+        code = ExitCode.INTERRUPT
+    if summary is not None:
+        print(summary_table(summary.results))
+        if json_path:
+            atomic_write_text(Path(json_path), json.dumps(summary.as_json(), indent=2, ensure_ascii=False) + "\n")
+    return int(code)

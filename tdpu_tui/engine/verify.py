@@ -1,0 +1,37 @@
+"""Numerical comparison shared by export verification, simulation and validation."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def make_input_ids(vocab_size: int, batch: int, tokens: int, seed: int) -> np.ndarray:
+    """Seeded token ids, int64 [batch, tokens]."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, vocab_size, size=(batch, tokens), dtype=np.int64)
+
+
+def compare_logits(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
+    """Max/mean absolute difference, cosine similarity and argmax agreement over positions."""
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    if got.shape != want.shape:
+        raise ValueError(f"logits shapes differ: {got.shape} vs {want.shape}")
+    diff = np.abs(got - want)
+    a, b = got.ravel(), want.ravel()
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    cosine = float(a @ b / denom) if denom else float("nan")
+    agree = got.argmax(-1) == want.argmax(-1)
+    return {
+        "max_abs": float(diff.max()) if diff.size else 0.0,
+        "mean_abs": float(diff.mean()) if diff.size else 0.0,
+        "cosine": cosine,
+        "argmax_agreement": float(agree.mean()) if agree.size else 1.0,
+        "positions": int(agree.size),
+        "finite": bool(np.isfinite(got).all()),
+    }
+
+
+def format_comparison(m: dict[str, float]) -> str:
+    return (f"max |Δ| {m['max_abs']:.3g}, mean |Δ| {m['mean_abs']:.3g}, cosine {m['cosine']:.6f}, "
+            f"argmax agreement {m['argmax_agreement']:.2%} of {m['positions']} positions")

@@ -1,0 +1,101 @@
+import json
+import threading
+
+import pytest
+
+from tdpu_tui.batch import run_batch
+from tdpu_tui.engine.config import load_config
+from tdpu_tui.engine.errors import StageFailed
+from tdpu_tui.engine.events import StageFinished, StageLog, StageProgress, StageStarted, Status
+from tdpu_tui.engine.pipeline import Pipeline, Skip, Stage
+
+
+class Fake(Stage):
+    def __init__(self, name, needs=(), outcome="ok"):
+        self.name, self.needs, self.outcome = name, needs, outcome
+
+    def run(self, ctx):
+        ctx.log(f"{self.name} running")
+        ctx.progress(1, 2, "half")
+        if self.outcome == "skip":
+            raise Skip("nothing to do")
+        if self.outcome == "fail":
+            raise StageFailed("boom: it broke")
+        if self.outcome == "crash":
+            raise ValueError("unexpected")
+        if self.outcome == "interrupt":
+            raise KeyboardInterrupt
+        ctx.metric("value", 42)
+        ctx.artifact(self.name, f"/tmp/{self.name}")
+        return f"{self.name} done"
+
+
+def test_a_failed_stage_stops_its_dependents_not_the_others(tmp_config):
+    cfg = load_config(tmp_config)
+    events = []
+    stages = [Fake("a", outcome="fail"), Fake("b", needs=("a",)), Fake("c"), Fake("d", needs=("b",))]
+    summary = Pipeline(cfg, stages, on_event=events.append).run()
+    status = {r.name: r.status for r in summary.results}
+    assert status == {"a": Status.FAILED, "b": Status.SKIPPED, "c": Status.OK, "d": Status.OK}
+    assert summary.results[1].message == "not run: a failed"
+    assert summary.results[0].message == "boom: it broke"
+    kinds = [type(e) for e in events if e.stage == "c"]
+    assert kinds == [StageStarted, StageLog, StageProgress, StageFinished]
+
+
+def test_skip_and_crash_statuses_with_reasons(tmp_config):
+    cfg = load_config(tmp_config)
+    summary = Pipeline(cfg, [Fake("s", outcome="skip"), Fake("x", outcome="crash")]).run()
+    assert summary.results[0].status is Status.SKIPPED and summary.results[0].message == "nothing to do"
+    assert summary.results[1].status is Status.FAILED
+    assert "ValueError: unexpected" in summary.results[1].message
+    assert any("Traceback" in line for line in summary.results[1].log_tail)
+
+
+def test_each_stage_writes_its_log_file(tmp_config):
+    cfg = load_config(tmp_config)
+    Pipeline(cfg, [Fake("a")]).run()
+    assert (cfg.logs_dir / "runs" / "a.log").read_text() == "a running\n"
+
+
+def test_cancel_skips_the_remaining_stages(tmp_config):
+    cfg = load_config(tmp_config)
+    cancel = threading.Event()
+
+    class Cancelling(Fake):
+        def run(self, ctx):
+            cancel.set()
+            ctx.check_cancelled()
+
+    summary = Pipeline(cfg, [Cancelling("a"), Fake("b")], cancel=cancel).run()
+    assert [r.status for r in summary.results] == [Status.FAILED, Status.SKIPPED]
+    assert "cancelled" in summary.results[0].message
+
+
+def test_failure_hook_gets_the_failed_result(tmp_config):
+    cfg = load_config(tmp_config)
+    seen = []
+    Pipeline(cfg, [Fake("a", outcome="fail")], on_failure=lambda r, c: seen.append(r)).run()
+    assert seen[0].name == "a" and "a running" in seen[0].log_tail
+
+
+def test_batch_exit_codes_and_json_summary(tmp_config, tmp_path, monkeypatch, capsys):
+    cfg = load_config(tmp_config)
+    import tdpu_tui.engine.stages as registry
+    monkeypatch.setattr(registry, "all_stages", lambda: [Fake("a"), Fake("b", outcome="skip")])
+    out = tmp_path / "summary.json"
+    assert run_batch(cfg, None, json_path=str(out)) == 0
+    summary = json.loads(out.read_text())
+    assert [s["name"] for s in summary["stages"]] == ["a", "b"]
+    assert summary["stages"][1] == {"name": "b", "status": "skipped", "seconds": summary["stages"][1]["seconds"],
+                                    "message": "nothing to do"}
+    assert summary["artifacts"] == {"a": "/tmp/a"} and summary["metrics"] == {"a": {"value": 42}}
+    stdout = capsys.readouterr().out
+    assert "a" in stdout and "skipped" in stdout
+
+    monkeypatch.setattr(registry, "all_stages", lambda: [Fake("a", outcome="fail")])
+    assert run_batch(cfg, None, bug_drafts=False) == 1
+    monkeypatch.setattr(registry, "all_stages", lambda: [Fake("a", outcome="interrupt"), Fake("b")])
+    assert run_batch(cfg, None, json_path=str(out)) == 130
+    assert json.loads(out.read_text())["stages"][0]["message"] == "interrupted"
+    assert run_batch(cfg, ["zzz"]) == 2

@@ -9,6 +9,10 @@ ORDER = ("export", "precheck", "parse", "optimize", "simulate", "replace", "vali
 
 def all_stages() -> list[Stage]:
     from tdpu_tui.engine.export import ExportStage
+    from tdpu_tui.engine.icraft_stages import OptimizeStage, ParseStage, PrecheckStage, SimulateStage
+    from tdpu_tui.engine.replace import ReplaceStage
+    from tdpu_tui.engine.validate import ValidateStage
 
-    stages: list[Stage] = [ExportStage()]
+    stages: list[Stage] = [ExportStage(), PrecheckStage(), ParseStage(), OptimizeStage(),
+                           SimulateStage(), ReplaceStage(), ValidateStage()]
     return sorted(stages, key=lambda s: ORDER.index(s.name))

@@ -1,0 +1,360 @@
+"""MatMul → BitLinear, as pattern → check → replacement (SPEC §5, CONTRACTS.md "Export").
+
+pattern      `inventory.match_projection`: `M = MatMul(A, W)` (or `Gemm(A, W, transB=1)`, or
+             `MatMul(A, Transpose(W))`) with a constant 2-D weight; around it optionally the
+             reference profile's activation quantization of `x` (`A = Clip(Round(x·s))`,
+             `M` followed by `Div(·, s)`) and one rescale by a constant scalar.
+check        `inventory.classify_values`: W holds {-s, 0, +s} (zero share and s reported),
+             N is a multiple of 4, the weight is not shared (tied embedding), and the node is
+             selected (`[replace].include/exclude` globs, then the app's selection file).
+replacement  the whole chain becomes `ai.tdpu::BitLinear(x, P, weight_scale)`, P = sign(W)
+             packed in `[replace].layout` order, weight_scale = s · (folded scalar). BitLinear
+             quantizes its activations itself, so the in-graph quantization around M goes too.
+             Nodes and initializers left without consumers are removed.
+
+Every MatMul/Gemm visited is reported with the reason it was or was not replaced. The output
+graph is written with its weights streamed one tensor at a time to `<name>.onnx.data`, in a
+staging directory renamed into place at the end: an interrupted run leaves the previous
+artifacts as they were. The output is a function of the input bytes and the settings only, so
+running the pass twice gives the same bytes, and a graph that is already replaced passes
+through unchanged ("already BitLinear").
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from kernels.packing import pack
+from tdpu_tui.engine.config import ReplaceConfig
+from tdpu_tui.engine.errors import StageFailed
+from tdpu_tui.engine.fsutil import commit_files, human_bytes, staging_dir
+from tdpu_tui.engine.inventory import (
+    ALREADY, BITLINEAR_DOMAIN, GraphIndex, InventoryError, Projection, iter_nodes, load_selection,
+    resolve_selection, selection_reason,
+)
+from tdpu_tui.engine.pipeline import Stage, StageContext
+
+# Tensors smaller than this stay inside the .onnx file; larger ones go to external data.
+INLINE_BYTES = 1024
+# External tensors start on page boundaries so ONNX Runtime can map them.
+ALIGN = 4096
+COPY_CHUNK = 64 << 20
+
+
+@dataclass
+class Decision:
+    name: str
+    op_type: str
+    action: str                      # "replaced" | "kept"
+    reason: str
+    layer: int | None = None
+    projection: str | None = None
+    k: int | None = None
+    n: int | None = None
+    weight: str | None = None
+    status: str = ""
+    zeros: float | None = None
+    scale: float | None = None
+    act_quant: bool = False
+    bitlinear: str | None = None     # name of the emitted BitLinear node
+    bytes_before: int = 0            # projection weight bytes (weight + scale) before / after
+    bytes_after: int = 0
+
+
+@dataclass
+class ReplaceReport:
+    source: str
+    output: str
+    layout: str
+    decisions: list[Decision] = field(default_factory=list)
+
+    @property
+    def replaced(self) -> list[Decision]:
+        return [d for d in self.decisions if d.action == "replaced"]
+
+    @property
+    def kept(self) -> list[Decision]:
+        return [d for d in self.decisions if d.action == "kept"]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(d.bytes_before for d in self.replaced)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(d.bytes_after for d in self.replaced)
+
+    def as_json(self) -> dict:
+        return {"source": self.source, "output": self.output, "layout": self.layout,
+                "replaced": len(self.replaced), "kept": len(self.kept),
+                "weight_bytes_before": self.bytes_before, "weight_bytes_after": self.bytes_after,
+                "nodes": [asdict(d) for d in self.decisions]}
+
+
+def bitlinear_name(matmul_name: str) -> str:
+    for suffix in ("/MatMul", "/Gemm"):
+        if matmul_name.endswith(suffix):
+            return matmul_name[: -len(suffix)] + "/BitLinear"
+    return f"{matmul_name}/BitLinear"
+
+
+def _dtype_bytes(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def _packed_weight(g: GraphIndex, proj: Projection, layout: str) -> Callable[[], np.ndarray]:
+    def make() -> np.ndarray:
+        w = g.array(proj.weight)
+        w_nk = w if proj.weight_nk else w.T
+        return pack(np.sign(np.asarray(w_nk, dtype=np.float32)).astype(np.int8), layout)
+    return make
+
+
+def _free_name(preferred: str, taken: set[str]) -> str:
+    name, i = preferred, 1
+    while name in taken:
+        name, i = f"{preferred}.bitlinear{'' if i == 1 else i}", i + 1
+    return name
+
+
+def _live(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> tuple[list[onnx.NodeProto], set[str]]:
+    """Dead-node elimination: keep the nodes the graph outputs depend on."""
+    live = {o.name for o in graph.output}
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(nodes):
+        if any(o in live for o in node.output):
+            kept.append(node)
+            live.update(i for i in node.input if i)
+    kept.reverse()
+    return kept, live
+
+
+def replace_model(src: str | Path, dst: str | Path, *, layout: str = "tdpu",
+                  include: list[str] | tuple[str, ...] = ("*",), exclude: list[str] | tuple[str, ...] = (),
+                  overrides: Mapping[str, bool] | None = None, report_path: str | Path | None = None,
+                  on_decision: Callable[[Decision], None] | None = None,
+                  on_progress: Callable[[int, int, str], None] | None = None) -> ReplaceReport:
+    """Replace the selected ternary MatMuls of `src`, writing `dst` (+ `dst.data`) atomically."""
+    src, dst = Path(src), Path(dst)
+    g = GraphIndex.load(src)
+    items = list(iter_nodes(g))
+    entries = [e for e, _ in items]
+    rcfg = ReplaceConfig(include=list(include), exclude=list(exclude), layout=layout)
+    selected = resolve_selection(entries, rcfg, overrides)
+
+    report = ReplaceReport(str(src), str(dst), layout)
+    chosen: list[tuple[Projection, Decision]] = []
+    for entry, proj in items:
+        d = Decision(entry.name, entry.op_type, "kept", "", entry.layer, entry.projection, entry.k,
+                     entry.n, entry.weight, entry.status, entry.zeros, entry.scale, entry.act_quant)
+        if entry.status == ALREADY:
+            d.reason = ALREADY
+        elif selected.get(entry.name) and proj is not None:
+            d.action, d.reason = "replaced", selection_reason(entry, rcfg, overrides)
+            d.bitlinear = bitlinear_name(entry.name)
+            chosen.append((proj, d))
+        else:
+            d.reason = selection_reason(entry, rcfg, overrides)
+        report.decisions.append(d)
+        if on_decision is not None:
+            on_decision(d)
+
+    graph = g.graph
+    removed = {id(n) for proj, _ in chosen for n in (proj.node, *proj.absorbed)}
+    # Names still used by nodes that stay (plus graph inputs/outputs) cannot be reused.
+    taken = {i for n in graph.node if id(n) not in removed for i in (*n.input, *n.output)}
+    taken |= {v.name for v in (*graph.input, *graph.output)}
+    lazy: dict[str, Callable[[], np.ndarray]] = {}
+    new_inits: dict[str, onnx.TensorProto] = {}
+    by_matmul: dict[int, onnx.NodeProto] = {}
+    placement: dict[str, tuple[str, str]] = {}
+    for proj, d in chosen:
+        wname = _free_name(proj.weight, taken)
+        module = proj.weight[: -len(".weight")] if proj.weight.endswith(".weight") else proj.weight
+        sname = _free_name(f"{module}.weight_scale", taken | {wname})
+        taken |= {wname, sname}
+        placement[proj.weight] = (wname, sname)
+        lazy[wname] = _packed_weight(g, proj, layout)
+        scale = np.array([d.scale], dtype=np.float32)
+        lazy[sname] = lambda scale=scale: scale
+        new_inits[wname] = placeholder_tensor(wname, onnx.TensorProto.UINT8, [d.n // 4, d.k])
+        new_inits[sname] = placeholder_tensor(sname, onnx.TensorProto.FLOAT, [1])
+        node = helper.make_node("BitLinear", [proj.x, wname, sname], [proj.y], name=d.bitlinear,
+                                domain=BITLINEAR_DOMAIN, doc_string=f"replaces {proj.node.name}",
+                                in_features=d.k, out_features=d.n, layout=layout)
+        by_matmul[id(proj.node)] = node
+        w_t = g.inits[proj.weight]
+        folded = [i for n in proj.absorbed for i in n.input if i in g.inits and i != proj.weight]
+        d.bytes_before = _dtype_bytes(w_t) + sum(_dtype_bytes(g.inits[i]) for i in folded)
+        d.bytes_after = d.n // 4 * d.k + 4
+
+    nodes = [by_matmul.get(id(n), n) for n in graph.node if id(n) not in removed or id(n) in by_matmul]
+    nodes, live = _live(graph, nodes)
+
+    model = onnx.ModelProto()
+    model.CopyFrom(g.model)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    # The packed weight and its scale take the place of the float weight they replace.
+    order: list[onnx.TensorProto] = []
+    for t in graph.initializer:
+        order.extend(new_inits[n] for n in placement.get(t.name, ()))
+        if t.name in live and t.name not in new_inits:
+            order.append(t)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(order)
+    init_names = {t.name for t in order}
+    dropped = {t.name for t in graph.initializer} - init_names
+    keep_inputs = [v for v in model.graph.input if v.name not in dropped]
+    del model.graph.input[:]
+    model.graph.input.extend(keep_inputs)
+    produced = {o for n in nodes for o in n.output}
+    keep_vi = [v for v in model.graph.value_info if v.name in produced]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep_vi)
+    if chosen and not any(o.domain == BITLINEAR_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(BITLINEAR_DOMAIN, 1))
+
+    def source(t: onnx.TensorProto) -> np.ndarray:
+        if t.name in lazy:
+            return lazy[t.name]()
+        return tensor_bytes(g, t)
+
+    with staging_dir(dst.parent) as stage:
+        onnx_tmp, data_tmp = stage / dst.name, stage / f"{dst.name}.data"
+        save_streamed(model, source, onnx_tmp, data_tmp, on_progress)
+        pairs = [(data_tmp, dst.with_name(f"{dst.name}.data")), (onnx_tmp, dst)]
+        if report_path is not None:
+            report_tmp = stage / Path(report_path).name
+            report_tmp.write_text(json.dumps(report.as_json(), indent=2, ensure_ascii=False) + "\n",
+                                  encoding="utf-8")
+            pairs.append((report_tmp, Path(report_path)))
+        commit_files(pairs)
+    return report
+
+
+def placeholder_tensor(name: str, data_type: int, dims: list[int]) -> onnx.TensorProto:
+    """An initializer without data; `save_streamed` fills it in."""
+    t = onnx.TensorProto()
+    t.name, t.data_type = name, data_type
+    t.dims.extend(dims)
+    return t
+
+
+def tensor_bytes(g: GraphIndex, t: onnx.TensorProto) -> np.ndarray:
+    """The tensor's stored bytes (little-endian raw), memory-mapped when external."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in t.external_data}
+        path = g.base_dir / info["location"]
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else _dtype_bytes(t)
+        if length == 0:
+            return np.zeros(0, np.uint8)
+        return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(length,))
+    if t.HasField("raw_data"):
+        return np.frombuffer(t.raw_data, dtype=np.uint8)
+    return np.frombuffer(onnx.numpy_helper.to_array(t).astype(
+        onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).tobytes(), dtype=np.uint8)
+
+
+def save_streamed(model: onnx.ModelProto, source: Callable[[onnx.TensorProto], np.ndarray],
+                  onnx_path: Path, data_path: Path,
+                  on_progress: Callable[[int, int, str], None] | None = None) -> None:
+    """Write `model` with each initializer's bytes fetched from `source` one at a time.
+
+    Small tensors are stored inline; the rest go to `data_path` at page-aligned offsets.
+    """
+    inits = model.graph.initializer
+    with open(data_path, "wb") as fh:
+        for i, t in enumerate(inits):
+            if on_progress is not None:
+                on_progress(i, len(inits), t.name)
+            data = source(t)
+            raw = data.reshape(-1).view(np.uint8) if data.dtype != np.uint8 else data.reshape(-1)
+            del t.external_data[:]
+            for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
+                      "uint64_data", "string_data"):
+                t.ClearField(f)
+            if raw.size < INLINE_BYTES:
+                t.data_location = onnx.TensorProto.DEFAULT
+                t.raw_data = raw.tobytes()
+                continue
+            pad = -fh.tell() % ALIGN
+            fh.write(b"\0" * pad)
+            offset = fh.tell()
+            for start in range(0, raw.size, COPY_CHUNK):
+                fh.write(memoryview(np.ascontiguousarray(raw[start:start + COPY_CHUNK])))
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_path.name), ("offset", str(offset)),
+                               ("length", str(raw.size))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+    onnx_path.write_bytes(model.SerializeToString())
+
+
+class ReplaceStage(Stage):
+    name = "replace"
+    title = "MatMul → BitLinear"
+    needs = ("export",)
+
+    def run(self, ctx: StageContext) -> str:
+        paths, rc = ctx.paths, ctx.config.replace
+        if not paths.full_onnx.exists():
+            raise StageFailed(f"{paths.full_onnx}: not found; run the export stage first")
+        try:
+            overrides = load_selection(paths.replace_selection)
+        except InventoryError as exc:
+            raise StageFailed(str(exc)) from None
+        if overrides:
+            ctx.log(f"selection file {paths.replace_selection}: {len(overrides)} per-node override(s)")
+
+        def decided(d: Decision) -> None:
+            ctx.check_cancelled()
+            if d.action == "replaced":
+                ctx.log(f"replace {d.name} -> {d.bitlinear}  K={d.k} N={d.n} scale={d.scale:.6g} "
+                        f"zeros={d.zeros:.1%}  ({d.reason})")
+            else:
+                ctx.log(f"keep    {d.name}  ({d.reason})")
+
+        shown = [-1]
+
+        def progress(done: int, total: int, note: str) -> None:
+            step = done * 20 // max(total, 1)   # at most 20 progress lines, however many tensors
+            if step != shown[0]:
+                shown[0] = step
+                ctx.progress(done, total, f"writing {note}")
+            else:
+                ctx.check_cancelled()
+
+        try:
+            report = replace_model(paths.full_onnx, paths.bitlinear_onnx, layout=rc.layout,
+                                   include=rc.include, exclude=rc.exclude, overrides=overrides,
+                                   report_path=paths.replace_report, on_decision=decided,
+                                   on_progress=progress)
+        except InventoryError as exc:
+            raise StageFailed(str(exc)) from None
+        known = {d.name for d in report.decisions}
+        for name in sorted(set(overrides) - known):
+            ctx.log(f"selection file names {name!r}, which is not a MatMul of this graph; ignored",
+                    "warning")
+        ctx.artifact("bitlinear_onnx", paths.bitlinear_onnx)
+        ctx.artifact("replace_report", paths.replace_report)
+        ctx.metric("replaced", len(report.replaced))
+        ctx.metric("kept", len(report.kept))
+        ctx.metric("weight_bytes_before", report.bytes_before)
+        ctx.metric("weight_bytes_after", report.bytes_after)
+        ctx.metric("layout", rc.layout)
+        if not report.replaced and not any(d.reason == ALREADY for d in report.decisions):
+            raise StageFailed("no MatMul was replaced: every node was kept (see "
+                              f"{paths.replace_report} for the reasons)")
+        ratio = report.bytes_before / report.bytes_after if report.bytes_after else 0.0
+        return (f"{len(report.replaced)} MatMul → BitLinear ({rc.layout} layout), {len(report.kept)} kept; "
+                f"projection weights {human_bytes(report.bytes_before)} → {human_bytes(report.bytes_after)}"
+                + (f" ({ratio:.1f}× smaller)" if ratio else ""))

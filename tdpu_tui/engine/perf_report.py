@@ -1,0 +1,204 @@
+"""Speed and size of the float, BitLinear and MatMulNBits graphs, and the Phase 3 report.
+
+The peer is ONNX Runtime's own low-bit operator: the BitLinear graph lowered to
+`com.microsoft::MatMulNBits` (bits=2, accuracy_level=4, i.e. int8 activations). Ternary maps
+onto it exactly: code w + 2 in {1, 2, 3} with the default zero point 2, and every block's
+scale equal to the node's weight_scale.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from kernels.packing import unpack
+from tdpu_tui.engine.fsutil import human_bytes
+from tdpu_tui.engine.inventory import BITLINEAR_DOMAIN, GraphIndex
+from tdpu_tui.engine.replace import tensor_bytes, placeholder_tensor, save_streamed
+
+NBITS_DOMAIN = "com.microsoft"
+NBITS_BLOCK = 128
+
+
+def nbits_block_size(k: int) -> int:
+    return next((b for b in (NBITS_BLOCK, 64, 32, 16) if k % b == 0), 16)
+
+
+def nbits_pack(w: np.ndarray, block: int) -> np.ndarray:
+    """int8 [N, K] ternary -> MatMulNBits B uint8 [N, ceil(K/block), block/4] (code w + 2)."""
+    n, k = w.shape
+    blocks = -(-k // block)
+    codes = np.full((n, blocks * block), 2, np.uint8)     # padding decodes to 0
+    codes[:, :k] = (w + 2).astype(np.uint8)
+    c = codes.reshape(n, blocks, block // 4, 4)
+    return (c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)).astype(np.uint8)
+
+
+def lower_to_matmulnbits(src: Path, dst: Path) -> int:
+    """Write `dst` (+ .data): `src` with every BitLinear as MatMulNBits. Returns projection bytes."""
+    g = GraphIndex.load(src)
+    model = onnx.ModelProto()
+    model.CopyFrom(g.model)
+    lazy: dict[str, Callable[[], np.ndarray]] = {}
+    new_inits: list[onnx.TensorProto] = []
+    drop: set[str] = set()
+    nodes: list[onnx.NodeProto] = []
+    total = 0
+    for node in g.graph.node:
+        if node.op_type != "BitLinear" or node.domain != BITLINEAR_DOMAIN:
+            nodes.append(node)
+            continue
+        x, wname, sname = node.input
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        k, n = int(attrs["in_features"]), int(attrs["out_features"])
+        layout = attrs.get("layout", b"tdpu")
+        layout = layout.decode() if isinstance(layout, bytes) else layout
+        block = nbits_block_size(k)
+        blocks = -(-k // block)
+        bname, cname = f"{wname}.nbits", f"{wname}.nbits_scales"
+
+        def packed(wname=wname, layout=layout, block=block) -> np.ndarray:
+            return nbits_pack(unpack(np.asarray(g.array(wname)), layout), block)
+
+        def scales(sname=sname, count=n * blocks) -> np.ndarray:
+            return np.full(count, g.scalar(sname), np.float32)
+
+        lazy[bname], lazy[cname] = packed, scales
+        new_inits += [placeholder_tensor(bname, onnx.TensorProto.UINT8, [n, blocks, block // 4]),
+                      placeholder_tensor(cname, onnx.TensorProto.FLOAT, [n * blocks])]
+        total += n * blocks * block // 4 + 4 * n * blocks
+        drop |= {wname, sname}
+        nodes.append(helper.make_node("MatMulNBits", [x, bname, cname], list(node.output),
+                                      name=node.name.replace("/BitLinear", "/MatMulNBits"),
+                                      domain=NBITS_DOMAIN, K=k, N=n, bits=2, block_size=block,
+                                      accuracy_level=4))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    keep = [t for t in g.graph.initializer if t.name not in drop] + new_inits
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    ops = [o for o in model.opset_import if o.domain != BITLINEAR_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(ops)
+    if not any(o.domain == NBITS_DOMAIN for o in ops):
+        model.opset_import.append(helper.make_opsetid(NBITS_DOMAIN, 1))
+
+    def source(t: onnx.TensorProto) -> np.ndarray:
+        return lazy[t.name]() if t.name in lazy else tensor_bytes(g, t)
+
+    save_streamed(model, source, dst, dst.with_name(dst.name + ".data"))
+    return total
+
+
+def median_ms(run: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+@dataclass
+class GraphTiming:
+    label: str
+    path: str
+    weight_bytes: int
+    prefill_ms: float | None = None
+    step_ms: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PerfResult:
+    graphs: list[GraphTiming]
+    prefill_tokens: int
+    replaced: int
+    notes: list[str] = field(default_factory=list)
+
+    def by_label(self, label: str) -> GraphTiming:
+        return next(g for g in self.graphs if g.label == label)
+
+    def ratios(self) -> dict[str, float | None]:
+        f, b, p = (self.by_label(x) for x in ("float", "bitlinear", "matmulnbits"))
+
+        def r(a: float | None, c: float | None) -> float | None:
+            return a / c if a and c else None
+
+        return {"step_vs_float": r(b.step_ms, f.step_ms), "step_vs_matmulnbits": r(b.step_ms, p.step_ms),
+                "prefill_vs_float": r(b.prefill_ms, f.prefill_ms),
+                "prefill_vs_matmulnbits": r(b.prefill_ms, p.prefill_ms),
+                "weight_bytes_vs_float": r(b.weight_bytes, f.weight_bytes),
+                "weight_bytes_nbits_vs_float": r(p.weight_bytes, f.weight_bytes)}
+
+
+def _ms(v: float | None) -> str:
+    return f"{v:.2f}" if v is not None else "n/a"
+
+
+def _x(v: float | None) -> str:
+    return f"{v:.3f}×" if v is not None else "n/a"
+
+
+def render_report(meta: dict, accuracy: dict, perf: PerfResult | None, nodes: list[dict],
+                  verdict: str, notes: list[str]) -> str:
+    """Markdown for phase3_logs/performance_report.md (tables pasteable into the Phase 3 report)."""
+    lines = ["# 性能对比报告 Performance report — MatMul → BitLinear", "",
+             f"- **结论 Verdict**: {verdict}",
+             f"- **模型 Model**: profile `{meta.get('profile')}`, {meta.get('num_layers')} layers, "
+             f"hidden {meta.get('hidden_size')}, vocab {meta.get('vocab_size')}",
+             f"- **检查点 Checkpoint**: `{meta.get('checkpoint')}`", ""]
+    lines += ["## 精度 Accuracy", "", f"Compared: {accuracy['compared']}", "",
+              "| 指标 Metric | 值 Value |", "|---|---|"]
+    c = accuracy["logits"]
+    lines += [f"| max abs diff | {c['max_abs']:.4g} |", f"| mean abs diff | {c['mean_abs']:.4g} |",
+              f"| cosine | {c['cosine']:.6f} |",
+              f"| argmax agreement | {c['argmax_agreement']:.2%} ({c['positions']} positions) |"]
+    if "vs_original" in accuracy:
+        o = accuracy["vs_original"]
+        lines += [f"| vs the float graph: argmax agreement | {o['argmax_agreement']:.2%} |",
+                  f"| vs the float graph: cosine | {o['cosine']:.6f} |"]
+    lines.append("")
+    for note in accuracy.get("explanations", []):
+        lines.append(f"- {note}")
+    lines += ["", "## 逐节点检查 Per-node checks", "",
+              "| 节点 Node | K | N | 整数核 int core | max \\|Δ\\| vs MatMul | bound | 结果 Result |",
+              "|---|---|---|---|---|---|---|"]
+    for n in nodes:
+        lines.append(f"| `{n['name']}` | {n['k']} | {n['n']} | {'exact' if n['int_exact'] else 'MISMATCH'} | "
+                     f"{n['max_err']:.3g} | {n['bound']:.3g} | {n['result']} |")
+    if perf is not None:
+        ratios = perf.ratios()
+        lines += ["", "## 性能 Performance", "",
+                  f"Median of timed runs, ONNX Runtime CPU. Prefill: {perf.prefill_tokens} tokens; "
+                  "single-token step: one token, full forward (no KV cache). "
+                  f"BitLinear nodes: {perf.replaced}.", "",
+                  "| 图 Graph | prefill (ms) | 单步 step (ms) | 投影权重 projection weights | 文件 File |",
+                  "|---|---|---|---|---|"]
+        for gt in perf.graphs:
+            lines.append(f"| {gt.label} | {_ms(gt.prefill_ms)} | {_ms(gt.step_ms)} | "
+                         f"{human_bytes(gt.weight_bytes)} ({gt.weight_bytes} B) | `{Path(gt.path).name}` |")
+        lines += ["", "| 比值 Ratio | 值 Value |", "|---|---|",
+                  f"| step: BitLinear / float | {_x(ratios['step_vs_float'])} |",
+                  f"| step: BitLinear / MatMulNBits | {_x(ratios['step_vs_matmulnbits'])} |",
+                  f"| prefill: BitLinear / float | {_x(ratios['prefill_vs_float'])} |",
+                  f"| prefill: BitLinear / MatMulNBits | {_x(ratios['prefill_vs_matmulnbits'])} |",
+                  f"| weights: BitLinear / float | {_x(ratios['weight_bytes_vs_float'])} |"]
+        for gt in perf.graphs:
+            for note in gt.notes:
+                lines.append(f"- {gt.label}: {note}")
+        for note in perf.notes:
+            lines.append(f"- {note}")
+    if notes:
+        lines += ["", "## 说明 Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"

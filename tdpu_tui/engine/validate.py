@@ -1,0 +1,379 @@
+"""Stage `validate`: the replaced graph against the original, node by node, then speed.
+
+1. Logits on the same seeded inputs. The reference profile quantizes activations in the
+   graph, so the original graph is the target. The icraft profile does not: there the target
+   is the PyTorch reference with `quantize_activations=True` (what BitLinear computes); the
+   float graph's agreement is reported beside it. Argmax agreement below 99 % fails.
+2. A sample of replaced nodes: their input X and output Y are captured from the original
+   graph (extra graph outputs on an in-memory copy). The BitLinear integer core
+   (`kernels.bitlinear.quantize_activations` + `ternary_matmul_int`) must equal an int64
+   NumPy product exactly, and the rescaled result must lie within the activation-quantization
+   bound of Y: |Δy[m, n]| ≤ weight_scale · (0.5 / s[m]) · Σ_k |W[n, k]|.
+3. When a node misses that bound, its weights are decoded in the other packing layout; if
+   that fits, the report says the bytes are in the other order than the node declares.
+4. Speed (prefill and single-token step) and projection weight bytes of the float graph, the
+   BitLinear graph and the MatMulNBits peer (`perf_report`).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from kernels.packing import LAYOUTS, unpack
+from tdpu_tui.engine.errors import StageFailed
+from tdpu_tui.engine.fsutil import atomic_write_text
+from tdpu_tui.engine.inventory import BITLINEAR_DOMAIN, GraphIndex
+from tdpu_tui.engine.perf_report import (
+    GraphTiming, PerfResult, lower_to_matmulnbits, median_ms, render_report,
+)
+from tdpu_tui.engine.pipeline import Stage, StageContext
+from tdpu_tui.engine.verify import compare_logits, format_comparison, make_input_ids
+
+MIN_ARGMAX_AGREEMENT = 0.99
+# A node whose output is this far off (relative RMS) is wrong, whatever the elementwise bound says.
+MAX_NODE_REL_RMS = 0.25
+
+
+@dataclass
+class NodeCheck:
+    name: str
+    k: int
+    n: int
+    layout: str
+    int_exact: bool
+    max_err: float
+    bound: float          # the elementwise bound where err / bound is worst
+    rel_rms: float
+    result: str           # "ok" | "FAILED"
+    diagnosis: str = ""
+
+
+def _ort_session(path: Path | bytes, external_dir: Path | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if external_dir is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                    str(external_dir))
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def _bitlinear_session(path: Path):
+    from kernels.ort import create_session
+
+    return create_session(str(path))
+
+
+def _check_against(q: np.ndarray, s: np.ndarray, w: np.ndarray, ws: float, y: np.ndarray
+                   ) -> tuple[bool, float, float, float]:
+    """(within bound, max err, bound at the worst element, relative RMS) of q·Wᵀ/s·ws vs y."""
+    acc = q.astype(np.int64) @ w.astype(np.int64).T
+    got = (acc.astype(np.float32) / s * np.float32(ws)).astype(np.float32)
+    err = np.abs(got.astype(np.float64) - y)
+    nnz = np.abs(w).sum(axis=1).astype(np.float64)
+    bound = ws * (0.5 / s.astype(np.float64)) * nnz[None, :] + 1e-5 * (1.0 + np.abs(y).max())
+    ratio = err / bound
+    worst = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+    rel = float(np.sqrt((err ** 2).mean() / max((y ** 2).mean(), 1e-30)))
+    ok = bool((ratio <= 1.0).all()) and rel <= MAX_NODE_REL_RMS
+    return ok, float(err.max()), float(bound[worst]), rel
+
+
+def check_node(name: str, x: np.ndarray, y: np.ndarray, p: np.ndarray, ws: float, layout: str
+               ) -> NodeCheck:
+    """The integer core exactly, and the float output within the activation-quantization bound."""
+    from kernels.bitlinear import quantize_activations, ternary_matmul_int
+
+    k = x.shape[-1]
+    x2 = np.ascontiguousarray(x.reshape(-1, k), dtype=np.float32)
+    y2 = np.asarray(y, dtype=np.float64).reshape(x2.shape[0], -1)
+    q, s = quantize_activations(x2)
+    w = unpack(p, layout)
+    acc = ternary_matmul_int(q, p, layout)
+    exact = bool(np.array_equal(acc.astype(np.int64), q.astype(np.int64) @ w.astype(np.int64).T))
+    ok, max_err, bound, rel = _check_against(q, s, w, ws, y2)
+    diagnosis = ""
+    if not ok:
+        other = next(lay for lay in LAYOUTS if lay != layout)
+        ok_other, err_other, _, rel_other = _check_against(q, s, unpack(p, other), ws, y2)
+        if ok_other:
+            diagnosis = (f"weights are in {other} order but the node declares {layout} "
+                         f"(decoded as {other}: max |Δ| {err_other:.3g}, relative RMS {rel_other:.2g}; "
+                         f"as {layout}: {max_err:.3g}, {rel:.2g})")
+        else:
+            diagnosis = (f"output differs beyond the activation-quantization bound in either layout "
+                         f"(relative RMS {rel:.2g} as {layout}, {rel_other:.2g} as {other})")
+    return NodeCheck(name, k, w.shape[0], layout, exact, max_err, bound, rel,
+                     "ok" if ok and exact else "FAILED", diagnosis)
+
+
+def explain_disagreement(got: np.ndarray, want: np.ndarray, max_abs: float) -> str | None:
+    """Why argmax differs where it does: near-ties in the target are rounding, others are not."""
+    a, b = got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1])
+    where = np.flatnonzero(a.argmax(-1) != b.argmax(-1))
+    if where.size == 0:
+        return None
+    top2 = np.sort(b[where], axis=-1)[:, -2:]
+    margins = top2[:, 1] - top2[:, 0]
+    ties = int((margins <= 2 * max_abs).sum())
+    text = (f"{where.size} of {a.shape[0]} positions pick a different token; at {ties} of them the "
+            f"target's top two logits are within {2 * max_abs:.3g} (twice the max |Δ|) of each other "
+            f"(largest such margin {margins.max():.3g}).")
+    if ties == where.size:
+        return text + " These are near-ties that activation rounding can flip, not a defect."
+    return text + f" {where.size - ties} are not near-ties: the graphs compute different things there."
+
+
+class Validation:
+    """One validation run (kept as an object so the benchmark can reuse its pieces)."""
+
+    def __init__(self, ctx: StageContext):
+        self.ctx = ctx
+        self.cfg = ctx.config
+        self.paths = ctx.paths
+        self.notes: list[str] = []
+        try:
+            self.meta = json.loads(self.paths.export_meta.read_text(encoding="utf-8"))
+            self.report = json.loads(self.paths.replace_report.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise StageFailed(f"{exc.filename}: not found; run the export and replace stages first") from None
+        self.profile = self.meta.get("profile", "reference")
+        self.replaced = [d for d in self.report["nodes"] if d["action"] == "replaced"]
+
+    # inputs --------------------------------------------------------------------------------
+
+    def tokens(self) -> int:
+        seq = int(self.meta.get("seq_len", self.cfg.export.seq_len))
+        max_pos = self.meta.get("max_position_embeddings")
+        if self.profile == "reference" and max_pos and seq > int(max_pos):
+            self.notes.append(f"seq_len {seq} exceeds the model's {max_pos} positions: "
+                              f"clamped to {max_pos} tokens")
+            return int(max_pos)
+        return seq
+
+    def inputs(self, tokens: int) -> dict[str, np.ndarray]:
+        v = self.cfg.validate
+        if self.profile == "icraft":
+            from tdpu_tui.engine.checkpoint import open_checkpoint
+
+            ids = make_input_ids(int(self.meta["vocab_size"]), 1, tokens, v.seed)
+            with open_checkpoint(self.meta["checkpoint"]) as ckpt:
+                embeds = np.asarray(ckpt.embedding()[ids], dtype=np.float32)
+            return {"input_ids": ids, "inputs_embeds": embeds}
+        return {"input_ids": make_input_ids(int(self.meta["vocab_size"]), v.batch, tokens, v.seed)}
+
+    def feed(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {self.meta.get("input_name", "input_ids"): inputs[self.meta.get("input_name", "input_ids")]}
+
+    # accuracy ------------------------------------------------------------------------------
+
+    def sample(self) -> list[dict]:
+        count = max(0, min(self.cfg.validate.sample_nodes, len(self.replaced)))
+        if count == 0:
+            return []
+        picks = np.linspace(0, len(self.replaced) - 1, count).round().astype(int)
+        return [self.replaced[i] for i in sorted(set(picks.tolist()))]
+
+    def run_original(self, feed: dict[str, np.ndarray], extra: list[str]) -> dict[str, np.ndarray]:
+        """Logits and the `extra` tensors from the original graph (extra outputs, in memory)."""
+        src = self.paths.full_onnx
+        model = onnx.load(str(src), load_external_data=False)
+        have = {o.name for o in model.graph.output}
+        wanted = [t for t in dict.fromkeys(extra) if t not in have and t not in feed]
+        for name in wanted:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        sess = _ort_session(model.SerializeToString(), src.parent)
+        names = ["logits", *wanted]
+        out = dict(zip(names, sess.run(names, feed), strict=True))
+        out.update({k: v for k, v in feed.items() if k in extra})
+        return out
+
+    def reference_logits(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        from tdpu_tui.engine.checkpoint import open_checkpoint
+        from tdpu_tui.engine.export import reference_logits
+
+        with open_checkpoint(self.meta["checkpoint"]) as ckpt:
+            return reference_logits(ckpt, {"inputs_embeds": inputs["inputs_embeds"]}, quantize=True)
+
+    def check_nodes(self, captured: dict[str, np.ndarray], sample: list[dict], g: GraphIndex
+                    ) -> list[NodeCheck]:
+        by_name = {n.name: n for n in g.graph.node if n.domain == BITLINEAR_DOMAIN}
+        checks = []
+        for d in sample:
+            node = by_name[d["bitlinear"]]
+            layout = next((onnx.helper.get_attribute_value(a) for a in node.attribute
+                           if a.name == "layout"), b"tdpu")
+            layout = layout.decode() if isinstance(layout, bytes) else layout
+            p = np.asarray(g.array(node.input[1]))
+            c = check_node(d["name"], captured[node.input[0]], captured[node.output[0]], p,
+                           float(g.scalar(node.input[2])), layout)
+            self.ctx.log(f"node {c.name}: integer core {'exact' if c.int_exact else 'MISMATCH'}, "
+                         f"max |Δ| {c.max_err:.3g} (bound {c.bound:.3g}), relative RMS {c.rel_rms:.2g}: "
+                         f"{c.result}" + (f" — {c.diagnosis}" if c.diagnosis else ""),
+                         "info" if c.result == "ok" else "error")
+            checks.append(c)
+        return checks
+
+    # speed ---------------------------------------------------------------------------------
+
+    def measure(self, tokens: int, inputs: dict[str, np.ndarray]) -> PerfResult:
+        repeats = self.cfg.validate.repeats
+        name = self.meta.get("input_name", "input_ids")
+        prefill = {name: inputs[name][:1]}
+        if name == "input_ids":
+            step: dict[str, np.ndarray] | None = {name: inputs[name][:1, :1]}
+        else:
+            step = None
+        perf = PerfResult([], tokens, len(self.replaced), [])
+        if step is None:
+            perf.notes.append("single-token step not measured: the icraft profile's graph has a "
+                              f"fixed sequence length ({tokens})")
+        before = self.report.get("weight_bytes_before", 0)
+        after = self.report.get("weight_bytes_after", 0)
+        with tempfile.TemporaryDirectory(prefix=".validate-", dir=self.paths.output) as tmp:
+            nbits_path = Path(tmp) / "bitnet_b1.58_matmulnbits.onnx"
+            self.ctx.log("lowering the BitLinear graph to com.microsoft::MatMulNBits (bits=2) for the peer")
+            nbits_bytes = lower_to_matmulnbits(self.paths.bitlinear_onnx, nbits_path)
+            graphs = [("float", self.paths.full_onnx, before, _ort_session),
+                      ("bitlinear", self.paths.bitlinear_onnx, after, _bitlinear_session),
+                      ("matmulnbits", nbits_path, nbits_bytes, _ort_session)]
+            for label, path, nbytes, factory in graphs:
+                self.ctx.check_cancelled()
+                self.ctx.progress(len(perf.graphs), len(graphs), f"timing the {label} graph")
+                timing = GraphTiming(label, str(path), int(nbytes))
+                sess = factory(path)
+                timing.prefill_ms = median_ms(lambda s=sess: s.run(["logits"], prefill), repeats)
+                if step is not None:
+                    timing.step_ms = median_ms(lambda s=sess: s.run(["logits"], step), max(repeats, 5) * 2)
+                self.ctx.log(f"{label}: prefill {timing.prefill_ms:.2f} ms, step "
+                             f"{'n/a' if timing.step_ms is None else f'{timing.step_ms:.2f} ms'}, "
+                             f"projection weights {nbytes} B")
+                perf.graphs.append(timing)
+                del sess
+                gc.collect()
+        return perf
+
+    # the whole stage -----------------------------------------------------------------------
+
+    def run(self, measure: bool = True) -> str:
+        ctx = self.ctx
+        if not self.replaced:
+            raise StageFailed(f"{self.paths.replace_report}: no node was replaced; nothing to validate")
+        tokens = self.tokens()
+        for n in self.notes:
+            ctx.log(n, "warning")
+        inputs = self.inputs(tokens)
+        feed = self.feed(inputs)
+        g = GraphIndex.load(self.paths.bitlinear_onnx)
+        sample = self.sample()
+        bl_nodes = {n.name: n for n in g.graph.node if n.domain == BITLINEAR_DOMAIN}
+        missing = [d["bitlinear"] for d in sample if d["bitlinear"] not in bl_nodes]
+        if missing:
+            raise StageFailed(f"{self.paths.bitlinear_onnx}: BitLinear node {missing[0]!r} listed in "
+                              f"{self.paths.replace_report} is not in the graph (re-run replace)")
+        extra = [t for d in sample for t in (bl_nodes[d["bitlinear"]].input[0], bl_nodes[d["bitlinear"]].output[0])]
+        ctx.progress(0, 4, "running the original graph")
+        original = self.run_original(feed, extra)
+        ctx.progress(1, 4, "running the BitLinear graph")
+        sess = _bitlinear_session(self.paths.bitlinear_onnx)
+        got = sess.run(["logits"], feed)[0]
+        del sess
+        accuracy: dict[str, Any] = {}
+        if self.profile == "icraft":
+            ctx.progress(2, 4, "running the PyTorch reference (quantize_activations=True)")
+            want = self.reference_logits(inputs)
+            accuracy["compared"] = ("BitLinear graph vs the PyTorch reference with quantize_activations=True "
+                                    "(the icraft graph keeps float activations, so it is not the target)")
+            accuracy["vs_original"] = compare_logits(got, original["logits"])
+        else:
+            want = original["logits"]
+            accuracy["compared"] = ("BitLinear graph vs the exported graph, which quantizes activations "
+                                    "in-graph exactly as BitLinear does")
+        logits = compare_logits(got, want)
+        accuracy["logits"] = logits
+        ctx.log(f"logits: {format_comparison(logits)} ({accuracy['compared']})")
+        why = explain_disagreement(got, want, logits["max_abs"])
+        accuracy["explanations"] = [why] if why else []
+        if why:
+            ctx.log(why)
+
+        ctx.progress(3, 4, "checking sampled nodes")
+        checks = self.check_nodes(original, sample, g)
+        del original
+        diagnoses = sorted({c.diagnosis for c in checks if c.diagnosis})
+        problems = []
+        if logits["argmax_agreement"] < MIN_ARGMAX_AGREEMENT:
+            problems.append(f"argmax agreement {logits['argmax_agreement']:.2%} is below "
+                            f"{MIN_ARGMAX_AGREEMENT:.0%}")
+        if not logits.get("finite", True):
+            problems.append("the BitLinear graph produced non-finite logits")
+        bad_int = [c.name for c in checks if not c.int_exact]
+        if bad_int:
+            problems.append(f"integer core differs from the int64 reference at {bad_int[0]}"
+                            + (f" and {len(bad_int) - 1} more" if len(bad_int) > 1 else ""))
+        bad_float = [c.name for c in checks if c.result != "ok" and c.int_exact]
+        if bad_float:
+            problems.append(f"{len(bad_float)} of {len(checks)} sampled nodes miss the "
+                            f"activation-quantization bound (first {bad_float[0]})")
+        problems += diagnoses
+
+        perf = None
+        if measure and not problems:
+            perf = self.measure(tokens, inputs)
+        elif problems:
+            self.notes.append("performance not measured: the replaced graph failed validation")
+        verdict = "通过 passed" if not problems else "未通过 failed: " + "; ".join(problems)
+        md = render_report(self.meta, accuracy, perf, [asdict(c) for c in checks], verdict, self.notes)
+        atomic_write_text(self.paths.performance_report, md)
+        ctx.artifact("performance_report", self.paths.performance_report)
+        self._metrics(logits, checks, diagnoses, perf)
+        if problems:
+            raise StageFailed("validation failed: " + "; ".join(problems))
+        summary = (f"argmax agreement {logits['argmax_agreement']:.2%}, cosine {logits['cosine']:.6f}; "
+                   f"{len(checks)} nodes exact")
+        if perf is not None:
+            r = perf.ratios()
+            if r["step_vs_float"] is not None:
+                summary += f"; step {r['step_vs_float']:.2f}× float, {r['step_vs_matmulnbits']:.2f}× MatMulNBits"
+            elif r["prefill_vs_float"] is not None:
+                summary += f"; prefill {r['prefill_vs_float']:.2f}× float"
+        return summary
+
+    def _metrics(self, logits: dict, checks: list[NodeCheck], diagnoses: list[str],
+                 perf: PerfResult | None) -> None:
+        m = self.ctx.metric
+        m("compared_against", "pytorch_reference_quantized" if self.profile == "icraft" else "original_graph")
+        for key in ("max_abs", "mean_abs", "cosine", "argmax_agreement", "positions"):
+            m(key, logits[key])
+        m("nodes_checked", len(checks))
+        m("int_core_exact", all(c.int_exact for c in checks))
+        m("layout_diagnosis", diagnoses[0] if diagnoses else None)
+        m("replaced", len(self.replaced))
+        if perf is None:
+            return
+        for gt in perf.graphs:
+            m(f"{gt.label}_prefill_ms", gt.prefill_ms)
+            m(f"{gt.label}_step_ms", gt.step_ms)
+            m(f"{gt.label}_weight_bytes", gt.weight_bytes)
+        m("prefill_tokens", perf.prefill_tokens)
+        for key, value in perf.ratios().items():
+            m(f"ratio_{key}", value)
+
+
+class ValidateStage(Stage):
+    name = "validate"
+    title = "Validate BitLinear graph"
+    needs = ("replace",)
+
+    def run(self, ctx: StageContext) -> str:
+        return Validation(ctx).run()

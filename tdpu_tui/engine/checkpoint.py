@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,6 +244,7 @@ class Checkpoint:
         self.warnings: list[str] = []
         self._entries = entries
         self._handles: dict[Path, Any] = {}
+        self._lock = threading.Lock()
         self._validate()
 
     # -- structure -------------------------------------------------------------------------
@@ -306,14 +307,16 @@ class Checkpoint:
     # -- reading ---------------------------------------------------------------------------
     def _raw(self, name: str) -> np.ndarray:
         e = self._entry(name)
-        fh = self._handles.get(e.file)
-        if fh is None:
-            fh = self._handles[e.file] = open(e.file, "rb")
-        dt = _DTYPES[e.dtype]
-        buf = os.pread(fh.fileno(), e.nbytes, e.offset) if e.nbytes else b""
-        if len(buf) != e.nbytes:
+        out = np.empty(e.shape, dtype=_DTYPES[e.dtype])
+        with self._lock:
+            fh = self._handles.get(e.file)
+            if fh is None:
+                fh = self._handles[e.file] = open(e.file, "rb")  # noqa: SIM115 (closed by close())
+            fh.seek(e.offset)
+            got = fh.readinto(memoryview(out.reshape(-1)).cast("B")) if e.nbytes else 0
+        if got != e.nbytes:
             raise CheckpointError(f"{e.file}: truncated file while reading tensor '{name}'")
-        return np.frombuffer(buf, dtype=dt).reshape(e.shape)
+        return out
 
     def names(self) -> list[str]:
         """Every tensor name in the checkpoint."""
@@ -330,8 +333,7 @@ class Checkpoint:
         """A tensor as float32 (bf16 and f16 widened exactly)."""
         e = self._entry(name)
         raw = self._raw(name)
-        out = _bf16_to_f32(raw) if e.dtype == "BF16" else raw.astype(np.float32)
-        return np.ascontiguousarray(out)
+        return _bf16_to_f32(raw) if e.dtype == "BF16" else raw.astype(np.float32, copy=False)
 
     def embedding(self) -> np.ndarray:
         return self.tensor("model.embed_tokens.weight")
@@ -390,9 +392,10 @@ class Checkpoint:
         return sum(f.stat().st_size for f in self.files)
 
     def close(self) -> None:
-        for fh in self._handles.values():
-            fh.close()
-        self._handles.clear()
+        with self._lock:
+            for fh in self._handles.values():
+                fh.close()
+            self._handles.clear()
 
     def __enter__(self) -> Checkpoint:
         return self

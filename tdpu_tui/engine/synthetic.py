@@ -262,18 +262,28 @@ def write_synthetic(directory: str | Path, preset: str = "tiny", seed: int = 0,
         _write_safetensors(tmp / SINGLE_FILE, _plan(shapes, linear_class), seed, on_progress)
         files = {f.name: f.stat().st_size for f in (tmp / CONFIG_FILE, tmp / SINGLE_FILE)}
         (tmp / STAMP_FILE).write_text(json.dumps({**stamp, "files": files}, indent=2) + "\n", encoding="utf-8")
-        old = None
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-            os.replace(directory, old / directory.name)
-        os.replace(tmp, directory)
-        fsync_dir(directory.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _swap_in(tmp, directory)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_complete(directory, stamp):  # another process finished the same checkpoint first
+            return directory
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _swap_in(tmp: Path, directory: Path) -> None:
+    """Rename `tmp` to `directory`, moving a previous `directory` aside and deleting it after."""
+    old = None
+    if directory.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+        os.replace(directory, old / directory.name)
+    os.replace(tmp, directory)
+    fsync_dir(directory.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def synthetic_dir_name(syn: SyntheticConfig) -> str:

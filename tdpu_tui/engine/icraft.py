@@ -437,7 +437,8 @@ def run_icraft(argv: Sequence[str], *, cwd: Path, log_dirs: Sequence[Path], time
         result.error.feed(line)
         if is_failure_line(line) or level == "error":
             failures.append(line)
-        if line.strip():
+        # Icraft prints each line to stdout and to its log file: keep one copy.
+        if line.strip() and line not in tail:
             tail.append(line)
         on_line(line, level, source)
 

@@ -165,6 +165,7 @@ def run_component(ctx: StageContext, exe: Path, argv: list[str], outputs: list[P
     res = ic.run_icraft(argv, cwd=cwd, log_dirs=[log_dir], timeout_s=cfg.icraft.timeout_s,
                         on_line=on_line, cancelled=lambda: ctx.cancelled)
     copied = ic.copy_logs(res.log_files, log_dir)
+    copied += sorted(log_dir.rglob("*_precheck.csv"))   # icraft parse's own precheck
     if res.stray_killed:
         ctx.log("Icraft left processes behind; they were killed", "warning")
     missing = [p for p in outputs if not p.exists()]

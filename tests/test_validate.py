@@ -1,0 +1,130 @@
+"""Stage `validate` on the tiny synthetic preset: accuracy, per-node checks, layout diagnosis."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from kernels.packing import pack, repack
+from tdpu_tui.engine.config import parse_config
+from tdpu_tui.engine.events import Status
+from tdpu_tui.engine.perf_report import nbits_pack
+from tdpu_tui.engine.pipeline import Pipeline
+from tdpu_tui.engine.validate import check_node, explain_disagreement
+
+
+def _config(root: Path, profile: str = "reference"):
+    return parse_config(f"""
+[model.synthetic]
+preset = "tiny"
+[export]
+profile = "{profile}"
+seq_len = 32
+[validate]
+repeats = 2
+sample_nodes = 4
+[paths]
+output = "{root / 'models' / 'output'}"
+logs = "{root / 'phase3_logs'}"
+""", root / "tdpu.toml")
+
+
+def _run(root: Path, stages: list[str], profile: str = "reference"):
+    pipe = Pipeline(_config(root, profile))
+    return {r.name: r for r in pipe.run(stages).results}
+
+
+@pytest.fixture(scope="module")
+def replaced(tmp_path_factory):
+    """Export + replace once; each test validates its own copy."""
+    root = tmp_path_factory.mktemp("tiny")
+    results = _run(root, ["export", "replace"])
+    assert all(r.status is Status.OK for r in results.values()), [r.message for r in results.values()]
+    return root
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src / "models", dst / "models")
+    return dst
+
+
+def test_tiny_preset_validates_with_argmax_agreement_and_a_report(replaced, tmp_path):
+    root = _copy(replaced, tmp_path)
+    result = _run(root, ["validate"])["validate"]
+    assert result.status is Status.OK, result.message
+    m = result.metrics
+    assert m["argmax_agreement"] >= 0.99
+    assert m["compared_against"] == "original_graph"
+    assert m["int_core_exact"] is True and m["nodes_checked"] == 4
+    assert m["replaced"] == 14
+    assert m["bitlinear_weight_bytes"] * 12 <= m["float_weight_bytes"]
+    for label in ("float", "bitlinear", "matmulnbits"):
+        assert m[f"{label}_prefill_ms"] > 0 and m[f"{label}_step_ms"] > 0
+    report = (root / "phase3_logs" / "performance_report.md").read_text(encoding="utf-8")
+    assert "通过 passed" in report
+    assert "| step: BitLinear / float |" in report and "| matmulnbits |" in report
+
+
+def test_weights_packed_in_the_wrong_layout_fail_with_the_layout_diagnosis(replaced, tmp_path):
+    root = _copy(replaced, tmp_path)
+    path = root / "models" / "output" / "bitnet_b1.58_bitlinear.onnx"
+    model = onnx.load(str(path))
+    packed = {n.input[1] for n in model.graph.node if n.op_type == "BitLinear"}
+    for t in model.graph.initializer:
+        if t.name in packed:     # hf bytes under nodes that still declare tdpu
+            t.CopyFrom(numpy_helper.from_array(repack(numpy_helper.to_array(t), "tdpu", "hf"), t.name))
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    result = _run(root, ["validate"])["validate"]
+    assert result.status is Status.FAILED
+    assert "weights are in hf order but the node declares tdpu" in result.message
+    assert result.metrics["layout_diagnosis"].startswith("weights are in hf order")
+    report = (root / "phase3_logs" / "performance_report.md").read_text(encoding="utf-8")
+    assert "未通过 failed" in report and "weights are in hf order but the node declares tdpu" in report
+
+
+def test_icraft_profile_is_compared_with_the_quantized_pytorch_reference(tmp_path):
+    results = _run(tmp_path, ["export", "replace", "validate"], profile="icraft")
+    result = results["validate"]
+    assert result.status is Status.OK, result.message
+    assert result.metrics["compared_against"] == "pytorch_reference_quantized"
+    assert result.metrics["argmax_agreement"] >= 0.99
+    assert result.metrics["bitlinear_step_ms"] is None
+    report = (tmp_path / "phase3_logs" / "performance_report.md").read_text(encoding="utf-8")
+    assert "quantize_activations=True" in report and "fixed sequence length" in report
+
+
+def test_check_node_is_exact_and_bounded_against_a_float_matmul():
+    rng = np.random.default_rng(0)
+    w = rng.integers(-1, 2, size=(16, 40)).astype(np.int8)
+    x = rng.standard_normal((2, 3, 40)).astype(np.float32)
+    y = (x @ w.T.astype(np.float32)) * np.float32(0.5)      # float activations (icraft profile)
+    c = check_node("n", x, y, pack(w, "tdpu"), 0.5, "tdpu")
+    assert (c.int_exact, c.result, c.diagnosis) == (True, "ok", "")
+    assert 0 < c.max_err <= c.bound
+    wrong = check_node("n", x, y, pack(w, "hf"), 0.5, "tdpu")
+    assert wrong.result == "FAILED" and wrong.int_exact
+    assert wrong.diagnosis.startswith("weights are in hf order but the node declares tdpu")
+
+
+def test_argmax_flips_at_near_ties_are_explained_as_such():
+    want = np.array([[[1.0, 1.001, 0.0], [3.0, 0.0, 0.0]]], np.float32)
+    got = np.array([[[1.001, 1.0, 0.0], [3.0, 0.0, 0.0]]], np.float32)
+    text = explain_disagreement(got, want, max_abs=0.001)
+    assert text.startswith("1 of 2 positions") and "near-ties" in text
+    clear = np.array([[[9.0, 1.0, 0.0], [3.0, 0.0, 0.0]]], np.float32)   # a clear winner...
+    flipped = np.array([[[1.0, 9.0, 0.0], [3.0, 0.0, 0.0]]], np.float32)  # ...that changed
+    assert "1 are not near-ties" in explain_disagreement(flipped, clear, max_abs=0.001)
+    assert explain_disagreement(want, want, 0.0) is None
+
+
+def test_matmulnbits_codes_are_w_plus_two_four_per_byte_low_bits_first():
+    w = np.array([[-1, 0, 1, -1] * 4], np.int8)              # N=1, K=16
+    b = nbits_pack(w, 16)
+    assert b.shape == (1, 1, 4)
+    assert b[0, 0, 0] == 1 | (2 << 2) | (3 << 4) | (1 << 6)

@@ -18,6 +18,7 @@ from tdpu_tui.engine.events import (
 from tdpu_tui.engine.fsutil import atomic_write_text
 from tdpu_tui.engine.pipeline import Pipeline
 
+PLAIN_PROGRESS_INTERVAL_S = 2.0
 _COLORS = {Status.OK: "32", Status.FAILED: "31", Status.SKIPPED: "33"}
 
 
@@ -30,6 +31,7 @@ class ProgressPrinter:
         self.color = self.live and "NO_COLOR" not in os.environ
         self._last_live = 0.0
         self._live_shown = False
+        self._last_plain: dict[str | None, float] = {}
         self._lock = threading.Lock()
 
     def _paint(self, text: str, status: Status) -> str:
@@ -70,7 +72,11 @@ class ProgressPrinter:
                 self.stream.write("\r\x1b[2K" + text[:200])
                 self._live_shown = True
             elif note:
-                self.stream.write(text + "\n")
+                # Plain lines (logs, CI): at most one progress line per stage every 2 s.
+                now = time.monotonic()
+                if now - self._last_plain.get(event.stage, -1e9) >= PLAIN_PROGRESS_INTERVAL_S:
+                    self._last_plain[event.stage] = now
+                    self.stream.write(text + "\n")
         elif isinstance(event, StageLog):
             self._clear_live()
             level = "" if event.level == "info" else f"{event.level}: "

@@ -1,0 +1,139 @@
+"""The export stage: artifacts, verification, the .raw weights, interruption, transformers parity."""
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from kernels.packing import unpack
+from tdpu_tui.engine.artifacts import Artifacts
+from tdpu_tui.engine.checkpoint import open_checkpoint
+from tdpu_tui.engine.config import load_config
+from tdpu_tui.engine.events import Status
+from tdpu_tui.engine.export import ExportStage
+from tdpu_tui.engine.pipeline import Pipeline
+from tdpu_tui.engine.verify import compare_logits
+from tests.conftest import REPO, run_tdpu, write_config
+
+
+def test_batch_export_on_the_shipped_config_writes_every_artifact(tmp_path):
+    shutil.copy(REPO / "tdpu.toml", tmp_path / "tdpu.toml")
+    proc = run_tdpu("--batch", "--stage", "export", "--json", "summary.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stages"][0]["name"] == "export" and summary["stages"][0]["status"] == "ok"
+    out = tmp_path / "models" / "output"
+    for name in ("bitnet_b1.58_full.onnx", "bitnet_b1.58_full.onnx.data", "bitnet_b1.58_full.raw",
+                 "bitnet_b1.58_full.raw.json"):
+        assert (out / name).stat().st_size > 0, name
+    log = (tmp_path / "phase3_logs" / "export_log.md").read_text()
+    for heading in ("模型信息", "参数量", "文件大小", "输入输出", "算子统计", "验证", "耗时与内存"):
+        assert heading in log
+    assert summary["metrics"]["export"]["argmax_agreement"] >= 0.99
+    assert "export" in proc.stdout  # the summary table goes to stdout, progress to stderr
+    assert "[export] started" in proc.stderr
+
+
+def test_reference_graph_names_inputs_and_initializers_like_the_checkpoint(exported_tiny):
+    paths = Artifacts.of(exported_tiny)
+    model = onnx.load(paths.full_onnx, load_external_data=False)
+    assert model.opset_import[0].version == 17
+    assert [i.name for i in model.graph.input] == ["input_ids"]
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "seq"]
+    assert [o.name for o in model.graph.output] == ["logits"]
+    inits = {t.name: t for t in model.graph.initializer}
+    assert "model.layers.0.self_attn.q_proj.weight" in inits
+    assert inits["model.layers.0.self_attn.q_proj.weight"].data_location == onnx.TensorProto.EXTERNAL
+    names = {n.name for n in model.graph.node}
+    assert "/model/layers.0/self_attn/q_proj/MatMul" in names
+    assert "/model/layers.1/mlp/down_proj/MatMul" in names
+
+
+def test_reference_graph_runs_with_other_batch_and_sequence_sizes(exported_tiny):
+    paths = Artifacts.of(exported_tiny)
+    sess = ort.InferenceSession(str(paths.full_onnx), providers=["CPUExecutionProvider"])
+    for shape in [(1, 1), (3, 7)]:
+        ids = np.arange(np.prod(shape), dtype=np.int64).reshape(shape) % 200
+        (logits,) = sess.run(["logits"], {"input_ids": ids})
+        assert logits.shape == (*shape, 256) and np.isfinite(logits).all()
+
+
+def test_raw_file_holds_every_projection_in_tdpu_order(exported_tiny):
+    paths = Artifacts.of(exported_tiny)
+    index = json.loads(paths.full_raw_index.read_text())
+    raw = paths.full_raw.read_bytes()
+    meta = json.loads(paths.export_meta.read_text())
+    with open_checkpoint(meta["checkpoint"]) as ckpt:
+        assert [t["name"] for t in index["tensors"]] == [f"{n}.weight" for n in ckpt.projection_names()]
+        for t in index["tensors"]:
+            assert t["offset"] % index["alignment"] == 0 and t["layout"] == "tdpu"
+            blob = raw[t["offset"]:t["offset"] + t["bytes"]]
+            assert hashlib.sha256(blob).hexdigest() == t["sha256"]
+            packed = np.frombuffer(blob, np.uint8).reshape(t["N"] // 4, t["K"])
+            want, scale = ckpt.ternary(t["name"].removesuffix(".weight"))
+            np.testing.assert_array_equal(unpack(packed, "tdpu"), want)
+            assert t["weight_scale"] == pytest.approx(scale)
+
+
+def test_icraft_profile_has_fixed_shapes_and_matches_the_float_reference(tmp_path):
+    cfg = load_config(write_config(tmp_path, profile="icraft", seq_len=24))
+    summary = Pipeline(cfg, [ExportStage()]).run()
+    r = summary.results[0]
+    assert r.status is Status.OK, r.message
+    model = onnx.load(Artifacts.of(cfg).full_onnx, load_external_data=False)
+    assert [i.name for i in model.graph.input] == ["inputs_embeds"]
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 24, 64]
+    ops = {n.op_type for n in model.graph.node}
+    assert not ops & {"Pow", "Div", "Gather", "Where", "Range", "Shape", "Sin", "Cos", "Round", "Cast"}
+    assert r.metrics["argmax_agreement"] >= 0.99 and r.metrics["max_abs"] < 1e-3
+    log = Artifacts.of(cfg).export_log.read_text()
+    assert "Activation quantization is not in this graph" in log
+
+
+def test_interrupted_export_leaves_no_half_written_artifact(tmp_path, monkeypatch):
+    cfg = load_config(write_config(tmp_path))
+    paths = Artifacts.of(cfg)
+    paths.output.mkdir(parents=True)
+    paths.full_onnx.write_bytes(b"previous export")
+
+    def interrupt(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("tdpu_tui.engine.export.write_raw", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(cfg, [ExportStage()]).run()
+    assert paths.full_onnx.read_bytes() == b"previous export"
+    assert not paths.full_onnx_data.exists() and not paths.full_raw.exists()
+    leftovers = [p.name for p in paths.output.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_missing_checkpoint_directory_fails_the_stage_with_the_path(tmp_path):
+    cfg = load_config(write_config(tmp_path))
+    cfg.model.source = str(tmp_path / "no-such-checkpoint")
+    r = Pipeline(cfg, [ExportStage()]).run().results[0]
+    assert r.status is Status.FAILED and "no-such-checkpoint" in r.message
+
+
+@pytest.mark.parametrize("linear_class", ["autobitlinear", "bitlinear"])
+def test_exported_graph_reproduces_transformers_logits(tmp_path, linear_class):
+    from tests.hf_fixtures import hf_logits, hf_saved_checkpoint
+
+    ckpt_dir = hf_saved_checkpoint(tmp_path / "hf", linear_class)
+    cfg = load_config(write_config(tmp_path))
+    cfg.model.source = str(ckpt_dir)
+    r = Pipeline(cfg, [ExportStage()]).run().results[0]
+    assert r.status is Status.OK, r.message
+    ids = np.random.default_rng(5).integers(0, 256, size=(2, 12), dtype=np.int64)
+    sess = ort.InferenceSession(str(Artifacts.of(cfg).full_onnx), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(["logits"], {"input_ids": ids})
+    want = hf_logits(ckpt_dir, ids)
+    m = compare_logits(got, want)
+    assert m["argmax_agreement"] >= 0.99, m
+    assert m["max_abs"] < 1e-3 * max(1.0, float(np.abs(want).max())), m

@@ -298,3 +298,27 @@ def test_projection_shape_of_every_projection():
     assert cfg.projection_shape("o_proj") == (2560, 2560)
     assert cfg.projection_shape("model.layers.0.mlp.down_proj") == (2560, 6912)
     assert len(cfg.projection_names()) == 210
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["quantization_config"].update(use_rms_norm=True), "use_rms_norm"),
+    (lambda c: c["quantization_config"].update(quant_method="gptq"), r"quant_method.*'bitnet'.*'gptq'"),
+    (lambda c: c["quantization_config"].update(linear_class="fancy"), r"linear_class.*'fancy'"),
+    (lambda c: c.update(num_key_value_heads=3), "not a multiple of num_key_value_heads"),
+    (lambda c: c.update(rms_norm_eps="small"), r"key 'rms_norm_eps': expected float"),
+    (lambda c: c.pop("vocab_size"), r"missing key 'vocab_size'"),
+])
+def test_unsupported_config_is_an_error_naming_the_key(tiny, tmp_path, edit, message):
+    d = copy_of(tiny, tmp_path / "cfg")
+    edit_config(d, edit)
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(d)
+
+
+def test_unknown_activation_and_extra_tensors_are_warnings(tiny, tmp_path):
+    d = copy_of(tiny, tmp_path / "warn")
+    edit_config(d, lambda c: c.update(hidden_act="silu"))
+    rewrite(d, lambda t: t.update({"model.rotary_emb.inv_freq": torch.ones(8)}))
+    with open_checkpoint(d) as ckpt:
+        assert any("hidden_act = 'silu'" in w for w in ckpt.warnings)
+        assert any("model.rotary_emb.inv_freq" in w for w in ckpt.warnings)

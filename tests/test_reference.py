@@ -154,3 +154,16 @@ def test_bitlinear_scale_convention_is_not_inverted(tmp_path):
         ws = ckpt.tensor("model.layers.0.self_attn.q_proj.weight_scale")[0]
         assert ckpt.ternary("model.layers.0.self_attn.q_proj")[1] == pytest.approx(1 / ws)
         assert abs(ws - 1 / ws) > 1
+
+
+def test_other_activation_is_refused(tiny, tmp_path):
+    import json
+    import shutil
+
+    from tdpu_tui.engine.errors import CheckpointError
+    d = tmp_path / "silu"
+    shutil.copytree(tiny, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "hidden_act": "silu"}))
+    with open_checkpoint(d) as ckpt, pytest.raises(CheckpointError, match="relu2"):
+        BitNetForCausalLM.from_checkpoint(ckpt)

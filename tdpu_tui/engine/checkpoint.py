@@ -85,21 +85,32 @@ class BitNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], file: Path | str = CONFIG_FILE) -> BitNetConfig:
-        def need(key: str, kind: type) -> Any:
-            if key not in d:
+        _absent = object()
+
+        def get(key: str, kind: type, default: Any = _absent) -> Any:
+            """d[key] checked against `kind` (an int is accepted as a float); `default` if absent."""
+            value = d.get(key, default)
+            if value is _absent:
                 raise CheckpointError(f"{file}: missing key '{key}'")
-            value = d[key]
-            if isinstance(value, bool) or not isinstance(value, kind):
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
                 raise CheckpointError(f"{file}: key '{key}': expected {kind.__name__}, found {value!r}")
             return value
 
-        hidden = need("hidden_size", int)
-        heads = need("num_attention_heads", int)
-        kv_heads = d.get("num_key_value_heads", heads)
-        head_dim = d.get("head_dim") or (hidden // heads if heads else 0)
-        rope = d.get("rope_parameters") or {}
-        theta = d.get("rope_theta", rope.get("rope_theta") if isinstance(rope, dict) else None)
-        if theta is None:
+        hidden = get("hidden_size", int)
+        heads = get("num_attention_heads", int)
+        kv_heads = get("num_key_value_heads", int, heads)
+        if d.get("head_dim") is not None:
+            head_dim = get("head_dim", int)
+        else:
+            head_dim = hidden // heads if heads > 0 else 0
+        rope = d.get("rope_parameters")
+        if "rope_theta" in d:
+            theta = get("rope_theta", float)
+        elif isinstance(rope, dict) and isinstance(rope.get("rope_theta"), (int, float)):
+            theta = float(rope["rope_theta"])  # transformers 5 writes RoPE settings here
+        else:
             raise CheckpointError(f"{file}: no RoPE base: expected 'rope_theta' or 'rope_parameters.rope_theta'")
         qc = d.get("quantization_config")
         if qc is not None and not isinstance(qc, dict):
@@ -119,17 +130,17 @@ class BitNetConfig:
                 f"found {linear_class!r}")
         cfg = cls(
             hidden_size=hidden,
-            intermediate_size=need("intermediate_size", int),
-            num_hidden_layers=need("num_hidden_layers", int),
+            intermediate_size=get("intermediate_size", int),
+            num_hidden_layers=get("num_hidden_layers", int),
             num_attention_heads=heads,
-            num_key_value_heads=int(kv_heads),
-            head_dim=int(head_dim),
-            vocab_size=need("vocab_size", int),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
-            hidden_act=str(d.get("hidden_act", "relu2")),
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            vocab_size=get("vocab_size", int),
+            rms_norm_eps=get("rms_norm_eps", float, 1e-6),
+            rope_theta=theta,
+            max_position_embeddings=get("max_position_embeddings", int, 2048),
+            tie_word_embeddings=get("tie_word_embeddings", bool, True),
+            hidden_act=get("hidden_act", str, "relu2"),
             linear_class=linear_class,
             quantized=bool(qc),
         )

@@ -1,0 +1,446 @@
+"""Numba kernels for the BitLinear operator (SPEC section 4), NumPy in and out.
+
+    quantize_activations(x)                      float32 [..., K] -> int8 [..., K], float32 [..., 1]
+    ternary_matmul_int(q, p, layout)             int8 [M, K] x packed [N/4, K] -> int32 [M, N], exact
+    bitlinear(x, p, weight_scale, layout)        float32 [..., K] -> float32 [..., N]
+
+The kernels read both packings of `kernels.packing` in place, without unpacking: both keep
+K contiguous and hold four output rows per byte, so one pass over packed row r produces
+the four rows `row_of(r, i)`; only where those rows land differs between layouts.
+
+How the integer core stays exact and fast:
+- A byte b of P[r, k] holds codes c_i = w_i + 1. Instead of shifting each code down, the
+  kernel multiplies the masked byte (b & 3 << 2i) = c_i << 2i by q[k], accumulates in
+  int32 and shifts the sum right by 2i at the end (exact: every term is a multiple of
+  4^i). Then sum_k w_i q_k = sum_k c_i q_k - sum_k q_k; sum_k q_k is computed once per row.
+- numba types int8/int32 scalar arithmetic as int64; wrapping every update in np.int32()
+  lets LLVM narrow the loop to 16-bit products with 32-bit sums (AVX-512 VNNI vpdpwssd /
+  AVX2 vpmaddwd), four masks per byte and no shifts inside the loop.
+- |sum| <= 192 * 128 * K must stay below 2^31, so K is limited to MAX_K.
+- Each parallel task takes two packed rows (eight outputs) and, for M >= 2, two
+  activation rows, so every byte and every activation loaded feeds four or eight sums.
+
+The rescale follows the ONNX reference graph step by step in float32:
+`y = float32(acc) / s * weight_scale` (Div, then Mul), without fastmath, so the result is
+bit-identical to ONNX Runtime running that graph.
+
+Packed weights are validated (reserved code 3) once per array object; a later in-place
+change of the same array is not re-checked, so treat packed weights as read-only.
+
+The numba cache goes to $NUMBA_CACHE_DIR when set, else ~/.cache/tdpu/numba, else a
+per-user directory under the system temp dir; when nothing is writable the kernels compile
+without a cache.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+from kernels import packing
+
+MAX_K = (2**31 - 1) // (192 * 128)
+_EPS = np.float32(1e-5)
+
+
+def _writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+        return True
+    except OSError:
+        return False
+
+
+def _choose_cache_dir() -> str | None:
+    candidates = [Path.home() / ".cache" / "tdpu" / "numba",
+                  Path(tempfile.gettempdir()) / f"tdpu-numba-{os.getuid() if hasattr(os, 'getuid') else 'user'}"]
+    for path in candidates:
+        if _writable_dir(path):
+            return str(path)
+    return None
+
+
+if not os.environ.get("NUMBA_CACHE_DIR"):
+    _cache_dir = _choose_cache_dir()
+    if _cache_dir:
+        os.environ["NUMBA_CACHE_DIR"] = _cache_dir
+
+import numba  # noqa: E402  (the cache directory must be chosen before numba reads its config)
+from numba import njit, prange  # noqa: E402
+
+if not numba.config.CACHE_DIR and os.environ.get("NUMBA_CACHE_DIR"):
+    # numba was imported before us: its config did not see the variable.
+    numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+
+
+def _jit(**options):
+    def decorate(fn):
+        try:
+            return njit(cache=True, nogil=True, **options)(fn)
+        except RuntimeError:
+            # No writable cache location anywhere (read-only home, tree and temp dir).
+            return njit(cache=False, nogil=True, **options)(fn)
+    return decorate
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@_jit()
+def _quantize_row(x, m, q, s, sumq):
+    k_dim = x.shape[1]
+    amax = np.float32(0.0)
+    for k in range(k_dim):
+        a = abs(x[m, k])
+        if a > amax:
+            amax = a
+    if amax < _EPS:
+        amax = _EPS
+    scale = np.float32(127.0) / amax
+    total = 0
+    for k in range(k_dim):
+        v = np.rint(x[m, k] * scale)          # float32 product, round half to even
+        if v > 127.0:
+            v = np.float32(127.0)
+        elif v < -128.0:
+            v = np.float32(-128.0)
+        qv = np.int8(v)
+        q[m, k] = qv
+        total += qv
+    s[m, 0] = scale
+    sumq[m] = total
+
+
+@_jit(parallel=True)
+def _quantize_parallel(x, q, s, sumq):
+    for m in prange(x.shape[0]):
+        _quantize_row(x, m, q, s, sumq)
+
+
+@_jit()
+def _quantize_serial(x, q, s, sumq):
+    for m in range(x.shape[0]):
+        _quantize_row(x, m, q, s, sumq)
+
+
+@_jit()
+def _one_packed_row(q, sumq, p, r, out, row_stride, code_stride):
+    """Outputs of packed row r for every activation row (the odd-row tail)."""
+    k_dim = q.shape[1]
+    n = r * row_stride
+    for m in range(q.shape[0]):
+        a0 = np.int32(0)
+        a1 = np.int32(0)
+        a2 = np.int32(0)
+        a3 = np.int32(0)
+        for k in range(k_dim):
+            u = np.int32(p[r, k])
+            x = np.int32(q[m, k])
+            a0 = np.int32(a0 + (u & 3) * x)
+            a1 = np.int32(a1 + (u & 12) * x)
+            a2 = np.int32(a2 + (u & 48) * x)
+            a3 = np.int32(a3 + (u & 192) * x)
+        s = sumq[m]
+        out[m, n] = a0 - s
+        out[m, n + code_stride] = (a1 >> 2) - s
+        out[m, n + 2 * code_stride] = (a2 >> 4) - s
+        out[m, n + 3 * code_stride] = (a3 >> 6) - s
+
+
+@_jit(parallel=True)
+def _ternary_rows1(q, sumq, p, out, row_stride, code_stride):
+    """Two packed rows x one activation row per inner loop (any M; used for M = 1)."""
+    k_dim = q.shape[1]
+    rows = p.shape[0]
+    for rr in prange(rows // 2):
+        r = 2 * rr
+        n = r * row_stride
+        o = n + row_stride
+        for m in range(q.shape[0]):
+            a0 = np.int32(0)
+            a1 = np.int32(0)
+            a2 = np.int32(0)
+            a3 = np.int32(0)
+            b0 = np.int32(0)
+            b1 = np.int32(0)
+            b2 = np.int32(0)
+            b3 = np.int32(0)
+            for k in range(k_dim):
+                u = np.int32(p[r, k])
+                v = np.int32(p[r + 1, k])
+                x = np.int32(q[m, k])
+                a0 = np.int32(a0 + (u & 3) * x)
+                a1 = np.int32(a1 + (u & 12) * x)
+                a2 = np.int32(a2 + (u & 48) * x)
+                a3 = np.int32(a3 + (u & 192) * x)
+                b0 = np.int32(b0 + (v & 3) * x)
+                b1 = np.int32(b1 + (v & 12) * x)
+                b2 = np.int32(b2 + (v & 48) * x)
+                b3 = np.int32(b3 + (v & 192) * x)
+            s = sumq[m]
+            out[m, n] = a0 - s
+            out[m, n + code_stride] = (a1 >> 2) - s
+            out[m, n + 2 * code_stride] = (a2 >> 4) - s
+            out[m, n + 3 * code_stride] = (a3 >> 6) - s
+            out[m, o] = b0 - s
+            out[m, o + code_stride] = (b1 >> 2) - s
+            out[m, o + 2 * code_stride] = (b2 >> 4) - s
+            out[m, o + 3 * code_stride] = (b3 >> 6) - s
+    if rows % 2:
+        _one_packed_row(q, sumq, p, rows - 1, out, row_stride, code_stride)
+
+
+@_jit(parallel=True)
+def _ternary_rows2(q, sumq, p, out, row_stride, code_stride):
+    """Two packed rows x two activation rows per inner loop; M must be even."""
+    k_dim = q.shape[1]
+    rows = p.shape[0]
+    for rr in prange(rows // 2):
+        r = 2 * rr
+        n = r * row_stride
+        o = n + row_stride
+        for mm in range(q.shape[0] // 2):
+            m = 2 * mm
+            a0 = np.int32(0)
+            a1 = np.int32(0)
+            a2 = np.int32(0)
+            a3 = np.int32(0)
+            b0 = np.int32(0)
+            b1 = np.int32(0)
+            b2 = np.int32(0)
+            b3 = np.int32(0)
+            c0 = np.int32(0)
+            c1 = np.int32(0)
+            c2 = np.int32(0)
+            c3 = np.int32(0)
+            d0 = np.int32(0)
+            d1 = np.int32(0)
+            d2 = np.int32(0)
+            d3 = np.int32(0)
+            for k in range(k_dim):
+                u = np.int32(p[r, k])
+                v = np.int32(p[r + 1, k])
+                x = np.int32(q[m, k])
+                y = np.int32(q[m + 1, k])
+                u0 = u & 3
+                u1 = u & 12
+                u2 = u & 48
+                u3 = u & 192
+                v0 = v & 3
+                v1 = v & 12
+                v2 = v & 48
+                v3 = v & 192
+                a0 = np.int32(a0 + u0 * x)
+                a1 = np.int32(a1 + u1 * x)
+                a2 = np.int32(a2 + u2 * x)
+                a3 = np.int32(a3 + u3 * x)
+                b0 = np.int32(b0 + v0 * x)
+                b1 = np.int32(b1 + v1 * x)
+                b2 = np.int32(b2 + v2 * x)
+                b3 = np.int32(b3 + v3 * x)
+                c0 = np.int32(c0 + u0 * y)
+                c1 = np.int32(c1 + u1 * y)
+                c2 = np.int32(c2 + u2 * y)
+                c3 = np.int32(c3 + u3 * y)
+                d0 = np.int32(d0 + v0 * y)
+                d1 = np.int32(d1 + v1 * y)
+                d2 = np.int32(d2 + v2 * y)
+                d3 = np.int32(d3 + v3 * y)
+            s = sumq[m]
+            t = sumq[m + 1]
+            out[m, n] = a0 - s
+            out[m, n + code_stride] = (a1 >> 2) - s
+            out[m, n + 2 * code_stride] = (a2 >> 4) - s
+            out[m, n + 3 * code_stride] = (a3 >> 6) - s
+            out[m, o] = b0 - s
+            out[m, o + code_stride] = (b1 >> 2) - s
+            out[m, o + 2 * code_stride] = (b2 >> 4) - s
+            out[m, o + 3 * code_stride] = (b3 >> 6) - s
+            out[m + 1, n] = c0 - t
+            out[m + 1, n + code_stride] = (c1 >> 2) - t
+            out[m + 1, n + 2 * code_stride] = (c2 >> 4) - t
+            out[m + 1, n + 3 * code_stride] = (c3 >> 6) - t
+            out[m + 1, o] = d0 - t
+            out[m + 1, o + code_stride] = (d1 >> 2) - t
+            out[m + 1, o + 2 * code_stride] = (d2 >> 4) - t
+            out[m + 1, o + 3 * code_stride] = (d3 >> 6) - t
+    if rows % 2:
+        _one_packed_row(q, sumq, p, rows - 1, out, row_stride, code_stride)
+
+
+@_jit(parallel=True)
+def _rescale(acc, s, weight_scale, out):
+    # Div then Mul in float32, as the ONNX reference graph does (no fastmath: keep the division).
+    for m in prange(acc.shape[0]):
+        sm = s[m, 0]
+        for n in range(acc.shape[1]):
+            out[m, n] = np.float32(acc[m, n]) / sm * weight_scale
+
+
+@_jit(parallel=True)
+def _reserved_bits(p):
+    """OR over the packed rows of (b & b >> 1): bit 2i set iff some code i is 3."""
+    rows, k_dim = p.shape
+    flags = np.zeros(rows, np.uint8)
+    for r in prange(rows):
+        acc = np.uint8(0)
+        for k in range(k_dim):
+            b = p[r, k]
+            acc = np.uint8(acc | (b & (b >> 1)))
+        flags[r] = acc
+    return flags
+
+
+# ----------------------------------------------------------------------------- threading
+
+# The workqueue threading layer aborts the process when two threads launch parallel
+# kernels at once; OpenMP and TBB do not. Serialise launches unless a thread-safe layer
+# is known to be active (the layer is only known after the first parallel launch).
+_launch_lock = threading.Lock()
+_layer_safe = False
+
+
+def _launch(kernel, *args):
+    global _layer_safe
+    if _layer_safe:
+        return kernel(*args)
+    with _launch_lock:
+        result = kernel(*args)
+        try:
+            _layer_safe = numba.threading_layer() in ("omp", "tbb")
+        except ValueError:
+            pass
+        return result
+
+
+# ----------------------------------------------------------------------------- validation
+
+_checked: dict[int, weakref.ref] = {}
+
+
+def _forget(key: int) -> None:
+    _checked.pop(key, None)
+
+
+def check_packed(p: np.ndarray, layout: str, where: str = "packed weight") -> None:
+    """Raise PackingError if `p` holds a reserved code 3 (names the byte and the W row)."""
+    bits = _launch(_reserved_bits, p)
+    if (np.bitwise_or.reduce(bits) if bits.size else 0) & 0x55:
+        packing.check_reserved(p, layout, where)
+
+
+def _ensure_checked(p: np.ndarray, layout: str) -> None:
+    key = id(p)
+    ref = _checked.get(key)
+    if ref is not None and ref() is p:
+        return
+    check_packed(p, layout)
+    try:
+        _checked[key] = weakref.ref(p, lambda _, key=key: _forget(key))
+    except TypeError:
+        pass
+
+
+# ----------------------------------------------------------------------------- public API
+
+def _as_packed(p: np.ndarray, layout: str) -> np.ndarray:
+    packing.check_layout(layout)
+    if not isinstance(p, np.ndarray) or p.dtype != np.uint8 or p.ndim != 2:
+        desc = f"{p.dtype} {p.shape}" if isinstance(p, np.ndarray) else type(p).__name__
+        raise packing.PackingError(f"expected packed weights uint8 [N/4, K], found {desc}")
+    if p.shape[1] > MAX_K:
+        raise ValueError(f"K = {p.shape[1]} exceeds the int32-exact limit {MAX_K}")
+    if not p.flags.c_contiguous:
+        p = np.ascontiguousarray(p)
+    _ensure_checked(p, layout)
+    return p
+
+
+def _strides(layout: str, rows: int) -> tuple[int, int]:
+    # Output row of code i of packed row r is r * row_stride + i * code_stride.
+    return (1, rows) if layout == "hf" else (4, 1)
+
+
+def _matmul_into(q: np.ndarray, sumq: np.ndarray, p: np.ndarray, layout: str) -> np.ndarray:
+    m_rows = q.shape[0]
+    row_stride, code_stride = _strides(layout, p.shape[0])
+    out = np.empty((m_rows, 4 * p.shape[0]), np.int32)
+    if m_rows == 0 or out.shape[1] == 0:
+        return out
+    even = m_rows - m_rows % 2
+    if even:
+        _launch(_ternary_rows2, q[:even], sumq[:even], p, out[:even], row_stride, code_stride)
+    if m_rows % 2:
+        _launch(_ternary_rows1, q[even:], sumq[even:], p, out[even:], row_stride, code_stride)
+    return out
+
+
+def _quantize_2d(x2: np.ndarray):
+    m_rows = x2.shape[0]
+    q = np.empty(x2.shape, np.int8)
+    s = np.empty((m_rows, 1), np.float32)
+    sumq = np.empty(m_rows, np.int32)
+    if m_rows >= 8:
+        _launch(_quantize_parallel, x2, q, s, sumq)
+    elif m_rows:
+        _quantize_serial(x2, q, s, sumq)
+    return q, s, sumq
+
+
+def _as_float32(x) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim == 0:
+        raise ValueError("expected activations [..., K], found a scalar")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [..., K] -> (int8 [..., K], float32 scales [..., 1]).
+
+    s = 127 / max(|x|, 1e-5) per row; q = clamp(round_half_even(x * s), -128, 127),
+    every step in float32 (torch's `(x * s).round().clamp(-128, 127)`).
+    """
+    x = _as_float32(x)
+    q, s, _ = _quantize_2d(x.reshape(-1, x.shape[-1]))
+    return q.reshape(x.shape), s.reshape(x.shape[:-1] + (1,))
+
+
+def ternary_matmul_int(q: np.ndarray, p: np.ndarray, layout: str) -> np.ndarray:
+    """int8 [M, K] x packed uint8 [N/4, K] (`layout`) -> int32 [M, N] = q @ W.T, exact."""
+    p = _as_packed(p, layout)
+    q = np.asarray(q)
+    if q.dtype != np.int8 or q.ndim != 2:
+        raise ValueError(f"expected int8 activations [M, K], found {q.dtype} {q.shape}")
+    if q.shape[1] != p.shape[1]:
+        raise ValueError(f"activations have K = {q.shape[1]}, packed weights have K = {p.shape[1]}")
+    q = np.ascontiguousarray(q)
+    sumq = q.sum(axis=1, dtype=np.int32)
+    return _matmul_into(q, sumq, p, layout)
+
+
+def bitlinear(x: np.ndarray, p: np.ndarray, weight_scale, layout: str) -> np.ndarray:
+    """float32 [..., K] -> float32 [..., N]: y = (q @ W.T) / s * weight_scale (SPEC section 4).
+
+    `weight_scale` uses the multiply convention (a float or a one-element array).
+    """
+    p = _as_packed(p, layout)
+    x = _as_float32(x)
+    k_dim = p.shape[1]
+    if x.shape[-1] != k_dim:
+        raise ValueError(f"activations have K = {x.shape[-1]}, packed weights have K = {k_dim}")
+    ws = np.asarray(weight_scale, dtype=np.float32)
+    if ws.size != 1:
+        raise ValueError(f"weight_scale must hold one value, found shape {ws.shape}")
+    x2 = x.reshape(-1, k_dim)
+    q, s, sumq = _quantize_2d(x2)
+    acc = _matmul_into(q, sumq, p, layout)
+    y = np.empty(acc.shape, np.float32)
+    if acc.size:
+        _launch(_rescale, acc, s, np.float32(ws.reshape(())), y)
+    return y.reshape(x.shape[:-1] + (acc.shape[1],))

@@ -1,0 +1,65 @@
+"""Whatever a record holds, writing it and reading the file back gives the same record."""
+
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tdpu_tui.engine.bugbook import STAGE_VALUES, STATUS_VALUES, BugBook, BugDocument
+
+# Markdown specials, fences, bullets, headings, HTML comments, colons of both widths, Chinese.
+SPECIALS = ["`", "```", "````", "~~~", "*", "**", "_", "#", "## Bug #3: x", "- **状态**: 已解决",
+            "---", "<!--", "-->", "<!-- tdpu:signature x -->", "|", ">", "[", "]", ":", "：",
+            "\\", "\t", " ", "  ", "\n", "\n\n", "错误", "根本原因", "未解决", "\u3000", "é"]
+pieces = st.one_of(st.sampled_from(SPECIALS), st.text(max_size=6))
+text = st.lists(pieces, max_size=8).map("".join)
+one_line = text.map(lambda s: s.replace("\n", " ").replace("\r", " ").strip()).filter(bool)
+extra_key = st.text(alphabet="备注负责人复现 abcXYZ-0123().", min_size=1, max_size=8) \
+    .map(str.strip).filter(lambda k: bool(k) and k not in ("状态",))
+record = st.fixed_dictionaries({
+    "title": one_line,
+    "stage": st.sampled_from(STAGE_VALUES),
+    "status": st.sampled_from(STATUS_VALUES),
+    "error": text,
+    "cause": text,
+    "fix": text,
+    "extra": st.lists(st.tuples(extra_key, text), max_size=2),
+})
+
+
+def normalised(s: str) -> str:
+    return s.replace("\r\n", "\n").replace("\r", "\n")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(record, min_size=1, max_size=3))
+def test_records_survive_write_then_read(records):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bugs_found.md"
+        book = BugBook(path)
+        written = [book.add(**r, time="2026-02-11 14:30") for r in records]
+        for r, w in zip(records, written):
+            assert (w.title, w.stage, w.status) == (r["title"], r["stage"], r["status"])
+            assert (w.error, w.cause, w.fix) == tuple(normalised(r[k]) for k in ("error", "cause", "fix"))
+            assert w.extra == [(k, normalised(v)) for k, v in r["extra"]]
+        assert BugBook(path).load() == written
+        data = path.read_bytes()
+        assert BugDocument.from_bytes(data).to_bytes() == data
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(record, record)
+def test_editing_one_record_leaves_the_other_byte_identical(first, second):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bugs_found.md"
+        book = BugBook(path)
+        a = book.add(**first, time="2026-02-11 14:30")
+        book.add(**second, time="2026-02-11 14:31")
+        before = path.read_text(encoding="utf-8")
+        updated = book.update(a.number, error=second["error"], title=second["title"],
+                              extra=second["extra"])
+        after = path.read_text(encoding="utf-8")
+        assert after[after.index("## Bug #2:"):] == before[before.index("## Bug #2:"):]
+        assert BugBook(path).load()[0] == updated
+        assert (updated.error, updated.title) == (normalised(second["error"]), second["title"])

@@ -4,8 +4,10 @@ fake Icraft, on the tiny synthetic model."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,8 @@ from tdpu_tui.engine.config import load_config  # noqa: E402
 from tdpu_tui.engine.events import Status  # noqa: E402
 from tdpu_tui.engine.pipeline import Pipeline  # noqa: E402
 from tdpu_tui.engine.stages import all_stages  # noqa: E402
+
+pytestmark = pytest.mark.slow
 
 ICRAFT_STAGES = ["precheck", "parse", "optimize", "simulate"]
 
@@ -130,3 +134,38 @@ def test_simulate_fails_below_99_percent_argmax_agreement(icraft_project, monkey
     results = Pipeline(cfg, stages=all_stages()).run(["simulate"]).results
     assert results[0].status is Status.FAILED
     assert "below the 99% threshold" in results[0].message
+
+
+def _wait_gone(pid: int, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not helpers.process_gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return helpers.process_gone(pid)
+
+
+def test_batch_timeout_kills_icraft_and_its_children(icraft_project, tmp_path):
+    pidfile = tmp_path / "component.pid"
+    cfg = icraft_project.parent / "tdpu_timeout.toml"
+    cfg.write_text(icraft_project.read_text(encoding="utf-8")
+                   .replace("timeout_s = 120", "timeout_s = 2"), encoding="utf-8")
+    code, summary = batch(cfg, ["parse"], helpers.fake_env("hang",
+                                                           FAKE_ICRAFT_PIDFILE=str(pidfile)))
+    assert code == 1 and "timed out" in by_name(summary)["parse"]["message"]
+    assert _wait_gone(int(pidfile.read_text()))
+
+
+def test_ctrl_c_in_batch_exits_130_and_leaves_no_icraft_behind(icraft_project, tmp_path):
+    pidfile = tmp_path / "component.pid"
+    argv = [sys.executable, "-m", "tdpu_tui", "--batch", "--config", str(icraft_project),
+            "--stage", "parse"]
+    proc = subprocess.Popen(argv, env=helpers.fake_env("hang", FAKE_ICRAFT_PIDFILE=str(pidfile)),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not pidfile.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert pidfile.exists(), proc.communicate(timeout=10)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, out.decode() + err.decode()
+    assert _wait_gone(int(pidfile.read_text()))

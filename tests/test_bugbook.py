@@ -254,6 +254,19 @@ def test_update_rejects_unknown_fields_and_numbers(tmp_path):
     assert err.value.field == "stage"
 
 
+def test_a_form_sending_every_field_back_changes_only_what_was_edited(tmp_path):
+    path = copy_fixture("template.md", tmp_path)  # placeholders are not valid stage/time values
+    before = path.read_bytes()
+    book = BugBook(path)
+    rec = book.load()[0]
+    values = {f: getattr(rec, f) for f in ("title", "time", "stage", "status", "error", "cause", "fix")}
+    book.update(1, **{**values, "status": "已解决"})
+    assert changed_line_numbers(before, path.read_bytes()) == [8]
+    with pytest.raises(BugValidationError) as err:
+        book.update(1, **{**values, "stage": "编译阶段"})
+    assert err.value.field == "stage"
+
+
 def test_values_match_spec():
     assert STAGE_VALUES == ("导出", "编译", "仿真", "替换")
     assert STATUS_VALUES == ("未解决", "已解决", "待验证")

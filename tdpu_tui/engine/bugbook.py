@@ -193,6 +193,21 @@ def _extra(value: Any) -> list[tuple[str, str]]:
     return out
 
 
+def _changed_value(base: BugRecord, field_name: str, value: Any) -> Any:
+    """The validated new value; a value equal to the current one passes as is, so a form that
+    sends every field back does not trip over a hand-written 发现时间 or a template placeholder."""
+    current = getattr(base, field_name)
+    if field_name == "extra":
+        if value is not None and [tuple(kv) for kv in value] == current:
+            return current
+    elif isinstance(value, str):
+        text = value.replace("\r\n", "\n").replace("\r", "\n")
+        if text == current or (field_name in ("title", "time", "stage", "status")
+                               and text.strip() == current):
+            return current
+    return _validate(field_name, value)
+
+
 def _validate(field_name: str, value: Any) -> Any:
     if field_name == "title":
         return _title(value)
@@ -385,7 +400,8 @@ class BugDocument:
         crlf = sum(1 for _, e in self.lines if e == "\r\n")
         self.eol = "\r\n" if crlf * 2 > len(self.lines) else "\n"
         self.fences = _find_fences(texts)
-        in_fence: set[int] = set()
+        self.in_fence: set[int] = set()
+        in_fence = self.in_fence
         for o, c in self.fences.items():
             in_fence.update(range(o, c + 1))
         heads = [i for i, t in enumerate(texts) if i not in in_fence and _HEADING_RE.match(t)]
@@ -566,7 +582,7 @@ class BugDocument:
             return
         pos = 0
         for i in range(self.first_heading):
-            if self.lines[i][0].startswith("# "):
+            if self.lines[i][0].startswith("# ") and i not in self.in_fence:
                 pos = i + 1
                 break
         self._apply([(pos, pos, [_MARK_TEXT.format(n=number)])])
@@ -700,7 +716,10 @@ class BugBook:
             return self._digest is not None
         if self._stamp is not None and (st.st_ino, st.st_size, st.st_mtime_ns) == self._stamp:
             return False
-        return self._read()[2] != self._digest
+        _, stamp, digest = self._read()
+        if digest == self._digest:
+            self._stamp = stamp  # touched or rewritten with the same bytes
+        return digest != self._digest
 
     def reload(self) -> list[str]:
         """Read the file again; messages say which records changed outside this session."""
@@ -771,9 +790,9 @@ class BugBook:
             status: str = "未解决", time: str | _dt.datetime | None = None, *,
             extra: Iterable[tuple[str, str]] | None = None) -> BugRecord:
         """Append a record with a fresh number and write the file. Returns it as written."""
-        rec = BugRecord(0, _title(title), _when(time), _validate("stage", stage),
-                        _text("error", error), _text("cause", cause), _text("fix", fix),
-                        _validate("status", status), _extra(extra))
+        rec = BugRecord(0, _title(title), _when(time or None), _validate("stage", stage),
+                        _text("error", error or ""), _text("cause", cause or ""),
+                        _text("fix", fix or ""), _validate("status", status), _extra(extra))
         with self._transaction() as txn:
             return self._append(txn.doc, rec)
 
@@ -787,7 +806,6 @@ class BugBook:
         unknown = sorted(set(fields) - set(_EDITABLE))
         if unknown:
             raise BugValidationError(unknown[0], f"not an editable field (editable: {', '.join(_EDITABLE)})")
-        changes = {k: _validate(k, v) for k, v in fields.items() if v is not None}
         with self._transaction() as txn:
             doc = txn.doc
             base = self._doc.record(number) if self._doc is not None else None
@@ -795,6 +813,7 @@ class BugBook:
             if base is None and theirs is None:
                 raise BugValidationError("number", f"no Bug #{number} in {self.path}")
             base = base or theirs
+            changes = {k: _changed_value(base, k, v) for k, v in fields.items() if v is not None}
             ours = dataclasses.replace(base, **changes)
             if theirs is not None and _content(theirs) == _content(base):
                 doc.update_record(number, changes)

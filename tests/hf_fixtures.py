@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,8 @@ def _quiet_eager():
 
 
 def _load(path: Path):
-    with _quiet_eager() as transformers:
+    with _quiet_eager() as transformers, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit notices raised by the lazy import
         model = transformers.BitNetForCausalLM.from_pretrained(path, dtype=torch.float32)
     # `dtype=float32` leaves the embeddings and norms in the checkpoint's bf16, and `.float()`
     # is refused on a quantized model: widen them one by one.

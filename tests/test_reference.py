@@ -1,11 +1,15 @@
 """The PyTorch reference model: names equal checkpoint keys, numerics equal transformers'."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
 from hf_fixtures import hf_logits, hf_saved_checkpoint
 from tdpu_tui.engine.checkpoint import open_checkpoint
+from tdpu_tui.engine.errors import CheckpointError
 from tdpu_tui.engine.reference import BitLinear, BitNetForCausalLM, RMSNorm
 from tdpu_tui.engine.synthetic import write_synthetic
 
@@ -157,10 +161,6 @@ def test_bitlinear_scale_convention_is_not_inverted(tmp_path):
 
 
 def test_other_activation_is_refused(tiny, tmp_path):
-    import json
-    import shutil
-
-    from tdpu_tui.engine.errors import CheckpointError
     d = tmp_path / "silu"
     shutil.copytree(tiny, d)
     cfg = json.loads((d / "config.json").read_text())

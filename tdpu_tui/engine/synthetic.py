@@ -39,7 +39,7 @@ from tdpu_tui.engine.config import Config, SyntheticConfig
 from tdpu_tui.engine.errors import ConfigError
 from tdpu_tui.engine.fsutil import fsync_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump whenever the bytes written for a stamp change
 STAMP_FILE = "tdpu_synthetic.json"
 
 Progress = Callable[[int, int, str], None]
@@ -117,7 +117,6 @@ def hf_config(shapes: dict[str, int], linear_class: str = "autobitlinear") -> di
         "attention_dropout": 0.0,
         "bos_token_id": max(vocab - 2, 0) if vocab < 128256 else 128000,
         "eos_token_id": max(vocab - 1, 0) if vocab < 128256 else 128001,
-        "head_dim": shapes["head_dim"],
         "hidden_act": "relu2",
         "hidden_size": shapes["hidden_size"],
         "initializer_range": 0.02,

@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
     """Raises instead of exiting, so `main` returns the status."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(f"{self.prog}: {message}")
+        raise _UsageError(f"{self.format_usage().rstrip()}\n{self.prog}: error: {message}")
 
 
 def _parser() -> _Parser:
@@ -148,13 +148,14 @@ def main(argv: list[str]) -> int:
     try:
         args = parser.parse_args(argv)
         if args.command is None:
-            raise _UsageError("tdpu bugs: expected a command: list, add or set")
+            raise _UsageError(f"{parser.format_usage().rstrip()}\n"
+                              "tdpu bugs: error: expected a command: list, add or set")
         path = bug_path(getattr(args, "config", None))
         return _run(args, path)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except _UsageError as exc:
-        print(f"{parser.format_usage().rstrip()}\n{exc}", file=sys.stderr)
+        print(exc, file=sys.stderr)
         return ExitCode.USAGE
     except BugValidationError as exc:
         option = _OPTIONS.get(exc.field)

@@ -107,6 +107,7 @@ def test_log_lines_decode_utf8_gbk_and_garbage():
     assert ic.decode_line("[I] 解析完成\r\n".encode("gbk")) == "[I] 解析完成"
     assert ic.decode_line("[I] 解析完成\n".encode()) == "[I] 解析完成"
     assert ic.decode_line(b"[I] \xff\xfe\xfd ok") .endswith("ok")
+    assert ic.decode_line(b"Run [#  ] 10%\rRun [###] 100% Done!\n") == "Run [###] 100% Done!"
     assert ic.line_level("[11/26/26 09:00:00.002] [W] x") == "warning"
     assert ic.line_level("[2026-11-26 09:00:00.002] [info] x") == "info"
 
@@ -325,3 +326,15 @@ def test_icraft_modules_import_without_textual_or_rich(module):
             "print(','.join(m for m in ('textual', 'rich') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "", proc.stdout + proc.stderr
+
+
+def test_a_failed_parse_leaves_no_stale_graph_for_later_stages(tmp_path, fake_path):
+    cfg, paths = project(tmp_path)
+    results, _ = run(cfg, ["parse", "optimize"])
+    assert results["optimize"].status is Status.OK
+    fake_path("parse:fail21002")
+    results, _ = run(cfg, ["parse", "optimize"])
+    assert results["parse"].status is Status.FAILED
+    assert results["optimize"].status is Status.SKIPPED
+    assert not list(paths.icraft_dir.glob("tiny_net_parsed.*"))
+    assert not list(paths.icraft_dir.glob("tiny_net_optimized.*"))

@@ -169,3 +169,5 @@ def test_ctrl_c_in_batch_exits_130_and_leaves_no_icraft_behind(icraft_project, t
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, out.decode() + err.decode()
     assert _wait_gone(int(pidfile.read_text()))
+    section = read_section(icraft_project.parent / "phase3_logs/icraft_compile_log.md", "parse")
+    assert "interrupted (Ctrl-C)" in section

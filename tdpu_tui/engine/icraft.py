@@ -81,7 +81,10 @@ _LEVELS = {"d": "debug", "debug": "debug", "i": "info", "info": "info", "w": "wa
 def decode_line(raw: bytes) -> str:
     """UTF-8, else GBK (logs written on Windows), else UTF-8 with replacement characters;
     without terminal colour codes."""
-    return ANSI_RE.sub("", _decode(raw.rstrip(b"\r\n"))).rstrip("\r")
+    text = ANSI_RE.sub("", _decode(raw.rstrip(b"\r\n")))
+    if "\r" in text:   # a progress bar redrawn in place: keep what the terminal would show
+        text = next((part for part in reversed(text.split("\r")) if part.strip()), "")
+    return text
 
 
 def line_level(line: str) -> str:
@@ -231,6 +234,7 @@ def compile_toml(cfg: Config, base: Path, network: Path, inputs: Sequence[Sequen
     lines = [
         f"# Icraft configuration written by tdpu for '{net}'. Run from this directory:",
         f"#   icraft parse {net}.toml && icraft optimize {net}.toml && icraft run {net}.toml",
+        "# The [run] input is the float32 .ftmp that tdpu's simulate stage writes.",
         "",
         "[parse]",
         f"net_name = {_toml_str(net)}",

@@ -159,11 +159,18 @@ def run_component(ctx: StageContext, exe: Path, argv: list[str], outputs: list[P
         nonlocal lines
         lines += 1
         ctx.log(line, level, source)
-        if lines % 50 == 0:
+        if lines % 50 == 0 and not ctx.cancelled:   # cancellation is the driver's to handle
             ctx.progress(lines, None, f"{lines} log lines")
 
-    res = ic.run_icraft(argv, cwd=cwd, log_dirs=[log_dir], timeout_s=cfg.icraft.timeout_s,
-                        on_line=on_line, cancelled=lambda: ctx.cancelled)
+    try:
+        res = ic.run_icraft(argv, cwd=cwd, log_dirs=[log_dir], timeout_s=cfg.icraft.timeout_s,
+                            on_line=on_line, cancelled=lambda: ctx.cancelled)
+    except KeyboardInterrupt:
+        record.status = "failed"
+        record.summary = "interrupted (Ctrl-C); the icraft process group was killed"
+        record.seconds = time.time() - record.started
+        record.write(ctx.paths.compile_log)
+        raise
     copied = ic.copy_logs(res.log_files, log_dir)
     copied += sorted(log_dir.rglob("*_precheck.csv"))   # icraft parse's own precheck
     if res.stray_killed:
@@ -234,6 +241,8 @@ class ParseStage(Stage):
         jr = ctx.paths.icraft_dir
         log_dir = _prepare_log_dir(ctx.paths.icraft_logs / "parse")
         outputs = list(ic.parsed_files(jr, cfg.icraft.net_name, "parsed"))
+        for stale in ic.parsed_files(jr, cfg.icraft.net_name, "optimized"):
+            stale.unlink(missing_ok=True)   # it came from the parsed graph being replaced
         argv = ic.parse_argv(exe, cfg, onnx_path, [s for _, s, _ in inputs], jr, log_dir)
         record = StageRecord("parse", "running", notes=[f"same run by hand: `{toml_path}`"])
         res = run_component(ctx, exe, argv, outputs, log_dir, record)
@@ -283,7 +292,7 @@ def validation_inputs(ctx: StageContext, meta: dict[str, Any], onnx_path: Path, 
         table = ckpt.tensor("model.embed_tokens.weight")
         feed = np.ascontiguousarray(table[ids], dtype=np.float32)
     else:
-        feed = ids.astype(dtype)
+        feed = ids.astype(dtype)   # Icraft's .ftmp inputs carry these ids as float32
     if list(feed.shape) != shape:
         raise StageFailed(f"{onnx_path}: input '{name}' expects shape {shape}, "
                           f"the validation input has {list(feed.shape)}")

@@ -322,3 +322,15 @@ def test_unknown_activation_and_extra_tensors_are_warnings(tiny, tmp_path):
     with open_checkpoint(d) as ckpt:
         assert any("hidden_act = 'silu'" in w for w in ckpt.warnings)
         assert any("model.rotary_emb.inv_freq" in w for w in ckpt.warnings)
+
+
+@pytest.mark.parametrize("content", [
+    b"\x80\x04\x95" + bytes(200),                      # a pickle is not read, let alone unpickled
+    (20).to_bytes(8, "little") + b'{"a": {"dtype": 1}}' + b" ",
+    (1 << 40).to_bytes(8, "little") + b"{}",
+])
+def test_garbage_file_is_a_checkpoint_error(tiny, tmp_path, content):
+    d = copy_of(tiny, tmp_path / "garbage")
+    (d / "model.safetensors").write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
+        open_checkpoint(d)

@@ -217,7 +217,8 @@ def _read_header(path: Path) -> dict[str, _Entry]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(v) for v in info["shape"]), info["data_offsets"]
+            dtype, shape = info["dtype"], tuple(int(v) for v in info["shape"])
+            begin, end = (int(v) for v in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor '{name}': malformed header entry {info!r}") from None
         if dtype not in _DTYPES:

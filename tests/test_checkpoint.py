@@ -2,10 +2,15 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from safetensors.torch import load_file, save_file
 
 from kernels import packing
@@ -334,3 +339,22 @@ def test_garbage_file_is_a_checkpoint_error(tiny, tmp_path, content):
     (d / "model.safetensors").write_bytes(content)
     with pytest.raises(CheckpointError, match=r"model\.safetensors"):
         open_checkpoint(d)
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 12), st.integers(1, 12)),
+              elements=st.floats(-4, 4, width=32)))
+def test_absmean_equals_bitnets_weight_quant(w):
+    q, scale_mul = absmean_ternarize(w)
+    t = torch.from_numpy(w)
+    scale = 1.0 / t.abs().mean().clamp(min=1e-5)
+    np.testing.assert_array_equal(q, (t * scale).round().clamp(-1, 1).numpy())
+    assert scale_mul == pytest.approx(1.0 / scale.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("module", ["tdpu_tui.engine.checkpoint", "tdpu_tui.engine.synthetic",
+                                    "tdpu_tui.engine.reference"])
+def test_imports_neither_textual_nor_rich(module):
+    code = (f"import importlib, sys; importlib.import_module({module!r}); "
+            "sys.exit(any(m in sys.modules for m in ('textual', 'rich')))")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,0 +1,363 @@
+r"""`ai.tdpu::BitLinear` in ONNX Runtime, its body the numba kernel of `kernels.bitlinear`.
+
+The operator (SPEC section 5): inputs X float32 [..., K], W uint8 [N/4, K] (initializer),
+weight_scale float32 [1]; output float32 [..., N]; attributes in_features (K),
+out_features (N), layout ("tdpu" | "hf").
+
+It is a Python operator of onnxruntime-extensions. That bridge copies every input into a
+fresh NumPy array on every call, so a plain session would copy each packed weight matrix
+(4.4 MB for 2560 -> 6912) per call. `create_session` keeps the weights out of that copy:
+
+    model file (self-contained)              in-memory graph given to ONNX Runtime
+    --------------------------------         --------------------------------------------------
+    X ----------------\                      X -----------------\
+    W (uint8 init.) ---> BitLinear    ==>    key (int64 [1]) ----> BitLinearPrepacked ---> Y
+    weight_scale -----/                      weight_scale ------/    (+ attribute node_name)
+
+`create_session` loads the model, checks every BitLinear node (dtypes, shapes, attributes,
+reserved codes; errors name the node), moves each W initializer into a process-wide
+registry of packed weights (keyed by a small integer; identical weights share one entry,
+found by a content digest), and rewrites the node into `ai.tdpu::BitLinearPrepacked`,
+whose second input is the key. The file on disk is not touched and still carries W.
+Registry entries are reference-counted by the sessions that use them and dropped when
+the last such session is garbage-collected.
+
+The bridge also returns outputs to ONNX Runtime as a Python list (`tolist()`) by default;
+this module installs an invocation hook that hands the NumPy array over instead for its
+own operators (other Python operators keep the default path).
+
+`session_options()` alone also runs BitLinear graphs (W then travels through the
+per-call copy). Python operators are registered once per process; importing or
+calling this module again does not register them twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+from onnx import TensorProto, numpy_helper
+
+from kernels import packing
+from kernels.bitlinear import bitlinear, check_packed
+
+DOMAIN = "ai.tdpu"
+OP_TYPE = "BitLinear"
+PREPACKED_OP_TYPE = "BitLinearPrepacked"
+KEY_SUFFIX = "/tdpu_weight_key"
+
+
+class BitLinearError(ValueError):
+    """A BitLinear node does not match the operator's contract; the message names the node."""
+
+
+# ----------------------------------------------------------------------------- registry
+
+@dataclass
+class _Entry:
+    packed: np.ndarray
+    digest: str
+    refs: int = 0
+
+
+_lock = threading.RLock()
+_log = logging.getLogger(__name__)
+_pending: dict[int, BitLinearError] = {}       # thread id -> error raised inside an operator
+_entries: dict[int, _Entry] = {}
+_by_digest: dict[str, int] = {}
+_next_key = 1
+
+
+def _acquire(packed: np.ndarray) -> int:
+    global _next_key
+    packed = np.ascontiguousarray(packed)
+    h = hashlib.blake2b(repr(packed.shape).encode(), digest_size=16)
+    h.update(packed)
+    digest = h.hexdigest()
+    with _lock:
+        key = _by_digest.get(digest)
+        if key is None:
+            key = _next_key
+            _next_key += 1
+            _entries[key] = _Entry(packed, digest)
+            _by_digest[digest] = key
+        _entries[key].refs += 1
+        return key
+
+
+def _release(keys: list[int]) -> None:
+    with _lock:
+        for key in keys:
+            entry = _entries.get(key)
+            if entry is None:
+                continue
+            entry.refs -= 1
+            if entry.refs <= 0:
+                del _entries[key]
+                _by_digest.pop(entry.digest, None)
+
+
+def cache_info() -> dict:
+    """Prepacked weights held for live sessions: {"entries", "bytes"}."""
+    with _lock:
+        return {"entries": len(_entries),
+                "bytes": int(sum(e.packed.nbytes for e in _entries.values()))}
+
+
+# ----------------------------------------------------------------------------- operators
+
+def _check_call(where: str, x: np.ndarray, k: int, n: int, w_shape, layout: str) -> None:
+    if layout not in packing.LAYOUTS:
+        raise BitLinearError(f"{where}: unknown layout {layout!r}, expected one of {packing.LAYOUTS}")
+    if x.ndim == 0 or x.shape[-1] != k:
+        raise BitLinearError(f"{where}: X has shape {list(x.shape)}, its last dimension must equal "
+                             f"in_features = {k}")
+    if tuple(w_shape) != (n // 4, k) or n % 4:
+        raise BitLinearError(f"{where}: W has shape {list(w_shape)}, expected [out_features/4, "
+                             f"in_features] = [{n / 4:g}, {k}]")
+
+
+def _failed(where: str, exc: Exception, x: np.ndarray, n: int) -> np.ndarray:
+    """Record a failure for the calling `run` and return a NaN output.
+
+    An exception escaping a Python operator terminates the process (onnxruntime-extensions
+    rethrows it across the C API), so the operator never raises: sessions made by
+    `create_session` re-raise the recorded error from `run`; plain sessions get NaNs and
+    a log record.
+    """
+    err = exc if isinstance(exc, BitLinearError) else BitLinearError(f"{where}: {exc}")
+    _pending[threading.get_ident()] = err
+    _log.error("%s", err)
+    shape = (x.shape[:-1] if x.ndim else ()) + (max(int(n), 0),)
+    return np.full(shape, np.nan, np.float32)
+
+
+def _bitlinear_op(x, w, weight_scale, in_features, out_features, layout):
+    where = (f"BitLinear node (in_features={in_features}, out_features={out_features}, "
+             f"layout={layout!r})")
+    try:
+        _check_call(where, x, in_features, out_features, w.shape, layout)
+        return bitlinear(x, w, weight_scale, layout)
+    except Exception as exc:
+        return _failed(where, exc, x, out_features)
+
+
+def _prepacked_op(x, key, weight_scale, in_features, out_features, layout, node_name):
+    where = f"BitLinear node {node_name!r}"
+    try:
+        entry = _entries.get(int(key.reshape(-1)[0])) if key.size == 1 else None
+        if entry is None:
+            raise BitLinearError(f"{where}: no prepacked weight under key {key.tolist()}; "
+                                 "graphs holding BitLinearPrepacked must run in a session made by "
+                                 "kernels.ort.create_session in this process")
+        _check_call(where, x, in_features, out_features, entry.packed.shape, layout)
+        return bitlinear(x, entry.packed, weight_scale, layout)
+    except Exception as exc:
+        return _failed(where, exc, x, out_features)
+
+
+_registered = False
+
+
+def _register() -> None:
+    """Register both operators and the array-returning hook, once per process."""
+    global _registered
+    with _lock:
+        if _registered:
+            return
+        from onnxruntime_extensions import PyCustomOpDef, onnx_op
+        from onnxruntime_extensions import _ocos
+
+        known = {od.op_type for od in _ocos.Opdef._odlist.values()}
+        dt = PyCustomOpDef
+        attrs = {"in_features": dt.dt_int64, "out_features": dt.dt_int64, "layout": dt.dt_string}
+        if f"{DOMAIN}::{OP_TYPE}" not in known:
+            onnx_op(op_type=f"{DOMAIN}::{OP_TYPE}",
+                    inputs=[dt.dt_float, dt.dt_uint8, dt.dt_float], outputs=[dt.dt_float],
+                    attrs=attrs)(_bitlinear_op)
+        if f"{DOMAIN}::{PREPACKED_OP_TYPE}" not in known:
+            onnx_op(op_type=f"{DOMAIN}::{PREPACKED_OP_TYPE}",
+                    inputs=[dt.dt_float, dt.dt_int64, dt.dt_float], outputs=[dt.dt_float],
+                    attrs={**attrs, "node_name": dt.dt_string})(_prepacked_op)
+        ours = {k for k, od in _ocos.Opdef._odlist.items() if od.op_type.startswith(f"{DOMAIN}::")}
+        default = _ocos._on_pyop_invocation
+
+        def invoke(k_id, feed, attributes):
+            if k_id not in ours:
+                return default(k_id, feed, attributes)
+            op = _ocos.Opdef._odlist[k_id]
+            y = op.body(*feed, **op.cast_attributes(attributes))
+            return (k_id, y.shape, np.ascontiguousarray(y, dtype=np.float32).reshape(-1))
+
+        PyCustomOpDef.install_hooker(invoke)
+        _registered = True
+
+
+def session_options(threads: int | None = None) -> onnxruntime.SessionOptions:
+    """SessionOptions on which `ai.tdpu::BitLinear` runs (W copied on every call)."""
+    from onnxruntime_extensions import get_library_path
+
+    _register()
+    so = onnxruntime.SessionOptions()
+    so.register_custom_ops_library(get_library_path())
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    return so
+
+
+# ----------------------------------------------------------------------------- graph rewrite
+
+_DTYPE_NAMES = {v: k for k, v in TensorProto.DataType.items()}
+
+
+def _attr(node: onnx.NodeProto, name: str, kind: str, where: str):
+    for a in node.attribute:
+        if a.name == name:
+            if kind == "int" and a.type == onnx.AttributeProto.INT:
+                return int(a.i)
+            if kind == "string" and a.type == onnx.AttributeProto.STRING:
+                return a.s.decode()
+            raise BitLinearError(f"{where}: attribute {name!r} must be {kind}, found "
+                                 f"{onnx.AttributeProto.AttributeType.Name(a.type)}")
+    raise BitLinearError(f"{where}: missing attribute {name!r} ({kind})")
+
+
+def _static_last_dim(graph: onnx.GraphProto, name: str) -> int | None:
+    for vi in list(graph.input) + list(graph.value_info):
+        if vi.name == name and vi.type.HasField("tensor_type"):
+            dims = vi.type.tensor_type.shape.dim
+            if dims and dims[-1].HasField("dim_value"):
+                return int(dims[-1].dim_value)
+    return None
+
+
+def _rewrite(model: onnx.ModelProto, base_dir: str | None) -> list[int]:
+    """Check every BitLinear node, prepack W, rewrite in place; return the registry keys taken."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    keys: list[int] = []
+    drop: set[str] = set()
+    try:
+        for index, node in enumerate(graph.node):
+            if node.domain != DOMAIN or node.op_type != OP_TYPE:
+                continue
+            where = f"BitLinear node {node.name or f'#{index}'!r}"
+            k = _attr(node, "in_features", "int", where)
+            n = _attr(node, "out_features", "int", where)
+            layout = _attr(node, "layout", "string", where)
+            if layout not in packing.LAYOUTS:
+                raise BitLinearError(f"{where}: unknown layout {layout!r}, expected one of {packing.LAYOUTS}")
+            if len(node.input) != 3:
+                raise BitLinearError(f"{where}: expected 3 inputs (X, W, weight_scale), found {len(node.input)}")
+            x_name, w_name, s_name = node.input
+            last = _static_last_dim(graph, x_name)
+            if last is not None and last != k:
+                raise BitLinearError(f"{where}: X {x_name!r} has last dimension {last}, "
+                                     f"in_features is {k}")
+            if s_name in inits:
+                st = inits[s_name]
+                if st.data_type != TensorProto.FLOAT:
+                    raise BitLinearError(f"{where}: weight_scale {s_name!r} is "
+                                         f"{_DTYPE_NAMES.get(st.data_type)}, expected FLOAT")
+            w_init = inits.get(w_name)
+            if w_init is None:
+                continue  # W computed or fed at run time: the plain operator checks it per call
+            if w_init.data_type != TensorProto.UINT8:
+                raise BitLinearError(f"{where}: W {w_name!r} is {_DTYPE_NAMES.get(w_init.data_type)}, "
+                                     "expected UINT8 packed ternary codes")
+            dims = tuple(w_init.dims)
+            if n % 4 or dims != (n // 4, k):
+                raise BitLinearError(f"{where}: W {w_name!r} has shape {list(dims)}, expected "
+                                     f"[out_features/4, in_features] = [{n / 4:g}, {k}]")
+            w = numpy_helper.to_array(w_init, base_dir or "")
+            try:
+                check_packed(w, layout, f"{where}: W {w_name!r}")
+            except packing.PackingError as exc:
+                raise BitLinearError(str(exc)) from exc
+            key = _acquire(w)
+            keys.append(key)
+            key_name = f"{node.name or w_name}{KEY_SUFFIX}"
+            graph.initializer.append(numpy_helper.from_array(np.array([key], np.int64), key_name))
+            node.op_type = PREPACKED_OP_TYPE
+            node.input[1] = key_name
+            node.attribute.append(onnx.helper.make_attribute("node_name", node.name or f"#{index}"))
+            uses[w_name] -= 1
+            if uses[w_name] == 0:
+                drop.add(w_name)
+    except BaseException:
+        _release(keys)
+        raise
+    if drop:
+        kept = [t for t in graph.initializer if t.name not in drop]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return keys
+
+
+class BitLinearSession(onnxruntime.InferenceSession):
+    """An InferenceSession whose `run` raises the BitLinearError an operator recorded."""
+
+    def _checked(self, call, *args, **kwargs):
+        me = threading.get_ident()
+        _pending.pop(me, None)
+        try:
+            result = call(*args, **kwargs)
+        except Exception as exc:
+            err = _pending.pop(me, None)
+            if err is not None:
+                raise err from exc
+            raise
+        err = _pending.pop(me, None)
+        if err is not None:
+            raise err
+        return result
+
+    def run(self, output_names, input_feed, run_options=None):
+        return self._checked(super().run, output_names, input_feed, run_options)
+
+    def run_with_ort_values(self, output_names, input_dict_ort_values, run_options=None):
+        return self._checked(super().run_with_ort_values, output_names, input_dict_ort_values, run_options)
+
+
+def create_session(model_or_path, providers=None, threads: int | None = None
+                   ) -> BitLinearSession:
+    """InferenceSession for a graph that may contain `ai.tdpu::BitLinear` (see module doc).
+
+    `model_or_path`: a path (external data is read from its directory) or an
+    onnx.ModelProto (not modified). `threads`: ONNX Runtime intra-op threads.
+    """
+    base_dir = None
+    if isinstance(model_or_path, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(model_or_path)
+    elif isinstance(model_or_path, (bytes, bytearray)):
+        model = onnx.load_from_string(bytes(model_or_path))
+    else:
+        path = Path(model_or_path)
+        model = onnx.load(str(path), load_external_data=False)
+        base_dir = str(path.resolve().parent)
+    keys = _rewrite(model, base_dir)
+    so = session_options(threads)
+    if base_dir:
+        # Initializers still stored as external data are read from the model's directory.
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", base_dir)
+    try:
+        session = BitLinearSession(model.SerializeToString(), so,
+                                   providers=providers or ["CPUExecutionProvider"])
+    except BaseException:
+        _release(keys)
+        raise
+    weakref.finalize(session, _release, keys)
+    return session

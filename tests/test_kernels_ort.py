@@ -1,0 +1,197 @@
+"""`ai.tdpu::BitLinear` in ONNX Runtime (kernels/ort.py)."""
+
+import gc
+import importlib
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from kernels import ort as kort
+from kernels import packing
+from kernels.bitlinear import bitlinear
+
+NODE = "/model/layers.0/mlp/up_proj/BitLinear"
+
+
+def bitlinear_model(w, layout="tdpu", *, ws=0.75, node=NODE, x_dims=("batch", "seq", None),
+                    attrs=None, packed=None):
+    n, k = w.shape
+    p = packing.pack(w, layout) if packed is None else packed
+    attributes = {"in_features": k, "out_features": n, "layout": layout}
+    attributes.update(attrs or {})
+    bl = helper.make_node("BitLinear", ["X", "model.layers.0.mlp.up_proj.weight",
+                                        "model.layers.0.mlp.up_proj.weight_scale"], ["Y"],
+                          domain="ai.tdpu", name=node, **attributes)
+    dims = [d if d is not None else k for d in x_dims]
+    graph = helper.make_graph(
+        [bl], "bitlinear",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(p, "model.layers.0.mlp.up_proj.weight"),
+         numpy_helper.from_array(np.array([ws], np.float32), "model.layers.0.mlp.up_proj.weight_scale")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.tdpu", 1)])
+
+
+def reference_model(w, ws):
+    """The exported reference projection of docs/CONTRACTS.md, with a float32 [K, N] weight."""
+    n, k = w.shape
+    nodes = [
+        helper.make_node("Abs", ["X"], ["a"]),
+        helper.make_node("ReduceMax", ["a"], ["m"], axes=[-1], keepdims=1),
+        helper.make_node("Max", ["m", "eps"], ["c"]),
+        helper.make_node("Div", ["c127", "c"], ["s"]),
+        helper.make_node("Mul", ["X", "s"], ["xs"]),
+        helper.make_node("Round", ["xs"], ["r"]),
+        helper.make_node("Clip", ["r", "lo", "hi"], ["q"]),
+        helper.make_node("MatMul", ["q", "W"], ["acc"]),
+        helper.make_node("Div", ["acc", "s"], ["d"]),
+        helper.make_node("Mul", ["d", "ws"], ["Y"]),
+    ]
+    f32 = lambda v: np.array(v, np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(f32(1e-5), "eps"), numpy_helper.from_array(f32(127), "c127"),
+             numpy_helper.from_array(f32(-128), "lo"), numpy_helper.from_array(f32(127), "hi"),
+             numpy_helper.from_array(w.T.astype(np.float32), "W"), numpy_helper.from_array(f32([ws]), "ws")]
+    graph = helper.make_graph(nodes, "ref", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["b", "s", k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def plain_session(model):
+    return onnxruntime.InferenceSession(model.SerializeToString(), kort.session_options(),
+                                        providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(7)
+
+
+def ternary(rng, n, k):
+    return rng.integers(-1, 2, size=(n, k)).astype(np.int8)
+
+
+@pytest.mark.parametrize("layout", ["tdpu", "hf"])
+def test_operator_matches_bitlinear_via_create_session_and_plain_options(rng, layout):
+    w = ternary(rng, 36, 70)
+    model = bitlinear_model(w, layout)
+    p = packing.pack(w, layout)
+    x = (rng.standard_normal((2, 5, 70)) * 4).astype(np.float32)
+    expected = bitlinear(x, p, np.float32(0.75), layout)
+    for session in (kort.create_session(model), plain_session(model)):
+        (y,) = session.run(None, {"X": x})
+        np.testing.assert_array_equal(y, expected)
+        (y1,) = session.run(None, {"X": x[:1, :1]})
+        np.testing.assert_array_equal(y1, expected[:1, :1])
+
+
+def test_operator_is_bit_exact_with_the_onnx_reference_graph(rng):
+    w = ternary(rng, 64, 200)
+    ws = 0.0371
+    x = (rng.standard_normal((1, 9, 200)) * 2).astype(np.float32)
+    x[0, 3] *= 1e-7
+    (ref,) = onnxruntime.InferenceSession(reference_model(w, ws).SerializeToString(),
+                                          providers=["CPUExecutionProvider"]).run(None, {"X": x})
+    (y,) = kort.create_session(bitlinear_model(w, ws=ws)).run(None, {"X": x})
+    np.testing.assert_array_equal(y, ref)
+
+
+def test_create_session_reads_a_model_file_with_external_data_and_leaves_it_intact(tmp_path, rng):
+    w = ternary(rng, 128, 96)
+    path = tmp_path / "m.onnx"
+    onnx.save(bitlinear_model(w, "hf"), str(path), save_as_external_data=True,
+              location="m.onnx.data", size_threshold=0)
+    before = path.read_bytes(), (tmp_path / "m.onnx.data").read_bytes()
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    (y,) = kort.create_session(path, threads=1).run(None, {"X": x[None]})
+    np.testing.assert_array_equal(y[0], bitlinear(x, packing.pack(w, "hf"), 0.75, "hf"))
+    assert (path.read_bytes(), (tmp_path / "m.onnx.data").read_bytes()) == before
+    names = {t.name for t in onnx.load(str(path)).graph.initializer}
+    assert "model.layers.0.mlp.up_proj.weight" in names
+
+
+def test_prepacked_weights_leave_the_graph_and_are_released_with_the_session(rng):
+    w = ternary(rng, 8, 16)
+    model = bitlinear_model(w)
+    gc.collect()
+    start = kort.cache_info()["entries"]
+    first = kort.create_session(model)
+    second = kort.create_session(model)                  # same weights share one entry
+    assert kort.cache_info()["entries"] == start + 1
+    assert [n.op_type for n in model.graph.node] == ["BitLinear"]   # caller's model untouched
+    del first
+    gc.collect()
+    assert kort.cache_info()["entries"] == start + 1
+    del second
+    gc.collect()
+    assert kort.cache_info()["entries"] == start
+
+
+def test_float_weight_is_rejected_naming_the_node(rng):
+    w = ternary(rng, 8, 16)
+    model = bitlinear_model(w, packed=packing.pack(w, "tdpu").astype(np.float32))
+    with pytest.raises(kort.BitLinearError, match=f"'{NODE}'.*FLOAT, expected UINT8"):
+        kort.create_session(model)
+    with pytest.raises(Exception, match=NODE):          # ONNX Runtime's own type check
+        plain_session(model)
+
+
+@pytest.mark.parametrize("attrs, message", [
+    ({"in_features": 15}, r"last dimension 16, in_features is 15"),
+    ({"out_features": 12}, r"shape \[2, 16\], expected \[out_features/4, in_features\] = \[3, 16\]"),
+    ({"layout": "i2s"}, r"unknown layout 'i2s'"),
+])
+def test_attribute_mismatch_is_rejected_naming_the_node(rng, attrs, message):
+    model = bitlinear_model(ternary(rng, 8, 16), attrs=attrs)
+    with pytest.raises(kort.BitLinearError, match=f"BitLinear node '{NODE}': .*{message}"):
+        kort.create_session(model)
+
+
+def test_missing_attribute_is_rejected_naming_the_node(rng):
+    model = bitlinear_model(ternary(rng, 8, 16))
+    attributes = model.graph.node[0].attribute
+    del attributes[[a.name for a in attributes].index("layout")]
+    with pytest.raises(kort.BitLinearError, match=f"'{NODE}': missing attribute 'layout'"):
+        kort.create_session(model)
+
+
+def test_run_time_shape_mismatch_names_the_node(rng):
+    model = bitlinear_model(ternary(rng, 8, 16), x_dims=("batch", "k"))
+    session = kort.create_session(model)
+    with pytest.raises(kort.BitLinearError, match=f"BitLinear node '{NODE}': X has shape \\[2, 15\\]"):
+        session.run(None, {"X": np.ones((2, 15), np.float32)})
+    (y,) = session.run(None, {"X": np.ones((2, 16), np.float32)})      # the session stays usable
+    assert np.isfinite(y).all()
+
+
+def test_run_time_mismatch_in_a_plain_session_gives_nan_and_a_log_record(rng, caplog):
+    # An exception leaving a Python operator would terminate the process; the operator
+    # logs the error and returns NaNs instead.
+    session = plain_session(bitlinear_model(ternary(rng, 8, 16), x_dims=("batch", "k")))
+    (y,) = session.run(None, {"X": np.ones((2, 15), np.float32)})
+    assert y.shape == (2, 8) and np.isnan(y).all()
+    assert "X has shape [2, 15]" in caplog.text
+
+
+def test_reserved_code_in_weights_is_rejected_naming_the_node(rng):
+    p = packing.pack(ternary(rng, 8, 16), "tdpu")
+    p[1, 5] = 0b11_00_00_00
+    model = bitlinear_model(np.zeros((8, 16), np.int8), packed=p)
+    with pytest.raises(kort.BitLinearError, match=f"'{NODE}'.*reserved code 3.*byte \\[1, 5\\] bits 6..7"):
+        kort.create_session(model)
+
+
+def test_registration_is_idempotent(rng):
+    from onnxruntime_extensions import _ocos
+
+    importlib.reload(kort)
+    kort.session_options()
+    kort.session_options()
+    types = [od.op_type for od in _ocos.Opdef._odlist.values() if od.op_type.startswith("ai.tdpu::")]
+    assert sorted(types) == ["ai.tdpu::BitLinear", "ai.tdpu::BitLinearPrepacked"]
+    w = ternary(rng, 8, 16)
+    x = rng.standard_normal((1, 16)).astype(np.float32)
+    (y,) = kort.create_session(bitlinear_model(w, x_dims=(1, None))).run(None, {"X": x})
+    np.testing.assert_array_equal(y, bitlinear(x, packing.pack(w, "tdpu"), 0.75, "tdpu"))

@@ -1,0 +1,33 @@
+"""The interactive face of tdpu: a Textual app over the same engine and events as `--batch`.
+
+Imported lazily by `tdpu_tui.cli` so that `--batch` never loads Textual.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from tdpu_tui.engine.config import Config
+from tdpu_tui.engine.errors import ConfigError, ExitCode
+
+
+def run_app(config: Config | str | Path) -> int:
+    """Run the interactive session on `config` (a loaded Config or the path of a tdpu.toml)."""
+    if not isinstance(config, Config):
+        from tdpu_tui.engine.config import load_config
+        try:
+            config = load_config(config)
+        except ConfigError as exc:
+            print(f"tdpu: configuration error: {exc}", file=sys.stderr)
+            return int(ExitCode.USAGE)
+    from tdpu_tui.app.app import TdpuApp
+
+    app = TdpuApp(config)
+    result = app.run()
+    if app.return_code:  # Textual's own failure (an exception in the app)
+        return int(app.return_code)
+    return int(result or 0)
+
+
+__all__ = ["run_app"]

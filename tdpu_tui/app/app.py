@@ -1,0 +1,425 @@
+"""The Textual app: a thin face over the engine's Pipeline and events (STYLE.md, harlequin).
+
+Threads: the pipeline runs in a thread worker (its stages release the GIL); its events go into
+an inbox that a 20 Hz pump drains in batches. Icraft's log files are followed by
+`engine.tail.Tailer` in its own thread and drained by the same pump. Nothing here
+reimplements a stage; `--batch` and this app consume the same events.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
+
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.css.query import NoMatches
+from textual.widgets import Footer, Header, TabbedContent, TabPane
+from textual.worker import Worker, WorkerState
+
+from tdpu_tui.app.bugs_panel import BugsPanel, BugsTable
+from tdpu_tui.app.log_panel import LogPanel, LogView
+from tdpu_tui.app.nodes_panel import NodesPanel, NodesTable
+from tdpu_tui.app.pipeline_panel import PipelinePanel, StagesTable
+from tdpu_tui.app.screens import BugForm, ConfirmScreen, HelpScreen, now_minutes
+from tdpu_tui.engine.artifacts import Artifacts
+from tdpu_tui.engine.config import Config
+from tdpu_tui.engine.events import (
+    Event, RunFinished, StageFinished, StageLog, StageProgress, StageStarted, Status,
+)
+from tdpu_tui.engine.pipeline import Pipeline, Stage
+from tdpu_tui.engine.tail import Tailer
+
+StageSource = Iterable[Stage] | Callable[[], Iterable[Stage]] | None
+TABS = ("pipeline", "log", "nodes", "bugs")
+_FOCUS = {"pipeline": StagesTable, "log": LogView, "nodes": NodesTable, "bugs": BugsTable}
+# App-level actions that must not fire behind a modal screen (a form, the quit question).
+_GUARDED = {"quit", "help", "run_all", "rerun_failed", "cancel", "add_bug", "show_tab"}
+
+
+class TdpuApp(App[int]):
+    CSS_PATH = "tdpu.tcss"
+    TITLE = "tdpu"
+    ENABLE_COMMAND_PALETTE = False
+
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("ctrl+q", "quit", "Quit", show=False, priority=True),
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("r", "run_all", "Run all"),
+        Binding("f", "rerun_failed", "Rerun failed"),
+        Binding("c", "cancel", "Cancel"),
+        Binding("b", "add_bug", "New bug"),
+        Binding("1", "show_tab('pipeline')", "Pipeline", show=False),
+        Binding("2", "show_tab('log')", "Log", show=False),
+        Binding("3", "show_tab('nodes')", "Nodes", show=False),
+        Binding("4", "show_tab('bugs')", "Bugs", show=False),
+    ]
+
+    PUMP_INTERVAL = 0.05          # s between UI updates from the worker and the tailer
+    MAX_INBOX = 20_000            # events queued before the worker waits (back-pressure)
+    MAX_LINES_PER_PUMP = 20_000   # tailed lines shown per update (the rest wait in the file)
+
+    def __init__(self, config: Config, *, stages: StageSource = None,
+                 follow: Iterable[str | Path] = ()):
+        super().__init__()
+        self.config = config
+        self.paths = Artifacts.of(config)
+        self._stage_source = stages
+        self._inbox: collections.deque[Event] = collections.deque()
+        self._inbox_cond = threading.Condition()
+        self._closing = False
+        self._stopping = False
+        self.tailer = Tailer()
+        self._follow = [Path(p) for p in follow]
+        self._sources: dict[str, bool] = {}
+        self._reopened_seen = 0
+        self.pipeline: Pipeline | None = None
+        self.worker: Worker | None = None
+        self.last_summary = None
+        self.exit_status = 0
+        self.sub_title = self._config_name()
+
+    # -- layout -------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with TabbedContent(initial="pipeline", id="tabs"):
+            with TabPane("1 Pipeline", id="pipeline"):
+                yield PipelinePanel(id="pipeline-panel")
+            with TabPane("2 Log", id="log"):
+                yield LogPanel(id="log-panel")
+            with TabPane("3 Nodes", id="nodes"):
+                yield NodesPanel(self.config, id="nodes-panel")
+            with TabPane("4 Bugs", id="bugs"):
+                yield BugsPanel(self.config, id="bugs-panel")
+        yield Footer(show_command_palette=False, compact=True)
+
+    @property
+    def main(self):
+        """The main screen (queries must not look at a dialog on top of it)."""
+        return self.screen_stack[0] if self.screen_stack else self.screen
+
+    @property
+    def pipeline_panel(self) -> PipelinePanel:
+        return self.main.query_one(PipelinePanel)
+
+    @property
+    def log_panel(self) -> LogPanel:
+        return self.main.query_one(LogPanel)
+
+    @property
+    def nodes_panel(self) -> NodesPanel:
+        return self.main.query_one(NodesPanel)
+
+    @property
+    def bugs_panel(self) -> BugsPanel:
+        return self.main.query_one(BugsPanel)
+
+    def on_mount(self) -> None:
+        try:
+            stages, problem = self._make_stages(), ""
+        except Exception as exc:  # a broken stage module must not take the app down
+            stages, problem = [], f"cannot load the stages: {type(exc).__name__}: {exc}"
+        self.pipeline_panel.set_stages(stages, problem)
+        self.tailer.follow_dir(self.paths.icraft_dir.resolve(), "*.log")
+        for p in self._follow:
+            self.follow_file(p)
+        self.tailer.start()
+        self.set_interval(self.PUMP_INTERVAL, self._pump)
+        self.set_interval(1.0, self.pipeline_panel.tick)
+        self.query_one(StagesTable).focus()
+
+    def on_unmount(self) -> None:
+        self._closing = True
+        if self.pipeline is not None:
+            self.pipeline.cancel.set()
+        with self._inbox_cond:
+            self._inbox_cond.notify_all()
+        self.tailer.stop()
+
+    def _config_name(self) -> str:
+        return self.config.file.name if self.config.file is not None else "defaults"
+
+    def _make_stages(self) -> list[Stage]:
+        if self._stage_source is None:
+            from tdpu_tui.engine.stages import all_stages
+            return list(all_stages())
+        if callable(self._stage_source):
+            return list(self._stage_source())
+        return list(self._stage_source)
+
+    def follow_file(self, path: str | Path, label: str | None = None) -> None:
+        """Show the lines of `path` in the log panel as it grows (Icraft logs, any log)."""
+        self.tailer.follow(Path(path).resolve(), label)
+
+    # -- engine events (worker thread) -> inbox -> pump (UI thread) ---------------------------
+    def _post_event(self, event: Event) -> None:
+        """The pipeline's event sink; runs in the worker thread. Waits while the UI catches up."""
+        with self._inbox_cond:
+            while len(self._inbox) >= self.MAX_INBOX and not self._closing:
+                self._inbox_cond.wait(0.1)
+            self._inbox.append(event)
+
+    def _pump(self) -> None:
+        try:
+            panel = self.pipeline_panel
+            log = self.log_panel
+        except NoMatches:  # shutting down: the widgets are gone
+            return
+        with self._inbox_cond:
+            events = list(self._inbox)
+            self._inbox.clear()
+            self._inbox_cond.notify_all()
+        pending_label, pending_lines = "", []
+
+        def flush_lines() -> None:
+            nonlocal pending_lines
+            if pending_lines:
+                log.add_lines(pending_label, pending_lines)
+                pending_lines = []
+
+        progressed: dict[str, StageProgress] = {}
+        for ev in events:
+            if isinstance(ev, StageLog):
+                stage = ev.stage or ""
+                panel.logged(stage, ev.line)
+                if ev.source and self._is_followed_file(ev.source):
+                    continue  # the tailer shows that file's lines (once, with rotation handled)
+                label = stage if not ev.source else f"{stage}:{Path(ev.source).name}"
+                line = ev.line if ev.level == "info" else f"[{ev.level}] {ev.line}"
+                if label != pending_label:
+                    flush_lines()
+                    pending_label = label
+                pending_lines.append(line)
+            elif isinstance(ev, StageProgress):
+                progressed[ev.stage] = ev
+            else:
+                flush_lines()
+                self._apply_progress(progressed)
+                self._handle(ev)
+        flush_lines()
+        self._apply_progress(progressed)
+
+        got_tail = False
+        for label, lines in self.tailer.drain(self.MAX_LINES_PER_PUMP):
+            log.add_lines(label, lines)
+            got_tail = True
+        if self.tailer.reopened != self._reopened_seen:
+            self._reopened_seen = self.tailer.reopened
+            while self.tailer.events:
+                log.add_marker("tail", self.tailer.events.popleft())
+        if events or got_tail:
+            log.update_status()
+
+    def _apply_progress(self, progressed: dict[str, StageProgress]) -> None:
+        for ev in progressed.values():
+            self.pipeline_panel.progress(ev.stage, ev.done, ev.total, ev.note)
+        progressed.clear()
+
+    def _is_followed_file(self, source: str) -> bool:
+        known = self._sources.get(source)
+        if known is None:
+            path = Path(source)
+            known = path.is_absolute() and path.is_file()
+            if known:
+                resolved = path.resolve()
+                if resolved not in self.tailer.paths:
+                    icraft = self.paths.icraft_dir.resolve()
+                    label = str(resolved.relative_to(icraft)) if resolved.is_relative_to(icraft) else None
+                    self.tailer.follow(resolved, label)
+            self._sources[source] = known
+        return known
+
+    def _handle(self, ev: Event) -> None:
+        panel = self.pipeline_panel
+        if isinstance(ev, StageStarted):
+            panel.started(ev.stage)
+            self.sub_title = f"{self._config_name()} · running {ev.stage}"
+        elif isinstance(ev, StageFinished):
+            result = ev.result
+            panel.finished(result)
+            if result.status is Status.FAILED:
+                self.notify(f"{result.name} failed: {result.message.splitlines()[0] if result.message else ''}"
+                            "\nPipeline tab, d drafts a bug record", severity="error",
+                            title="stage failed", timeout=8)
+            if result.name == "export" and result.status is Status.OK:
+                self.nodes_panel.reload()
+        elif isinstance(ev, RunFinished):
+            self.last_summary = ev.summary
+            counts = collections.Counter(r.status.value for r in ev.summary.results)
+            text = ", ".join(f"{n} {s}" for s, n in counts.items()) or "nothing run"
+            self.sub_title = f"{self._config_name()} · last run: {text}"
+            if self.pipeline is not None and self.pipeline.cancel.is_set():
+                self.notify(f"run cancelled: {text}", severity="warning")
+            else:
+                self.notify(f"run finished: {text}",
+                            severity="error" if ev.summary.failed else "information")
+
+    # -- running ------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.worker is not None and self.worker.state in (WorkerState.PENDING,
+                                                                 WorkerState.RUNNING)
+
+    def start_run(self, names: list[str] | None) -> bool:
+        if self.running:
+            self.notify("a run is in progress (c cancels it)", severity="warning")
+            return False
+        try:
+            stages = self._make_stages()
+        except Exception as exc:
+            self.notify(f"cannot load the stages: {exc}", severity="error")
+            return False
+        pipeline = Pipeline(self.config, stages=stages, on_event=self._post_event)
+        try:
+            selected = pipeline.select(names)
+        except KeyError as exc:
+            self.notify(str(exc.args[0]), severity="error")
+            return False
+        self.pipeline_panel.mark_pending([s.name for s in selected])
+        self.pipeline = pipeline
+        self.worker = self.run_worker(partial(pipeline.run, names), name="pipeline", group="pipeline",
+                                      thread=True, exit_on_error=False)
+        return True
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.worker is self.worker and event.state is WorkerState.ERROR:
+            self.notify(f"the run stopped: {event.worker.error}", severity="error")
+
+    def action_run_all(self) -> None:
+        self.start_run(None)
+
+    def action_rerun_failed(self) -> None:
+        rows = self.pipeline_panel.rows
+        failed = [n for n, r in rows.items() if r.status is Status.FAILED]
+        if not failed:
+            self.notify("no failed stage to rerun")
+            return
+        # Stages that did not run because of a failure run again with it.
+        blocked = [n for n, r in rows.items()
+                   if r.status is Status.SKIPPED and r.message.startswith("not run:")]
+        self.start_run([n for n in rows if n in failed or n in blocked])
+
+    def action_cancel(self) -> None:
+        if not self.running or self.pipeline is None:
+            self.notify("nothing is running")
+            return
+        self.pipeline.cancel.set()
+        self.notify("cancelling: the stage stops at its next check")
+
+    def on_stages_table_run_stage(self, msg: StagesTable.RunStage) -> None:
+        self.start_run([msg.name])
+
+    # -- bugs ---------------------------------------------------------------------------------
+    def _bug_choices(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        from tdpu_tui.engine.bugbook import STAGE_VALUES, STATUS_VALUES
+        return tuple(STAGE_VALUES), tuple(STATUS_VALUES)
+
+    def open_bug_form(self, heading: str, values: dict[str, str], number: int | None) -> None:
+        try:
+            stages, statuses = self._bug_choices()
+        except Exception as exc:
+            self.notify(f"bug records unavailable: {exc}", severity="error")
+            return
+        form = BugForm(heading, values, stages, statuses)
+        self.push_screen(form, partial(self._bug_saved, number, heading))
+
+    def _bug_saved(self, number: int | None, heading: str, values: dict[str, str] | None) -> None:
+        if values is None:
+            return
+        panel = self.bugs_panel
+        book = panel.book
+        try:
+            if book is None:
+                raise RuntimeError(panel.error or "the bug book is not open")
+            seen = len(book.messages)
+            if number is None:
+                record = book.add(values["title"], values["stage"], values["error"], values["cause"],
+                                  values["fix"], values["status"], values["time"])
+            else:
+                record = book.update(number, **values)
+        except Exception as exc:
+            self.notify(f"not saved: {exc}", severity="error", title="bug record")
+            # Reopen with what was typed so nothing is lost.
+            self.call_later(self.open_bug_form, heading, values, number)
+            return
+        for message in book.messages[seen:]:
+            self.notify(message, title="bug records", severity="warning", timeout=10)
+        number = record.number
+        panel.rebuild()
+        self.notify(f"Bug #{number} saved to {self.paths.bugs.name}")
+
+    def action_add_bug(self) -> None:
+        self.open_bug_form("New bug record", {"time": now_minutes(), "status": "未解决"}, None)
+
+    def on_bugs_table_edit(self, msg: BugsTable.Edit) -> None:
+        record = self.bugs_panel.record(msg.number)
+        if record is None:
+            return
+        values = {f: getattr(record, f, "") or "" for f in
+                  ("title", "time", "stage", "status", "error", "cause", "fix")}
+        self.open_bug_form(f"Edit Bug #{msg.number}", values, msg.number)
+
+    def on_stages_table_draft_bug(self, msg: StagesTable.DraftBug) -> None:
+        row = self.pipeline_panel.rows.get(msg.name)
+        if row is None or row.status is not Status.FAILED:
+            state = row.status.value if row is not None else "unknown"
+            self.notify(f"{msg.name} is {state}: only a failed stage drafts a bug record")
+            return
+        from tdpu_tui.engine.bugbook import DRAFT_TAIL_LINES, stage_label
+        try:
+            label = stage_label(msg.name)
+        except Exception:  # an unknown stage name: the form asks for the stage
+            label = ""
+        first = row.message.splitlines()[0] if row.message else "failed"
+        tail = [line for line in row.log_tail if line.strip()][-DRAFT_TAIL_LINES:]
+        error = row.message.strip()
+        if tail:
+            error += "\n\n日志末尾:\n" + "\n".join(tail)
+        self.open_bug_form(f"New bug record from the failed stage {msg.name}", {
+            "title": f"{msg.name} 失败: {first}"[:100], "time": now_minutes(), "stage": label,
+            "status": "未解决", "error": error, "cause": "", "fix": "",
+        }, None)
+
+    # -- navigation, help, quit ----------------------------------------------------------------
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in _GUARDED and len(self.screen_stack) > 1:
+            return False
+        return True
+
+    def action_show_tab(self, tab: str) -> None:
+        self.main.query_one(TabbedContent).active = tab
+        self.main.query_one(_FOCUS[tab]).focus()
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    async def action_quit(self) -> None:
+        if self._stopping or not self.running:
+            self.exit(self.exit_status)
+            return
+        stage = next((n for n, r in self.pipeline_panel.rows.items() if r.status is Status.RUNNING),
+                     "a stage")
+        self.push_screen(ConfirmScreen(f"[b]{stage}[/b] is running.\nStop the run and quit?"),
+                         self._quit_answer)
+
+    def _quit_answer(self, yes: bool | None) -> None:
+        if yes:
+            self._stop_and_exit()
+
+    @work(group="quit")
+    async def _stop_and_exit(self) -> None:
+        self._stopping = True
+        if self.pipeline is not None:
+            self.pipeline.cancel.set()
+        self.notify("stopping the run… (q again quits at once)", timeout=30)
+        if self.worker is not None:
+            try:
+                await self.worker.wait()
+            except Exception:  # the run's own error is already reported; we are leaving
+                pass
+        self.exit(self.exit_status)

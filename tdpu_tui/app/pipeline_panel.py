@@ -1,0 +1,268 @@
+"""The pipeline panel: every stage with status, duration, progress and result."""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.message import Message
+from textual.widgets import DataTable, Static
+
+from tdpu_tui.engine.events import StageResult, Status
+from tdpu_tui.engine.pipeline import LOG_TAIL_LINES
+
+_STATUS_STYLE = {
+    Status.PENDING: ("·", "pending", "dim"),
+    Status.RUNNING: ("▶", "running", "bold cyan"),
+    Status.OK: ("✔", "ok", "green"),
+    Status.FAILED: ("✘", "failed", "bold red"),
+    Status.SKIPPED: ("–", "skipped", "yellow"),
+}
+BAR_WIDTH = 8
+FIXED = {"stage": 9, "status": 9, "time": 6, "progress": 13}
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def progress_bar(done: float | None, total: float | None) -> str:
+    if done is None or not total:
+        return ""
+    frac = max(0.0, min(1.0, done / total))
+    filled = int(round(frac * BAR_WIDTH))
+    return "█" * filled + "░" * (BAR_WIDTH - filled) + f" {frac * 100:3.0f}%"
+
+
+@dataclass
+class StageRow:
+    name: str
+    title: str
+    needs: tuple[str, ...] = ()
+    status: Status = Status.PENDING
+    seconds: float | None = None
+    started: float | None = None
+    done: float | None = None
+    total: float | None = None
+    note: str = ""
+    message: str = ""
+    log_tail: collections.deque[str] = field(
+        default_factory=lambda: collections.deque(maxlen=LOG_TAIL_LINES))
+
+    def elapsed(self) -> float | None:
+        if self.status is Status.RUNNING and self.started is not None:
+            return time.monotonic() - self.started
+        return self.seconds
+
+    def result_line(self) -> str:
+        if self.status is Status.RUNNING:
+            return self.note or (self.title or "")
+        first = self.message.splitlines()[0] if self.message else ""
+        return first
+
+
+class StagesTable(DataTable):
+    BINDINGS = [
+        Binding("enter", "run_stage", "Run stage"),
+        Binding("d", "draft_bug", "Draft bug"),
+    ]
+
+    class RunStage(Message):
+        def __init__(self, name: str):
+            super().__init__()
+            self.name = name
+
+    class DraftBug(Message):
+        def __init__(self, name: str):
+            super().__init__()
+            self.name = name
+
+    def _current(self) -> str | None:
+        if not self.row_count:
+            return None
+        return self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
+
+    def action_run_stage(self) -> None:
+        if (name := self._current()) is not None:
+            self.post_message(self.RunStage(name))
+
+    def action_draft_bug(self) -> None:
+        if (name := self._current()) is not None:
+            self.post_message(self.DraftBug(name))
+
+
+class PipelinePanel(Vertical):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.rows: dict[str, StageRow] = {}
+        self.problem = ""
+
+    def compose(self) -> ComposeResult:
+        yield StagesTable(id="stages", cursor_type="row", zebra_stripes=False)
+        yield Static("", id="stage-detail")
+
+    def on_mount(self) -> None:
+        table = self.query_one(StagesTable)
+        for key, label in (("stage", "Stage"), ("status", "Status"), ("time", "Time"),
+                           ("progress", "Progress"), ("result", "Result")):
+            table.add_column(label, key=key, width=FIXED.get(key, 30))
+
+    @property
+    def table(self) -> StagesTable:
+        return self.query_one(StagesTable)
+
+    def set_stages(self, stages: list, problem: str = "") -> None:
+        """Show these stages (objects with name/title/needs), keeping the results already shown."""
+        old = self.rows
+        self.rows = {}
+        for s in stages:
+            row = old.get(s.name) or StageRow(s.name, getattr(s, "title", "") or s.name)
+            row.needs = tuple(getattr(s, "needs", ()))
+            self.rows[s.name] = row
+        self.problem = problem
+        table = self.table
+        table.clear()
+        for row in self.rows.values():
+            table.add_row(*self._cells(row), key=row.name)
+        self.refresh_detail()
+
+    @property
+    def current(self) -> str | None:
+        return self.table._current()
+
+    # -- events -----------------------------------------------------------------------------
+    def started(self, name: str) -> None:
+        row = self.rows.get(name)
+        if row is None:
+            return
+        row.status, row.started, row.seconds = Status.RUNNING, time.monotonic(), None
+        row.done = row.total = None
+        row.note = row.message = ""
+        row.log_tail.clear()
+        self.update_row(name)
+
+    def progress(self, name: str, done: float, total: float | None, note: str) -> None:
+        row = self.rows.get(name)
+        if row is None:
+            return
+        row.done, row.total = done, total
+        if note:
+            row.note = note
+        self.update_row(name)
+
+    def logged(self, name: str, line: str) -> None:
+        row = self.rows.get(name)
+        if row is not None:
+            row.log_tail.append(line)
+
+    def finished(self, result: StageResult) -> None:
+        row = self.rows.get(result.name)
+        if row is None:
+            return
+        row.status, row.seconds, row.message = result.status, result.seconds, result.message
+        row.started = None
+        if result.log_tail:
+            row.log_tail.clear()
+            row.log_tail.extend(result.log_tail)
+        if result.status is Status.OK and row.total:
+            row.done = row.total
+        self.update_row(result.name)
+
+    def mark_pending(self, names: list[str]) -> None:
+        for name in names:
+            row = self.rows.get(name)
+            if row is not None:
+                row.status, row.seconds, row.started, row.message = Status.PENDING, None, None, ""
+                row.done = row.total = None
+                row.note = ""
+                self.update_row(name)
+
+    def tick(self) -> None:
+        """Refresh the elapsed time of running stages (once a second)."""
+        for row in self.rows.values():
+            if row.status is Status.RUNNING:
+                self.table.update_cell(row.name, "time", format_seconds(row.elapsed()))
+
+    # -- rendering --------------------------------------------------------------------------
+    def _cells(self, row: StageRow) -> list:
+        mark, word, style = _STATUS_STYLE[row.status]
+        return [
+            Text(row.name, style="bold"),
+            Text(f"{mark} {word}", style=style),
+            format_seconds(row.elapsed()),
+            progress_bar(row.done, row.total),
+            row.result_line(),
+        ]
+
+    def update_row(self, name: str) -> None:
+        row = self.rows[name]
+        table = self.table
+        for key, value in zip(("stage", "status", "time", "progress", "result"), self._cells(row)):
+            table.update_cell(name, key, value)
+        if self.current == name:
+            self.refresh_detail()
+
+    def on_resize(self) -> None:
+        used = sum(FIXED.values()) + 2 * (len(FIXED) + 1) + 2
+        width = max(20, self.size.width - used)
+        table = self.table
+        for column in table.columns.values():
+            if column.key.value == "result":
+                column.width = width
+                column.auto_width = False
+        table.refresh()
+
+    def on_data_table_row_highlighted(self, _event: DataTable.RowHighlighted) -> None:
+        self.refresh_detail()
+
+    def refresh_detail(self) -> None:
+        detail = self.query_one("#stage-detail", Static)
+        if self.problem:
+            detail.update(Text(self.problem, style="bold red"))
+            return
+        name = self.current
+        row = self.rows.get(name) if name else None
+        if row is None:
+            detail.update("")
+            return
+        text = Text()
+        text.append(row.name, style="bold")
+        if row.title and row.title != row.name:
+            text.append(f" — {row.title}")
+        if row.needs:
+            text.append(f"   needs: {', '.join(row.needs)}", style="dim")
+        text.append("\n")
+        if row.status is Status.RUNNING and row.note:
+            text.append(row.note + "\n")
+        if row.message:
+            style = "red" if row.status is Status.FAILED else ""
+            text.append(row.message + "\n", style=style)
+        if row.status is Status.FAILED:
+            tail = list(row.log_tail)[-6:]
+            if tail:
+                text.append("last log lines:\n", style="dim")
+                for line in tail:
+                    text.append(f"  {line}\n", style="dim")
+            text.append("d", style="bold reverse")
+            text.append(" draft a bug record from this error   ")
+            text.append("enter", style="bold reverse")
+            text.append(" run it again")
+        elif row.status is Status.PENDING:
+            text.append("enter", style="bold reverse")
+            text.append(" run this stage   ")
+            text.append("r", style="bold reverse")
+            text.append(" run every stage")
+        detail.update(text)

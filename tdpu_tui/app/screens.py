@@ -1,0 +1,180 @@
+"""Modal screens: the bug form, the quit confirmation, the key help."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Select, Static, TextArea
+
+from tdpu_tui.app.keys import KEY_MAP
+
+TIME_FORMAT = "%Y-%m-%d %H:%M"
+_TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}$")
+FIELDS = ("title", "time", "stage", "status", "error", "cause", "fix")
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """A yes/no question; `y` / `n` (or escape) answer it."""
+
+    BINDINGS = [
+        Binding("y", "answer(True)", "Yes"),
+        Binding("n", "answer(False)", "No"),
+        Binding("escape", "answer(False)", "No", show=False),
+    ]
+
+    def __init__(self, question: str):
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="confirm", classes="dialog"):
+            yield Static(self.question, id="confirm-question")
+            yield Static("[b]y[/b] yes    [b]n[/b] no", id="confirm-keys")
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [
+        Binding("escape", "close", "Close"),
+        Binding("question_mark", "close", "Close", show=False),
+        Binding("q", "close", "Close", show=False),
+    ]
+
+    def compose(self) -> ComposeResult:
+        lines = []
+        for section, keys in KEY_MAP:
+            lines.append(f"[b]{section}[/b]")
+            lines += [f"  [b]{k:<10}[/b] {what}" for k, what in keys]
+            lines.append("")
+        with VerticalScroll(id="help", classes="dialog"):
+            yield Static("\n".join(lines).rstrip(), id="help-text")
+            yield Static("escape closes this help", classes="hint")
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+def validate_bug(values: dict[str, str], stages: tuple[str, ...], statuses: tuple[str, ...]
+                 ) -> dict[str, str]:
+    """Field -> what is wrong with it (empty when the record can be saved)."""
+    problems: dict[str, str] = {}
+    title = values.get("title", "").strip()
+    if not title:
+        problems["title"] = "the title is required"
+    elif "\n" in title:
+        problems["title"] = "the title must be one line"
+    when = values.get("time", "").strip()
+    if not _TIME_RE.match(when):
+        problems["time"] = f"expected YYYY-MM-DD HH:MM, found {when!r}"
+    else:
+        try:
+            datetime.strptime(when, TIME_FORMAT)
+        except ValueError:
+            problems["time"] = f"{when!r} is not a real date and time"
+    if values.get("stage") not in stages:
+        problems["stage"] = f"choose one of {', '.join(stages)}"
+    if values.get("status") not in statuses:
+        problems["status"] = f"choose one of {', '.join(statuses)}"
+    if not values.get("error", "").strip():
+        problems["error"] = "the error message is required (paste the log lines)"
+    return problems
+
+
+class BugForm(ModalScreen[dict | None]):
+    """Every field of the bugs_found.md template. Dismisses with the values, or None."""
+
+    BINDINGS = [
+        Binding("ctrl+s", "save", "Save", priority=True),
+        Binding("escape", "cancel", "Cancel", priority=True),
+    ]
+
+    def __init__(self, heading: str, values: dict[str, str], stages: tuple[str, ...],
+                 statuses: tuple[str, ...]):
+        super().__init__()
+        self.heading = heading
+        self.values = {f: values.get(f, "") or "" for f in FIELDS}
+        self.stages = stages
+        self.statuses = statuses
+
+    def compose(self) -> ComposeResult:
+        v = self.values
+        with Vertical(id="bug-form", classes="dialog"):
+            yield Static(self.heading, id="bug-form-heading")
+            with Vertical(id="bug-form-fields"):
+                with Horizontal(classes="field"):
+                    yield Label("标题 title", classes="field-label")
+                    yield Input(v["title"], id="f-title", compact=True, placeholder="one line")
+                with Horizontal(classes="field"):
+                    yield Label("发现时间 time", classes="field-label")
+                    yield Input(v["time"], id="f-time", compact=True, placeholder="YYYY-MM-DD HH:MM")
+                with Horizontal(classes="field"):
+                    yield Label("发现阶段 stage", classes="field-label")
+                    yield Select([(s, s) for s in self.stages], id="f-stage", compact=True,
+                                 value=v["stage"] if v["stage"] in self.stages else Select.NULL,
+                                 prompt="choose")
+                with Horizontal(classes="field"):
+                    yield Label("状态 status", classes="field-label")
+                    yield Select([(s, s) for s in self.statuses], id="f-status", compact=True,
+                                 value=v["status"] if v["status"] in self.statuses else Select.NULL,
+                                 prompt="choose")
+                yield Label("错误信息 error message", classes="area-label")
+                yield TextArea(v["error"], id="f-error", compact=True, soft_wrap=True,
+                               classes="area-error")
+                yield Label("根本原因 cause", classes="area-label")
+                yield TextArea(v["cause"], id="f-cause", compact=True, soft_wrap=True, classes="area")
+                yield Label("解决方案 fix", classes="area-label")
+                yield TextArea(v["fix"], id="f-fix", compact=True, soft_wrap=True, classes="area")
+            yield Static("", id="bug-form-problems")
+            yield Static("[b]ctrl+s[/b] save   [b]escape[/b] cancel   [b]tab[/b] next field",
+                         classes="hint")
+            with Horizontal(id="bug-form-buttons"):
+                yield Button("Save", id="save", variant="primary", compact=True)
+                yield Button("Cancel", id="cancel", compact=True)
+
+    def on_mount(self) -> None:
+        self.query_one("#f-title", Input).focus()
+
+    def current(self) -> dict[str, str]:
+        def sel(widget_id: str) -> str:
+            value = self.query_one(widget_id, Select).value
+            return value if isinstance(value, str) else ""
+        return {
+            "title": self.query_one("#f-title", Input).value.strip(),
+            "time": self.query_one("#f-time", Input).value.strip(),
+            "stage": sel("#f-stage"),
+            "status": sel("#f-status"),
+            "error": self.query_one("#f-error", TextArea).text.rstrip(),
+            "cause": self.query_one("#f-cause", TextArea).text.strip(),
+            "fix": self.query_one("#f-fix", TextArea).text.strip(),
+        }
+
+    def action_save(self) -> None:
+        values = self.current()
+        problems = validate_bug(values, self.stages, self.statuses)
+        out = self.query_one("#bug-form-problems", Static)
+        if problems:
+            out.update("\n".join(f"[b]{k}[/b]: {why}" for k, why in problems.items()))
+            out.add_class("error")
+            self.query_one(f"#f-{next(iter(problems))}").focus()
+            return
+        self.dismiss(values)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "save":
+            self.action_save()
+        else:
+            self.action_cancel()
+
+
+def now_minutes() -> str:
+    return datetime.now().strftime(TIME_FORMAT)

@@ -1,0 +1,550 @@
+"""The Textual app, driven by a Pilot: pipeline, log, nodes and bug panels, quitting mid-run.
+
+Fake stages (the Pipeline's `stages=`) keep most tests fast; the tests marked `slow` run the
+real tiny pipeline (synthetic model, outputs in tmp_path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import write_config
+
+from tdpu_tui.app.app import TdpuApp
+from tdpu_tui.app.log_panel import LevelHighlighter
+from tdpu_tui.app.screens import BugForm, ConfirmScreen, HelpScreen, validate_bug
+from tdpu_tui.engine.artifacts import Artifacts
+from tdpu_tui.engine.config import load_config
+from tdpu_tui.engine.errors import StageFailed
+from tdpu_tui.engine.pipeline import Pipeline, Skip, Stage
+
+SIZES = [(120, 40), (80, 24)]
+
+
+def aio(test):
+    """Run an async test in a fresh event loop (no pytest async plugin needed)."""
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+    return run
+
+
+# -- helpers (also used by test_app_snapshots.py and test_app_tmux.py) -------------------------
+
+class FakeStage(Stage):
+    """Logs, reports progress, then ends ok / failed / skipped; or holds until released."""
+
+    def __init__(self, name: str, needs: tuple[str, ...] = (), *, fail: str | None = None,
+                 skip: str | None = None, hold: threading.Event | None = None,
+                 lines: tuple[str, ...] = ()):
+        self.name, self.title, self.needs = name, f"fake {name}", needs
+        self.fail, self.skip, self.hold, self.lines = fail, skip, hold, lines
+        self.runs = 0
+        self.started = threading.Event()
+
+    def run(self, ctx) -> str:
+        self.runs += 1
+        self.started.set()
+        ctx.log(f"{self.name}: starting")
+        for line in self.lines:
+            ctx.log(line)
+        ctx.progress(1, 2, "halfway")
+        if self.hold is not None:
+            while not self.hold.is_set():
+                ctx.check_cancelled()
+                time.sleep(0.01)
+        if self.fail:
+            ctx.log(f"[E] {self.fail}", "error")
+            raise StageFailed(self.fail)
+        if self.skip:
+            raise Skip(self.skip)
+        ctx.progress(2, 2)
+        return f"{self.name} finished"
+
+
+def fake_stages(**overrides: FakeStage) -> list[FakeStage]:
+    """export ok, precheck fails, parse blocked by it, replace skipped, validate ok."""
+    stages = {
+        "export": FakeStage("export"),
+        "precheck": FakeStage("precheck", ("export",), fail="undocumented op Pow at /model/Pow"),
+        "parse": FakeStage("parse", ("precheck",)),
+        "replace": FakeStage("replace", ("export",), skip="nothing selected"),
+        "validate": FakeStage("validate", ("export",)),
+    }
+    stages.update(overrides)
+    return list(stages.values())
+
+
+async def wait_for(pilot, condition, timeout: float = 20.0, step: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s")
+        await pilot.pause(step)
+
+
+async def run_and_wait(pilot, app, key: str = "r", timeout: float = 60.0) -> None:
+    await pilot.press(key)
+    await wait_for(pilot, lambda: app.worker is not None and not app.running, timeout)
+    await wait_for(pilot, lambda: app.last_summary is not None, timeout)
+
+
+def statuses(app) -> dict[str, str]:
+    return {name: row.status.value for name, row in app.pipeline_panel.rows.items()}
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return load_config(write_config(tmp_path))
+
+
+# -- pipeline panel -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", SIZES)
+@aio
+async def test_run_all_shows_every_stage_status_and_result(cfg, size):
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=size) as pilot:
+        assert set(statuses(app).values()) == {"pending"}
+        await run_and_wait(pilot, app)
+        assert statuses(app) == {"export": "ok", "precheck": "failed", "parse": "skipped",
+                                 "replace": "skipped", "validate": "ok"}
+        rows = app.pipeline_panel.rows
+        assert rows["precheck"].message == "undocumented op Pow at /model/Pow"
+        assert rows["parse"].message == "not run: precheck failed"
+        assert rows["export"].result_line() == "export finished"
+        assert rows["export"].seconds is not None
+        table = app.pipeline_panel.table
+        assert str(table.get_cell("precheck", "status")) == "✘ failed"
+        assert str(table.get_cell("export", "progress")).endswith("100%")
+        assert "ok" in app.sub_title and "failed" in app.sub_title
+
+
+@aio
+async def test_enter_runs_the_highlighted_stage_only(cfg):
+    stages = fake_stages()
+    app = TdpuApp(cfg, stages=stages)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("down", "down", "down")  # replace
+        await run_and_wait(pilot, app, "enter")
+        assert [s.runs for s in stages] == [0, 0, 0, 1, 0]
+        assert statuses(app)["replace"] == "skipped"
+        assert statuses(app)["export"] == "pending"
+
+
+@aio
+async def test_f_reruns_failed_stages_and_those_they_blocked(cfg):
+    stages = fake_stages()
+    app = TdpuApp(cfg, stages=stages)
+    async with app.run_test() as pilot:
+        await run_and_wait(pilot, app)
+        stages[1].fail = None  # the cause is fixed
+        app.last_summary = None
+        await run_and_wait(pilot, app, "f")
+        assert [s.runs for s in stages] == [1, 2, 1, 1, 1]
+        assert statuses(app)["precheck"] == "ok" and statuses(app)["parse"] == "ok"
+
+
+@aio
+async def test_keys_answer_while_a_stage_runs_and_c_cancels_it(cfg):
+    hold = threading.Event()
+    stages = fake_stages(export=FakeStage("export", hold=hold))
+    app = TdpuApp(cfg, stages=stages)
+    try:
+        async with app.run_test() as pilot:
+            await pilot.press("r")
+            await wait_for(pilot, lambda: statuses(app)["export"] == "running")
+            start = time.perf_counter()
+            await pilot.press("2")
+            assert app.query_one("#tabs").active == "log"
+            assert time.perf_counter() - start < 1.0
+            await pilot.press("1", "c")
+            await wait_for(pilot, lambda: not app.running)
+            await wait_for(pilot, lambda: statuses(app)["export"] == "failed")
+            assert "cancelled" in app.pipeline_panel.rows["export"].message
+            await wait_for(pilot, lambda: statuses(app)["validate"] == "skipped")
+            assert app.pipeline_panel.rows["precheck"].message == "not run: cancelled"
+    finally:
+        hold.set()
+
+
+@aio
+async def test_quit_during_a_run_asks_first_then_stops_the_stage(cfg):
+    hold = threading.Event()
+    stages = fake_stages(export=FakeStage("export", hold=hold))
+    app = TdpuApp(cfg, stages=stages)
+    try:
+        async with app.run_test() as pilot:
+            await pilot.press("r")
+            await wait_for(pilot, lambda: statuses(app)["export"] == "running")
+            await pilot.press("q")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            await pilot.press("n")
+            await wait_for(pilot, lambda: not isinstance(app.screen, ConfirmScreen))
+            assert app.running and not app.pipeline.cancel.is_set()
+            await pilot.press("q")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            worker = app.worker
+            await pilot.press("y")
+            await wait_for(pilot, lambda: not app.is_running, timeout=10)
+        assert app.pipeline.cancel.is_set()
+        assert worker.is_finished
+        assert stages[0].runs == 1 and all(s.runs == 0 for s in stages[1:])
+    finally:
+        hold.set()
+
+
+@aio
+async def test_quit_when_idle_does_not_ask(cfg):
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test() as pilot:
+        await pilot.press("q")
+        await wait_for(pilot, lambda: not app.is_running, timeout=5)
+
+
+@aio
+async def test_help_lists_the_keys_and_escape_closes_it(cfg):
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        text = str(app.screen.query_one("#help-text").render())
+        for key in ("enter", "space", "ctrl+s", "end"):
+            assert key in text
+        await pilot.press("r")  # app keys are inert behind a dialog
+        assert app.worker is None
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+
+
+@aio
+async def test_a_broken_stage_registry_is_shown_not_fatal(cfg):
+    def broken():
+        raise ImportError("cannot import name 'ReplaceStage'")
+
+    app = TdpuApp(cfg, stages=broken)
+    async with app.run_test() as pilot:
+        assert "ReplaceStage" in app.pipeline_panel.problem
+        await pilot.press("r")
+        assert app.worker is None
+
+
+# -- log panel ----------------------------------------------------------------------------------
+
+@aio
+async def test_stage_log_lines_reach_the_log_panel(cfg):
+    stages = fake_stages(export=FakeStage("export", lines=("graph written", "[W] slow")))
+    app = TdpuApp(cfg, stages=stages)
+    async with app.run_test() as pilot:
+        await run_and_wait(pilot, app)
+        lines = list(app.log_panel.ring)
+        assert any(line.startswith("export") and line.endswith("│ graph written") for line in lines)
+        assert any("[error] [E] undocumented op Pow" in line for line in lines)
+
+
+@aio
+async def test_log_panel_follows_a_file_through_truncation(cfg, tmp_path):
+    log = tmp_path / "net_parse.log"
+    log.write_text("[11/26/26 08:00:00.000] [I] first run\n")
+    app = TdpuApp(cfg, stages=fake_stages(), follow=[log])
+    async with app.run_test() as pilot:
+        panel = app.log_panel
+
+        def seen(text):
+            return lambda: any(text in line for line in panel.ring)
+
+        await wait_for(pilot, seen("first run"))
+        with open(log, "a") as fh:
+            fh.write("[11/26/26 08:00:01.000] [E] 执行以下命令时捕获到错误码21002:\n")
+        await wait_for(pilot, seen("错误码21002"))
+        log.write_bytes("[W] 第二次\n".encode("gbk"))  # Icraft rewrote it (GBK, shorter)
+        await wait_for(pilot, seen("[W] 第二次"))
+        assert any("truncated" in line for line in panel.ring)
+        assert panel.received == 3
+
+
+@aio
+async def test_icraft_logs_under_the_output_directory_are_tailed(cfg):
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test() as pilot:
+        logs = Artifacts.of(cfg).icraft_logs / "parse"
+        logs.mkdir(parents=True)
+        (logs / "bitnet_b158_parse.log").write_text("[I] parse ok\n")
+        await wait_for(pilot, lambda: any("parse ok" in line for line in app.log_panel.ring))
+        assert any(line.startswith("logs/parse") for line in app.log_panel.ring)
+
+
+@aio
+async def test_log_filter_end_follow_and_memory_bound(cfg, tmp_path):
+    log = tmp_path / "big.log"
+    app = TdpuApp(cfg, stages=fake_stages(), follow=[log])
+    async with app.run_test(size=(80, 24)) as pilot:
+        panel = app.log_panel
+        panel.ring = type(panel.ring)(panel.ring, maxlen=500)
+        panel.max_lines = panel.view.max_lines = 500
+        log.write_text("".join(f"{'[E] ' if i % 100 == 0 else ''}line {i}\n" for i in range(2000)))
+        await wait_for(pilot, lambda: panel.received == 2000)
+        assert len(panel.ring) == 500 and panel.view.line_count <= 500
+        await pilot.press("2")
+        assert panel.following
+        await pilot.press("home")
+        assert not panel.following
+        await pilot.press("end")
+        assert panel.following
+        await pilot.press("slash", *"[e]", "enter")
+        assert panel.filter_text == "[e]"
+        assert panel.view.line_count == 5  # 1500..1900 are still in the ring
+        await pilot.press("escape")
+        assert panel.filter_text == "" and panel.view.line_count == 500
+
+
+def test_error_and_warning_lines_are_highlighted():
+    from rich.text import Text
+    h = LevelHighlighter()
+    for line, style in (("[01/02/26 10:00:00.1] [E] boom", "bold red"), ("[F] 21002", "bold red"),
+                        ("[W] careful", "bold yellow"), ("[I] fine", None)):
+        text = Text(line)
+        h.highlight(text)
+        assert [str(s.style) for s in text.spans] == ([style] if style else [])
+
+
+# -- nodes panel --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exported_dir(tmp_path_factory):
+    """A tiny export (real export stage) that tests copy before changing anything."""
+    from tdpu_tui.engine.stages import all_stages
+    d = tmp_path_factory.mktemp("app_export")
+    cfg = load_config(write_config(d))
+    export = [s for s in all_stages() if s.name == "export"]
+    result = Pipeline(cfg, stages=export).run().results[0]
+    assert result.status.value == "ok", result.message
+    return d
+
+
+@pytest.fixture
+def exported(exported_dir, tmp_path):
+    d = tmp_path / "project"
+    shutil.copytree(exported_dir, d)
+    return load_config(d / "tdpu.toml")
+
+
+def _row_names(table) -> list[str]:
+    return [table.coordinate_to_cell_key((i, 0)).row_key.value for i in range(table.row_count)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", SIZES)
+@aio
+async def test_nodes_toggles_are_saved_to_the_selection_file(exported, size):
+    from tdpu_tui.engine.inventory import load_selection
+    app = TdpuApp(exported, stages=fake_stages())
+    selection_file = Artifacts.of(exported).replace_selection
+    async with app.run_test(size=size) as pilot:
+        await pilot.press("3")
+        panel = app.nodes_panel
+        await wait_for(pilot, lambda: panel.nodes)
+        ternary = [n.name for n in panel.nodes if n.ternary]
+        assert len(ternary) == 14 and all(panel.selection[n] for n in ternary)
+        table = panel.table
+        first = _row_names(table).index(ternary[0])
+        table.move_cursor(row=first)
+        await pilot.press("space")
+        assert load_selection(selection_file) == {ternary[0]: False}
+        assert str(table.get_cell(ternary[0], "replace")) == "[ ]"
+        await pilot.press("n")
+        assert not any(load_selection(selection_file).values())
+        await pilot.press("a")
+        assert load_selection(selection_file) == {n: True for n in ternary}
+        # A row that is not ternary cannot be toggled, and says why.
+        other = next(n for n in panel.nodes if not n.ternary)
+        table.move_cursor(row=_row_names(table).index(other.name))
+        await pilot.press("space")
+        assert other.name not in load_selection(selection_file)
+        assert any(other.status in n.message for n in app._notifications)
+
+
+@pytest.mark.slow
+@aio
+async def test_nodes_filter_and_reload_after_a_new_export(exported):
+    app = TdpuApp(exported, stages=fake_stages())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("3")
+        panel = app.nodes_panel
+        await wait_for(pilot, lambda: panel.nodes)
+        await pilot.press("slash", *"down_proj", "enter")
+        assert _row_names(panel.table) == ["/model/layers.0/mlp/down_proj/MatMul",
+                                           "/model/layers.1/mlp/down_proj/MatMul"]
+        await pilot.press("escape")
+        assert panel.table.row_count == len(panel.nodes)
+        before = panel.loaded_mtime
+        onnx = Artifacts.of(exported).full_onnx
+        onnx.touch()
+        await wait_for(pilot, lambda: panel.loaded_mtime != before, timeout=5)
+
+
+@pytest.mark.slow
+@aio
+async def test_toggled_nodes_are_kept_by_replace(exported):
+    """Deselect a node in the app, run `replace` from the app, find it still a MatMul."""
+    import onnx
+
+    from tdpu_tui.engine.stages import all_stages
+    if "replace" not in [s.name for s in all_stages()]:
+        pytest.skip("the replace stage is not registered yet")
+    app = TdpuApp(exported)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("3")
+        panel = app.nodes_panel
+        await wait_for(pilot, lambda: panel.nodes)
+        keep = "/model/layers.1/mlp/up_proj/MatMul"
+        panel.table.move_cursor(row=_row_names(panel.table).index(keep))
+        await pilot.press("space")
+        await pilot.press("1")
+        table = app.pipeline_panel.table
+        table.move_cursor(row=_row_names(table).index("replace"))
+        await run_and_wait(pilot, app, "enter")
+        assert statuses(app)["replace"] == "ok", app.pipeline_panel.rows["replace"].message
+    graph = onnx.load(str(Artifacts.of(exported).bitlinear_onnx), load_external_data=False).graph
+    ops = {n.name: n.op_type for n in graph.node}
+    assert ops.get(keep) == "MatMul"
+    assert sum(1 for n in graph.node if n.op_type == "BitLinear") == 13
+
+
+# -- bugs panel and form ----------------------------------------------------------------------
+
+BUG_FILE = """# Phase 3 Bug记录
+
+## Bug #1: parse 报错 21002
+- **发现时间**: 2026-11-20 10:00
+- **发现阶段**: 编译
+- **错误信息**: [F] 21002
+- **根本原因**: Pow 不支持
+- **解决方案**: 用 Mul 替代
+- **状态**: 已解决
+
+---
+"""
+
+
+def _bugs(cfg) -> Path:
+    path = Artifacts.of(cfg).bugs
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+async def _type(pilot, text: str) -> None:
+    for ch in text:
+        await pilot.press(ch if ch != " " else "space")
+
+
+@pytest.mark.parametrize("size", SIZES)
+@aio
+async def test_add_a_bug_through_the_form(cfg, size):
+    path = _bugs(cfg)
+    path.write_text(BUG_FILE, encoding="utf-8")
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=size) as pilot:
+        await pilot.press("4")
+        assert app.bugs_panel.table.row_count == 1
+        await pilot.press("b")
+        form = app.screen
+        assert isinstance(form, BugForm)
+        await _type(pilot, "optimize hangs")
+        form.query_one("#f-stage").value = "编译"
+        form.query_one("#f-error").text = "[E] 执行以下命令时捕获到错误码21002:\nicraft optimize"
+        form.query_one("#f-cause").text = "pass order"
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: not isinstance(app.screen, BugForm))
+        assert app.bugs_panel.table.row_count == 2
+    text = path.read_text(encoding="utf-8")
+    assert BUG_FILE.split("\n", 2)[2] in text  # the existing record is untouched, byte for byte
+    assert "## Bug #2: optimize hangs" in text
+    assert "错误码21002" in text and "- **根本原因**: pass order" in text
+    assert "- **状态**: 未解决" in text
+
+
+@aio
+async def test_the_form_validates_and_escape_cancels(cfg):
+    path = _bugs(cfg)
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("b")
+        form = app.screen
+        form.query_one("#f-time").value = "2026-13-40 25:00"
+        await pilot.press("ctrl+s")
+        problems = str(form.query_one("#bug-form-problems").render())
+        assert "title" in problems and "time" in problems and "stage" in problems
+        assert "error" in problems
+        assert app.screen is form and form.focused.id == "f-title"
+        await pilot.press("escape")
+        assert not isinstance(app.screen, BugForm)
+    assert not path.exists()
+
+
+def test_validate_bug_names_each_bad_field():
+    ok = {"title": "t", "time": "2026-11-26 09:00", "stage": "导出", "status": "未解决", "error": "e"}
+    stages, statuses_ = ("导出", "编译"), ("未解决",)
+    assert validate_bug(ok, stages, statuses_) == {}
+    assert set(validate_bug({**ok, "time": "2026-02-30 09:00"}, stages, statuses_)) == {"time"}
+    assert set(validate_bug({**ok, "stage": "x", "status": ""}, stages, statuses_)) == {"stage", "status"}
+
+
+@aio
+async def test_edit_a_bug_through_the_form(cfg):
+    path = _bugs(cfg)
+    path.write_text(BUG_FILE + "\n用户自己写的备注\n", encoding="utf-8")
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("4", "enter")
+        form = app.screen
+        assert isinstance(form, BugForm)
+        assert form.query_one("#f-title").value == "parse 报错 21002"
+        assert form.query_one("#f-status").value == "已解决"
+        form.query_one("#f-status").value = "待验证"
+        form.query_one("#f-fix").text = "用 Mul 替代，并重新导出"
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: not isinstance(app.screen, BugForm))
+    text = path.read_text(encoding="utf-8")
+    assert "- **状态**: 待验证" in text and "用 Mul 替代，并重新导出" in text
+    assert "用户自己写的备注" in text and text.count("## Bug #") == 1
+
+
+@aio
+async def test_d_drafts_a_bug_from_the_failed_stage(cfg):
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await run_and_wait(pilot, app)
+        await pilot.press("d")  # export is ok: nothing to draft
+        assert not isinstance(app.screen, BugForm)
+        await pilot.press("down", "d")
+        form = app.screen
+        assert isinstance(form, BugForm)
+        values = form.current()
+        assert values["stage"] == "编译" and values["status"] == "未解决"
+        assert values["title"].startswith("precheck 失败: undocumented op Pow")
+        assert values["error"].startswith("undocumented op Pow at /model/Pow")
+        assert "[E] undocumented op Pow" in values["error"]  # the log tail
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: not isinstance(app.screen, BugForm))
+    text = _bugs(cfg).read_text(encoding="utf-8")
+    assert "## Bug #1: precheck 失败: undocumented op Pow" in text
+
+
+@aio
+async def test_bug_file_changed_on_disk_is_reloaded(cfg):
+    path = _bugs(cfg)
+    path.write_text(BUG_FILE, encoding="utf-8")
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test() as pilot:
+        await pilot.press("4")
+        assert app.bugs_panel.table.row_count == 1
+        path.write_text(BUG_FILE + BUG_FILE.split("\n", 2)[2].replace("#1", "#2"), encoding="utf-8")
+        await wait_for(pilot, lambda: app.bugs_panel.table.row_count == 2, timeout=5)
+        assert any("bug records" == n.title for n in app._notifications)

@@ -1,5 +1,6 @@
 """Whatever a record holds, writing it and reading the file back gives the same record."""
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -63,3 +64,45 @@ def test_editing_one_record_leaves_the_other_byte_identical(first, second):
         assert after[after.index("## Bug #2:"):] == before[before.index("## Bug #2:"):]
         assert BugBook(path).load()[0] == updated
         assert (updated.error, updated.title) == (normalised(second["error"]), second["title"])
+
+
+# Lines a hand-edited file may hold, in any order and with any line ending.
+HAND_LINES = ["# Phase 3 Bug记录", "## Bug #1: a", "## Bug #2：b", "### bug 3", "- **状态**: 未解决",
+              "- **状态：** 已解决", "* 错误信息：x", "- **备注**: y", "  continued", "lazy line",
+              "---", "```", "  ````", "~~~", "", "\t- nested", "<!-- tdpu:signature s:1 -->",
+              "<!-- tdpu:last-bug-number 4 -->", "free text", "- **发现阶段**:"]
+hand_document = st.tuples(
+    st.booleans(),
+    st.lists(st.tuples(st.one_of(st.sampled_from(HAND_LINES), st.text(max_size=8)),
+                       st.sampled_from(["\n", "\r\n"])), max_size=25),
+    st.booleans(),
+).map(lambda t: (b"\xef\xbb\xbf" if t[0] else b"")
+      + "".join(a.replace("\n", " ").replace("\r", " ") + e for a, e in t[1]).encode("utf-8")
+      + (b"tail without newline" if t[2] else b""))
+
+
+@settings(max_examples=150, deadline=None)
+@given(hand_document)
+def test_any_hand_edited_file_reads_and_writes_back_byte_identical(data):
+    doc = BugDocument.from_bytes(data)
+    assert doc.to_bytes() == data
+    assert all(isinstance(r.number, int) for r in doc.records)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hand_document, st.sampled_from(STATUS_VALUES))
+def test_editing_a_hand_edited_file_changes_only_that_record(data, status):
+    doc = BugDocument.from_bytes(data)
+    if not doc.spans:
+        return
+    span = doc.spans[0]
+    records = doc.records
+    before = [t + e for t, e in doc.lines]
+    doc.update_record(span.number, {"status": status, "title": "新标题"})
+    after = [t + e for t, e in doc.lines]
+    expected = [dataclasses.replace(records[0], status=status, title="新标题"), *records[1:]]
+    assert doc.records == expected
+    # lines before the record and after its chunk are untouched
+    assert after[: span.heading] == before[: span.heading]
+    tail = len(before) - span.end
+    assert (after[len(after) - tail:] if tail else []) == before[span.end:]

@@ -304,6 +304,7 @@ class _Span:
     fields: list[_Field]
     signature: str
     has_break: bool     # a `---` follows the record's bullets
+    body_end: int = 0   # one past the last non-blank line before the `---` (or the chunk end)
 
     def first(self, key: str) -> _Field | None:
         return next((f for f in self.fields if f.key == key), None)
@@ -419,12 +420,17 @@ class BugDocument:
 
     def _parse_record(self, texts: list[str], h: int, end: int) -> _Span:
         m = _HEADING_RE.match(texts[h])
-        span = _Span(int(m["num"]), h, end, m["title"], texts[h][: m.start("title")], [], "", False)
+        span = _Span(int(m["num"]), h, end, m["title"], texts[h][: m.start("title")], [], "", False,
+                     h + 1)
         cur: _Field | None = None
         blank = False
         i = h + 1
         while i < end:
             t = texts[i]
+            if t.strip() and not _BREAK_RE.match(t):
+                # Bullets added to a record without any go here: below its notes, where they
+                # cannot become the continuation of anything.
+                span.body_end = (self.fences.get(i, i)) + 1
             if i in self.fences:
                 close = self.fences[i]
                 if cur is not None and (not blank or _width(_leading(t)) >= _width(cur.indent) + 2):
@@ -537,7 +543,7 @@ class BugDocument:
                 edits.append((f.start, f.end, _render_field(f.prefix, changes[attr], f.indent, f.sep)))
                 continue
             before = [g.end for g in span.fields if _KEY_FIELDS.get(g.key) in _ORDER[:idx]]
-            pos = max(before) if before else (span.fields[0].start if span.fields else span.heading + 1)
+            pos = max(before) if before else (span.fields[0].start if span.fields else span.body_end)
             edits.append((pos, pos, _render_field(f"- **{key}**:", changes[attr], "")))
         if "extra" in changes and list(changes["extra"]) != current.extra:
             old = span.extra_fields()
@@ -550,7 +556,7 @@ class BugDocument:
                 remaining.remove(match)
                 if match[1] != f.value:
                     edits.append((f.start, f.end, _render_field(f.prefix, match[1], f.indent, f.sep)))
-            pos = max((g.end for g in span.fields), default=span.heading + 1)
+            pos = max((g.end for g in span.fields), default=span.body_end)
             for key, value in remaining:
                 edits.append((pos, pos, _render_field(f"- **{key}**:", value, "")))
         if edits:

@@ -207,6 +207,9 @@ def session_options(threads: int | None = None) -> onnxruntime.SessionOptions:
     _register()
     so = onnxruntime.SessionOptions()
     so.register_custom_ops_library(get_library_path())
+    # While the Python operator runs, numba's threads need the cores; ORT's idle workers
+    # would otherwise busy-wait on them after each ORT op.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1

@@ -1,13 +1,14 @@
 """Whatever a record holds, writing it and reading the file back gives the same record."""
 
 import dataclasses
+import re
 import tempfile
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tdpu_tui.engine.bugbook import STAGE_VALUES, STATUS_VALUES, BugBook, BugDocument
+from tdpu_tui.engine.bugbook import STAGE_VALUES, STATUS_VALUES, BugBook, BugDocument, BugRecord
 
 # Markdown specials, fences, bullets, headings, HTML comments, colons of both widths, Chinese.
 SPECIALS = ["`", "```", "````", "~~~", "*", "**", "_", "#", "## Bug #3: x", "- **状态**: 已解决",
@@ -27,6 +28,11 @@ record = st.fixed_dictionaries({
     "fix": text,
     "extra": st.lists(st.tuples(extra_key, text), max_size=2),
 })
+
+
+def kept_lines(data: bytes) -> list[bytes]:
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    return [ln for ln in re.split(rb"(?<=\n)", data) if ln and b"tdpu:last-bug-number" not in ln]
 
 
 def normalised(s: str) -> str:
@@ -106,3 +112,22 @@ def test_editing_a_hand_edited_file_changes_only_that_record(data, status):
     assert after[: span.heading] == before[: span.heading]
     tail = len(before) - span.end
     assert (after[len(after) - tail:] if tail else []) == before[span.end:]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hand_document, record)
+def test_appending_to_a_hand_edited_file_keeps_its_records_and_reads_back(data, new):
+    doc = BugDocument.from_bytes(data)
+    records = doc.records
+    rec = BugRecord(doc.max_number + 1, new["title"], "2026-02-11 14:30", new["stage"],
+                    normalised(new["error"]), normalised(new["cause"]), normalised(new["fix"]),
+                    new["status"], [(k, normalised(v)) for k, v in new["extra"]])
+    doc.append_record(rec)
+    doc.set_high_water(rec.number)
+    assert doc.records == [*records, rec]
+    # every original line is still there, in place (only the high-water line may change)
+    original, out = kept_lines(data), kept_lines(doc.to_bytes())
+    if original:
+        assert out[: len(original) - 1] == original[:-1]
+        assert out[len(original) - 1].startswith(original[-1])
+    assert BugDocument.from_bytes(doc.to_bytes()).records == [*records, rec]

@@ -266,7 +266,12 @@ def _leading(text: str) -> str:
 
 
 def _find_fences(texts: list[str]) -> dict[int, int]:
-    """Opening line -> closing line of each fenced block. An unclosed fence is plain text."""
+    """Opening line -> closing line of each fenced block.
+
+    A fence left open by hand is plain text, and no fence runs past a record heading at the
+    start of a line: a stray fence must not swallow the records after it (tdpu's own fences
+    are indented under their bullet).
+    """
     fences: dict[int, int] = {}
     i, n = 0, len(texts)
     while i < n:
@@ -274,6 +279,8 @@ def _find_fences(texts: list[str]) -> dict[int, int]:
         if m and not (m["fence"][0] == "`" and "`" in m["info"]):
             closer = re.compile(rf"^[ \t]*{re.escape(m['fence'][0])}{{{len(m['fence'])},}}[ \t]*$")
             for j in range(i + 1, n):
+                if texts[j].startswith("#") and _HEADING_RE.match(texts[j]):
+                    break
                 if closer.match(texts[j]):
                     fences[i] = j
                     i = j

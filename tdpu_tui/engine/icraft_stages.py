@@ -116,8 +116,9 @@ class PrecheckStage(Stage):
         notes = [f"export profile: `{profile}`"]
         failed = profile == "icraft" and blocking > 0
         if blocking and profile != "icraft":
+            where = ctx.config.file.name if ctx.config.file else "tdpu.toml"
             hint = ('the reference profile is not meant for Icraft; export with '
-                    '[export] profile = "icraft" in tdpu.toml')
+                    f'[export] profile = "icraft" in {where}')
             notes.append(hint)
             ctx.log(hint, "warning")
         summary = f"{report.node_count} nodes checked: {found}"

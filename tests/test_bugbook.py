@@ -191,6 +191,15 @@ def test_fenced_block_hides_headings_and_rules_and_keeps_blank_lines():
     assert rec.fix == "用 `Slice(LayerNormalization(...))` 代替 RMSNorm"
 
 
+def test_a_fence_left_open_by_hand_does_not_hide_later_records(tmp_path):
+    path = tmp_path / "bugs_found.md"
+    path.write_text("# Phase 3 Bug记录\n\n笔记：\n```\n没有闭合的代码块\n\n## Bug #1: 仍然是记录\n"
+                    "- **状态**: 未解决\n", encoding="utf-8")
+    assert [r.title for r in BugBook(path).load()] == ["仍然是记录"]
+    BugBook(path).add("第二条", "编译", error="a\n```\nb")
+    assert [(r.number, r.error) for r in BugBook(path).load()] == [(1, ""), (2, "a\n```\nb")]
+
+
 def test_multi_line_value_is_an_indented_fence_longer_than_any_backtick_run(tmp_path):
     path = tmp_path / "bugs_found.md"
     error = "Traceback:\n```\nx = `a`\n```\n  indented\n\nafter a blank line"

@@ -456,7 +456,8 @@ async def test_add_a_bug_through_the_form(cfg, size):
         await pilot.press("b")
         form = app.screen
         assert isinstance(form, BugForm)
-        await _type(pilot, "optimize hangs")
+        form.query_one("#f-title").value = "optimize "
+        await _type(pilot, "hangs")
         form.query_one("#f-stage").value = "编译"
         form.query_one("#f-error").text = "[E] 执行以下命令时捕获到错误码21002:\nicraft optimize"
         form.query_one("#f-cause").text = "pass order"

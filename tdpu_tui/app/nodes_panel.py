@@ -32,7 +32,7 @@ def _shown_path(path: Path, base: Path) -> str:
 
 class NodesTable(DataTable):
     BINDINGS = [
-        Binding("space", "toggle", "Toggle"),
+        Binding("space", "toggle", "Pick"),
         Binding("a", "select_all", "All"),
         Binding("n", "select_none", "None"),
         Binding("slash", "filter", "Filter"),
@@ -85,6 +85,7 @@ class NodesPanel(Vertical):
         self.loaded_mtime: float | None = None
         self.loading = False
         self._columns: list[tuple[str, str, int]] = []
+        self._short_names = False
 
     def compose(self) -> ComposeResult:
         yield Static("", id="nodes-status")
@@ -104,7 +105,8 @@ class NodesPanel(Vertical):
     def set_columns(self, width: int) -> None:
         """Layer and projection columns only when there is room (they repeat the node name)."""
         wide = width >= WIDE
-        longest = max((len(n.name) for n in self.nodes), default=30)
+        self._short_names = not wide
+        longest = max((len(self._shown_name(n)) for n in self.nodes), default=30)
         fixed = [("replace", "Repl", 4), ("shape", "K×N", 9), ("zeros", "Zeros", 6)]
         if wide:
             fixed[1:1] = [("layer", "Layer", 5), ("proj", "Projection", 10)]
@@ -184,6 +186,13 @@ class NodesPanel(Vertical):
         return [n for n in self.nodes
                 if f in f"{n.name} {n.projection or ''} layer{n.layer} {n.status}".lower()]
 
+    def _shown_name(self, node) -> str:
+        """Narrow terminals drop the common /model/ prefix and the op suffix (the detail line
+        below the table shows the full name)."""
+        if not self._short_names:
+            return node.name
+        return node.name.removeprefix("/model/").removesuffix(f"/{node.op_type}")
+
     def _cells(self, node) -> list:
         if node.ternary:
             mark = Text("[x]", style="bold green") if self.selection.get(node.name) else Text("[ ]")
@@ -192,7 +201,7 @@ class NodesPanel(Vertical):
         shape = f"{node.k}×{node.n}" if node.k and node.n else ""
         zeros = f"{node.zeros * 100:.1f}%" if node.zeros is not None else ""
         status = Text(node.status, style="green" if node.ternary else "yellow")
-        cells = {"replace": mark, "node": node.name,
+        cells = {"replace": mark, "node": self._shown_name(node),
                  "layer": "" if node.layer is None else str(node.layer),
                  "proj": node.projection or "", "shape": shape, "zeros": zeros, "status": status}
         return [cells[key] for key, _, _ in self._columns]

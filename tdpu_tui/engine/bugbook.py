@@ -29,7 +29,9 @@ is read again, the change is applied to what is on disk *now* (so edits saved by
 the meantime are kept, record by record), and the result goes to a temporary file in the same
 directory, fsync, rename. If the record being updated was changed on disk too, both versions
 are kept: the file's stays under its number, ours is appended as a new record with a `冲突`
-bullet, and a message says so (`BugBook.messages`).
+bullet, and a message says so (`BugBook.messages`). A record deleted on disk while it was being
+edited here comes back, with the edit. A writer killed before its rename leaves the file as it
+was; its temp file is removed by the next writer.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ _GUARDED = {"quit", "help", "run_all", "rerun_failed", "cancel", "add_bug", "sho
 
 
 class TdpuApp(App[int]):
-    CSS_PATH = "tdpu.tcss"
+    CSS_PATH = Path(__file__).with_name("tdpu.tcss")  # absolute: subclasses live elsewhere
     TITLE = "tdpu"
     ENABLE_COMMAND_PALETTE = False
 

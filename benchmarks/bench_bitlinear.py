@@ -1,0 +1,210 @@
+"""BitLinear kernel against float32 and 2-bit baselines, all measured in the same run.
+
+    python benchmarks/bench_bitlinear.py [--quick] [--threads 2] [--json PATH]
+
+Shapes are the BitNet b1.58 2B4T projections (K -> N): q/o 2560->2560, k/v 2560->640,
+gate/up 2560->6912, down 6912->2560; M (tokens) in {1, 32, 128}. Methods:
+
+    kernel          kernels.bitlinear.bitlinear (quantize + int core + rescale)
+    ort_op          the kernel as ai.tdpu::BitLinear in ONNX Runtime, session from
+                    kernels.ort.create_session (weights prepacked, X copied per call)
+    ort_op_copy     same operator in a plain session (kernels.ort.session_options):
+                    the bridge copies W on every call
+    numpy_f32       x @ W.T with a float32 weight
+    torch_f32       torch.nn.functional.linear, float32
+    ort_f32         ONNX Runtime MatMul, float32
+    matmulnbits     ONNX Runtime com.microsoft::MatMulNBits, bits=2, block_size=64,
+                    accuracy_level=4 (int8 activations); code w + 2 with the default zero
+                    point 2 and every block scale = weight_scale, so it is the same ternary op
+
+Methods are timed round-robin in short blocks (the first call of a block is dropped), so
+background load hits all of them alike; the figure is the median per call. Ratios are against numpy_f32
+and matmulnbits of the same shape and M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHAPES = [(2560, 2560), (2560, 640), (2560, 6912), (6912, 2560)]
+MS = [1, 32, 128]
+BLOCK = 64
+
+
+def _onnx_models(w: np.ndarray, ws: float, packed: np.ndarray):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    n, k = w.shape
+    x_info = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", k])
+    y_info = helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])
+
+    def model(node, inits, domains):
+        graph = helper.make_graph([node], "g", [x_info], [y_info], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]
+                                 + [helper.make_opsetid(d, 1) for d in domains])
+
+    f32 = model(helper.make_node("MatMul", ["X", "W"], ["Y"]),
+                [numpy_helper.from_array((w.T * np.float32(ws)).astype(np.float32), "W")], [])
+    codes = (w + 2).astype(np.uint8).reshape(n, k // BLOCK, BLOCK // 4, 4)
+    blob = codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)
+    nbits = model(helper.make_node("MatMulNBits", ["X", "B", "S"], ["Y"], domain="com.microsoft",
+                                   K=k, N=n, bits=2, block_size=BLOCK, accuracy_level=4),
+                  [numpy_helper.from_array(np.ascontiguousarray(blob, np.uint8), "B"),
+                   numpy_helper.from_array(np.full(n * (k // BLOCK), ws, np.float32), "S")],
+                  ["com.microsoft"])
+    op = model(helper.make_node("BitLinear", ["X", "W", "S"], ["Y"], domain="ai.tdpu",
+                                name=f"/bench/{k}x{n}/BitLinear", in_features=k, out_features=n,
+                                layout="tdpu"),
+               [numpy_helper.from_array(packed, "W"),
+                numpy_helper.from_array(np.array([ws], np.float32), "S")], ["ai.tdpu"])
+    onnx.checker.check_model(f32)
+    return f32, nbits, op
+
+
+def _timed(fns: dict, rounds: int, block: int, budget_s: float) -> dict:
+    """Median seconds per call of each zero-argument callable.
+
+    Methods take turns in blocks of `block` calls; the first call of each block is not
+    counted, so thread pools still spinning from the previous method (ONNX Runtime, OpenMP)
+    do not bill their wake-up to the next one.
+    """
+    for fn in fns.values():
+        fn()
+    samples = {name: [] for name in fns}
+    deadline = time.perf_counter() + budget_s
+    for i in range(rounds):
+        for name, fn in fns.items():
+            for j in range(block):
+                t = time.perf_counter()
+                fn()
+                if j:
+                    samples[name].append(time.perf_counter() - t)
+        if i >= 2 and time.perf_counter() > deadline:
+            break
+    return {name: float(np.median(v)) for name, v in samples.items()}
+
+
+def run(quick: bool, threads: int) -> dict:
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    import numba
+    import onnxruntime as ort
+    import torch
+
+    from kernels import ort as kort
+    from kernels import packing
+    from kernels.bitlinear import bitlinear
+
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    shapes = [(2560, 6912)] if quick else SHAPES
+    ms = [1, 128] if quick else MS
+    rounds, budget = (6, 2.0) if quick else (40, 8.0)
+
+    def session(model):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    rows = []
+    for k, n in shapes:
+        w = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
+        ws = 0.0421
+        p = packing.pack(w, "tdpu")
+        wt = np.ascontiguousarray((w.T * np.float32(ws)).astype(np.float32))
+        wtorch = torch.from_numpy(np.ascontiguousarray(w * np.float32(ws), dtype=np.float32))
+        m_f32, m_nbits, m_op = _onnx_models(w, ws, p)
+        s_f32, s_nbits = session(m_f32), session(m_nbits)
+        s_op = kort.create_session(m_op, threads=threads)
+        s_copy = ort.InferenceSession(m_op.SerializeToString(), kort.session_options(threads),
+                                      providers=["CPUExecutionProvider"])
+        for m in ms:
+            x = (rng.standard_normal((m, k)) * 2).astype(np.float32)
+            xt = torch.from_numpy(x)
+            feed = {"X": x}
+            y = bitlinear(x, p, ws, "tdpu")
+            assert np.array_equal(s_op.run(None, feed)[0], y)
+            assert np.array_equal(s_copy.run(None, feed)[0], y)
+            fns = {
+                "kernel": lambda: bitlinear(x, p, ws, "tdpu"),
+                "ort_op": lambda: s_op.run(None, feed),
+                "ort_op_copy": lambda: s_copy.run(None, feed),
+                "numpy_f32": lambda: x @ wt,
+                "torch_f32": lambda: torch.nn.functional.linear(xt, wtorch),
+                "ort_f32": lambda: s_f32.run(None, feed),
+                "matmulnbits": lambda: s_nbits.run(None, feed),
+            }
+            with torch.inference_mode():
+                med = _timed(fns, rounds, 6 if m < 128 else 3, budget)
+            row = {"k": k, "n": n, "m": m, "ms": {name: v * 1e3 for name, v in med.items()},
+                   "w_copy_ms": (med["ort_op_copy"] - med["ort_op"]) * 1e3,
+                   "w_bytes": int(p.nbytes)}
+            row["ratio_numpy"] = {name: v / med["numpy_f32"] for name, v in med.items()}
+            row["ratio_matmulnbits"] = {name: v / med["matmulnbits"] for name, v in med.items()}
+            rows.append(row)
+            print(_format_row(row), flush=True)
+        del s_op
+    return {"threads": threads, "quick": quick, "machine": platform.processor() or platform.machine(),
+            "rows": rows, "targets": _targets(rows)}
+
+
+def _format_row(row) -> str:
+    cells = "  ".join(f"{name}={v:8.3f}" for name, v in row["ms"].items())
+    return (f"{row['k']:>4}->{row['n']:<4} M={row['m']:<3} ms: {cells}  "
+            f"kernel/numpy={row['ratio_numpy']['kernel']:.2f} kernel/nbits={row['ratio_matmulnbits']['kernel']:.2f} "
+            f"ort_op/kernel={row['ms']['ort_op'] / row['ms']['kernel']:.2f} W copy={row['w_copy_ms']:.3f} ms")
+
+
+def _targets(rows) -> list[dict]:
+    out = []
+
+    def find(k, n, m):
+        return next((r for r in rows if (r["k"], r["n"], r["m"]) == (k, n, m)), None)
+
+    r = find(2560, 6912, 1)
+    if r:
+        v = r["ms"]["kernel"] / r["ms"]["matmulnbits"]
+        out.append({"target": "M=1 2560->6912: kernel <= 1.5x MatMulNBits", "value": round(v, 3), "met": v <= 1.5})
+        v = r["ms"]["ort_op"] / r["ms"]["kernel"]
+        out.append({"target": "M=1 2560->6912: through ORT <= 1.3x bare kernel", "value": round(v, 3), "met": v <= 1.3})
+    for r in rows:
+        if r["m"] == 128:
+            v = r["ms"]["kernel"] / r["ms"]["numpy_f32"]
+            out.append({"target": f"M=128 {r['k']}->{r['n']}: kernel <= 1.0x NumPy float32",
+                        "value": round(v, 3), "met": v <= 1.0})
+    for r in rows:
+        if r["m"] == 1 and (r["k"], r["n"]) != (2560, 6912):
+            v = r["ms"]["ort_op"] / r["ms"]["kernel"]
+            out.append({"target": f"M=1 {r['k']}->{r['n']}: through ORT <= 1.3x bare kernel",
+                        "value": round(v, 3), "met": v <= 1.3})
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one shape, M in {1, 128}, short timing")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, help="write the figures as JSON")
+    args = ap.parse_args(argv)
+    result = run(args.quick, args.threads)
+    print()
+    for t in result["targets"]:
+        print(f"{'MET ' if t['met'] else 'MISS'}  {t['target']}: {t['value']}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -98,15 +98,107 @@ def lower_to_matmulnbits(src: Path, dst: Path) -> int:
     return total
 
 
-def median_ms(run: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
+@dataclass
+class ProjectionTiming:
+    """One decoder layer's projections alone, as a float chain, BitLinear and MatMulNBits."""
+
+    layer: int
+    nodes: int
+    tokens: int
+    step_ms: dict[str, float] = field(default_factory=dict)
+    prefill_ms: dict[str, float] = field(default_factory=dict)
+
+    def ratio(self, which: str, a: str, b: str) -> float | None:
+        d = self.step_ms if which == "step" else self.prefill_ms
+        return d[a] / d[b] if d.get(a) and d.get(b) else None
+
+
+def projection_graphs(bitlinear_path: Path, act_quant: bool, layer: int | None = None
+                      ) -> tuple[int, dict[str, onnx.ModelProto]]:
+    """In-memory graphs of one layer's projections side by side: input x{i} [1, M, K] -> y{i}.
+
+    `float` is the exporter's chain (with the in-graph activation quantization when the
+    profile has it) on float32 weights; `bitlinear` and `matmulnbits` are the single nodes.
+    """
+    from onnx import TensorProto, numpy_helper
+
+    g = GraphIndex.load(bitlinear_path)
+    nodes = [n for n in g.graph.node if n.op_type == "BitLinear" and n.domain == BITLINEAR_DOMAIN]
+    if layer is None:
+        layer = next((int(n.name.split("layers.")[1].split("/")[0]) for n in nodes if "layers." in n.name), 0)
+    mine = [n for n in nodes if f"layers.{layer}/" in n.name] or nodes
+    parts: dict[str, tuple[list, list]] = {k: ([], []) for k in ("float", "bitlinear", "matmulnbits")}
+    inputs, outputs = [], []
+    for i, node in enumerate(mine):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        k, n = int(attrs["in_features"]), int(attrs["out_features"])
+        layout = attrs.get("layout", b"tdpu")
+        layout = layout.decode() if isinstance(layout, bytes) else layout
+        p = np.asarray(g.array(node.input[1]))
+        ws = np.array([g.scalar(node.input[2])], np.float32)
+        w = unpack(p, layout)
+        x, y = f"x{i}", f"y{i}"
+        inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, "seq", k]))
+        outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, "seq", n]))
+        fn, fi = parts["float"]
+        fi += [numpy_helper.from_array(np.ascontiguousarray(w.T.astype(np.float32)), f"w{i}"),
+               numpy_helper.from_array(ws, f"ws{i}")]
+        a = x
+        if act_quant:
+            fi += [numpy_helper.from_array(np.array(v, np.float32), f"c{i}_{j}")
+                   for j, v in enumerate((1e-5, 127.0, -128.0))]
+            fn += [helper.make_node("Abs", [x], [f"ab{i}"]),
+                   helper.make_node("ReduceMax", [f"ab{i}"], [f"mx{i}"], axes=[-1], keepdims=1),
+                   helper.make_node("Max", [f"mx{i}", f"c{i}_0"], [f"cl{i}"]),
+                   helper.make_node("Div", [f"c{i}_1", f"cl{i}"], [f"s{i}"]),
+                   helper.make_node("Mul", [x, f"s{i}"], [f"xs{i}"]),
+                   helper.make_node("Round", [f"xs{i}"], [f"r{i}"]),
+                   helper.make_node("Clip", [f"r{i}", f"c{i}_2", f"c{i}_1"], [f"q{i}"])]
+            a = f"q{i}"
+        fn.append(helper.make_node("MatMul", [a, f"w{i}"], [f"acc{i}"]))
+        if act_quant:
+            fn.append(helper.make_node("Div", [f"acc{i}", f"s{i}"], [f"d{i}"]))
+        fn.append(helper.make_node("Mul", [f"d{i}" if act_quant else f"acc{i}", f"ws{i}"], [y]))
+        bn, bi = parts["bitlinear"]
+        bi += [numpy_helper.from_array(p, f"p{i}"), numpy_helper.from_array(ws, f"ws{i}")]
+        bn.append(helper.make_node("BitLinear", [x, f"p{i}", f"ws{i}"], [y], domain=BITLINEAR_DOMAIN,
+                                   name=f"BitLinear{i}", in_features=k, out_features=n, layout=layout))
+        nn, ni = parts["matmulnbits"]
+        block = nbits_block_size(k)
+        blocks = -(-k // block)
+        ni += [numpy_helper.from_array(nbits_pack(w, block), f"b{i}"),
+               numpy_helper.from_array(np.full(n * blocks, ws[0], np.float32), f"sc{i}")]
+        nn.append(helper.make_node("MatMulNBits", [x, f"b{i}", f"sc{i}"], [y], domain=NBITS_DOMAIN,
+                                   K=k, N=n, bits=2, block_size=block, accuracy_level=4))
+    models = {}
+    for label, (nodes_, inits) in parts.items():
+        graph = helper.make_graph(nodes_, f"projections_{label}", inputs, outputs, initializer=inits)
+        opsets = [helper.make_opsetid("", 17)]
+        if label == "bitlinear":
+            opsets.append(helper.make_opsetid(BITLINEAR_DOMAIN, 1))
+        if label == "matmulnbits":
+            opsets.append(helper.make_opsetid(NBITS_DOMAIN, 1))
+        models[label] = helper.make_model(graph, opset_imports=opsets)
+    return layer, models
+
+
+def interleaved_medians(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+                        ) -> dict[str, float]:
+    """Median milliseconds of each callable, timed in turns (a, b, c, a, b, c, ...).
+
+    Taking turns spreads the load of anything else on the machine evenly over the graphs
+    being compared, so their ratio holds even when their absolute times drift.
+    """
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        for label, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[label].append(time.perf_counter() - t0)
+    return {label: statistics.median(t) * 1e3 for label, t in times.items()}
 
 
 @dataclass
@@ -125,6 +217,7 @@ class PerfResult:
     prefill_tokens: int
     replaced: int
     notes: list[str] = field(default_factory=list)
+    projections: ProjectionTiming | None = None
 
     def by_label(self, label: str) -> GraphTiming:
         return next(g for g in self.graphs if g.label == label)
@@ -180,7 +273,7 @@ def render_report(meta: dict, accuracy: dict, perf: PerfResult | None, nodes: li
     if perf is not None:
         ratios = perf.ratios()
         lines += ["", "## 性能 Performance", "",
-                  f"Median of timed runs, ONNX Runtime CPU. Prefill: {perf.prefill_tokens} tokens; "
+                  f"Median of timed runs (the three graphs timed in turns), ONNX Runtime CPU. Prefill: {perf.prefill_tokens} tokens; "
                   "single-token step: one token, full forward (no KV cache). "
                   f"BitLinear nodes: {perf.replaced}.", "",
                   "| 图 Graph | prefill (ms) | 单步 step (ms) | 投影权重 projection weights | 文件 File |",
@@ -194,6 +287,20 @@ def render_report(meta: dict, accuracy: dict, perf: PerfResult | None, nodes: li
                   f"| prefill: BitLinear / float | {_x(ratios['prefill_vs_float'])} |",
                   f"| prefill: BitLinear / MatMulNBits | {_x(ratios['prefill_vs_matmulnbits'])} |",
                   f"| weights: BitLinear / float | {_x(ratios['weight_bytes_vs_float'])} |"]
+        pt = perf.projections
+        if pt is not None:
+            lines += ["", f"### 投影层单独计时 Projections alone (layer {pt.layer}, {pt.nodes} nodes)", "",
+                      "The same layer's projections as standalone graphs (no attention, norms, "
+                      "embedding or lm_head), which is what the replacement changes.", "",
+                      "| 实现 Implementation | prefill (ms) | 单步 step (ms) |", "|---|---|---|"]
+            for label in ("float", "bitlinear", "matmulnbits"):
+                lines.append(f"| {label} | {_ms(pt.prefill_ms.get(label))} | {_ms(pt.step_ms.get(label))} |")
+            lines += ["", "| 比值 Ratio | 值 Value |", "|---|---|",
+                      f"| step: BitLinear / float | {_x(pt.ratio('step', 'bitlinear', 'float'))} |",
+                      f"| step: BitLinear / MatMulNBits | {_x(pt.ratio('step', 'bitlinear', 'matmulnbits'))} |",
+                      f"| prefill: BitLinear / float | {_x(pt.ratio('prefill', 'bitlinear', 'float'))} |",
+                      f"| prefill: BitLinear / MatMulNBits | "
+                      f"{_x(pt.ratio('prefill', 'bitlinear', 'matmulnbits'))} |", ""]
         for gt in perf.graphs:
             for note in gt.notes:
                 lines.append(f"- {gt.label}: {note}")

@@ -32,7 +32,8 @@ from tdpu_tui.engine.errors import StageFailed
 from tdpu_tui.engine.fsutil import atomic_write_text
 from tdpu_tui.engine.inventory import BITLINEAR_DOMAIN, GraphIndex
 from tdpu_tui.engine.perf_report import (
-    GraphTiming, PerfResult, lower_to_matmulnbits, median_ms, render_report,
+    GraphTiming, PerfResult, ProjectionTiming, interleaved_medians, lower_to_matmulnbits, projection_graphs,
+    render_report,
 )
 from tdpu_tui.engine.pipeline import Stage, StageContext
 from tdpu_tui.engine.verify import compare_logits, format_comparison, make_input_ids
@@ -247,21 +248,61 @@ class Validation:
             graphs = [("float", self.paths.full_onnx, before, _ort_session),
                       ("bitlinear", self.paths.bitlinear_onnx, after, _bitlinear_session),
                       ("matmulnbits", nbits_path, nbits_bytes, _ort_session)]
+            sessions = {}
             for label, path, nbytes, factory in graphs:
                 self.ctx.check_cancelled()
-                self.ctx.progress(len(perf.graphs), len(graphs), f"timing the {label} graph")
-                timing = GraphTiming(label, str(path), int(nbytes))
-                sess = factory(path)
-                timing.prefill_ms = median_ms(lambda s=sess: s.run(["logits"], prefill), repeats)
-                if step is not None:
-                    timing.step_ms = median_ms(lambda s=sess: s.run(["logits"], step), max(repeats, 5) * 2)
-                self.ctx.log(f"{label}: prefill {timing.prefill_ms:.2f} ms, step "
+                self.ctx.progress(len(sessions), len(graphs), f"loading the {label} graph")
+                sessions[label] = factory(path)
+                perf.graphs.append(GraphTiming(label, str(path), int(nbytes)))
+            self.ctx.progress(0, 2, f"timing prefill ({tokens} tokens), graphs in turns")
+            prefill_ms = interleaved_medians(
+                {k: (lambda s=s: s.run(["logits"], prefill)) for k, s in sessions.items()}, repeats)
+            step_ms: dict[str, float] = {}
+            if step is not None:
+                self.ctx.progress(1, 2, "timing the single-token step, graphs in turns")
+                step_ms = interleaved_medians(
+                    {k: (lambda s=s: s.run(["logits"], step)) for k, s in sessions.items()},
+                    max(repeats, 5) * 2)
+            for timing in perf.graphs:
+                timing.prefill_ms, timing.step_ms = prefill_ms[timing.label], step_ms.get(timing.label)
+                self.ctx.log(f"{timing.label}: prefill {timing.prefill_ms:.2f} ms, step "
                              f"{'n/a' if timing.step_ms is None else f'{timing.step_ms:.2f} ms'}, "
-                             f"projection weights {nbytes} B")
-                perf.graphs.append(timing)
-                del sess
-                gc.collect()
+                             f"projection weights {timing.weight_bytes} B")
+            del sessions
+            gc.collect()
+        perf.projections = self.measure_projections(tokens, step is not None)
         return perf
+
+    def measure_projections(self, tokens: int, with_step: bool) -> ProjectionTiming:
+        """One layer's projections alone: the part of the graph the replacement changes."""
+        from kernels.ort import create_session
+
+        self.ctx.progress(3, 4, "timing one layer's projections alone")
+        layer, models = projection_graphs(self.paths.bitlinear_onnx, self.profile == "reference")
+        inputs = models["float"].graph.input
+        pt = ProjectionTiming(layer, len(inputs), tokens)
+        rng = np.random.default_rng(self.cfg.validate.seed)
+
+        def feed(m: int) -> dict[str, np.ndarray]:
+            return {i.name: rng.standard_normal((1, m, i.type.tensor_type.shape.dim[2].dim_value)
+                                                ).astype(np.float32) for i in inputs}
+
+        step, prefill = feed(1), feed(tokens)
+        repeats = self.cfg.validate.repeats
+        sessions = {label: create_session(model) if label == "bitlinear"
+                    else _ort_session(model.SerializeToString()) for label, model in models.items()}
+        pt.prefill_ms = interleaved_medians(
+            {k: (lambda s=s: s.run(None, prefill)) for k, s in sessions.items()}, repeats)
+        if with_step:
+            pt.step_ms = interleaved_medians(
+                {k: (lambda s=s: s.run(None, step)) for k, s in sessions.items()}, max(repeats, 5) * 4)
+        for label in sessions:
+            self.ctx.log(f"layer {layer} projections alone, {label}: prefill {pt.prefill_ms[label]:.2f} ms"
+                         + (f", step {pt.step_ms[label]:.3f} ms" if with_step else ""))
+        del sessions
+        del models
+        gc.collect()
+        return pt
 
     # the whole stage -----------------------------------------------------------------------
 
@@ -368,6 +409,15 @@ class Validation:
         m("prefill_tokens", perf.prefill_tokens)
         for key, value in perf.ratios().items():
             m(f"ratio_{key}", value)
+        pt = perf.projections
+        if pt is not None:
+            m("projections_layer", pt.layer)
+            for label in ("float", "bitlinear", "matmulnbits"):
+                m(f"projections_{label}_prefill_ms", pt.prefill_ms.get(label))
+                m(f"projections_{label}_step_ms", pt.step_ms.get(label))
+            for which in ("step", "prefill"):
+                m(f"ratio_projections_{which}_vs_float", pt.ratio(which, "bitlinear", "float"))
+                m(f"ratio_projections_{which}_vs_matmulnbits", pt.ratio(which, "bitlinear", "matmulnbits"))
 
 
 class ValidateStage(Stage):

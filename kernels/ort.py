@@ -233,13 +233,14 @@ def _attr(node: onnx.NodeProto, name: str, kind: str, where: str):
     raise BitLinearError(f"{where}: missing attribute {name!r} ({kind})")
 
 
-def _static_last_dim(graph: onnx.GraphProto, name: str) -> int | None:
+def _static_last_dims(graph: onnx.GraphProto) -> dict[str, int]:
+    dims: dict[str, int] = {}
     for vi in list(graph.input) + list(graph.value_info):
-        if vi.name == name and vi.type.HasField("tensor_type"):
-            dims = vi.type.tensor_type.shape.dim
-            if dims and dims[-1].HasField("dim_value"):
-                return int(dims[-1].dim_value)
-    return None
+        if vi.type.HasField("tensor_type"):
+            shape = vi.type.tensor_type.shape.dim
+            if shape and shape[-1].HasField("dim_value"):
+                dims[vi.name] = int(shape[-1].dim_value)
+    return dims
 
 
 def _rewrite(model: onnx.ModelProto, base_dir: str | None) -> list[int]:
@@ -250,6 +251,7 @@ def _rewrite(model: onnx.ModelProto, base_dir: str | None) -> list[int]:
     for node in graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
+    last_dims = _static_last_dims(graph)
     keys: list[int] = []
     drop: set[str] = set()
     try:
@@ -265,7 +267,7 @@ def _rewrite(model: onnx.ModelProto, base_dir: str | None) -> list[int]:
             if len(node.input) != 3:
                 raise BitLinearError(f"{where}: expected 3 inputs (X, W, weight_scale), found {len(node.input)}")
             x_name, w_name, s_name = node.input
-            last = _static_last_dim(graph, x_name)
+            last = last_dims.get(x_name)
             if last is not None and last != k:
                 raise BitLinearError(f"{where}: X {x_name!r} has last dimension {last}, "
                                      f"in_features is {k}")
@@ -291,7 +293,7 @@ def _rewrite(model: onnx.ModelProto, base_dir: str | None) -> list[int]:
                 raise BitLinearError(str(exc)) from exc
             key = _acquire(w)
             keys.append(key)
-            key_name = f"{node.name or w_name}{KEY_SUFFIX}"
+            key_name = f"{w_name}{KEY_SUFFIX}/{index}"
             graph.initializer.append(numpy_helper.from_array(np.array([key], np.int64), key_name))
             node.op_type = PREPACKED_OP_TYPE
             node.input[1] = key_name

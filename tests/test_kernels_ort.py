@@ -195,3 +195,29 @@ def test_registration_is_idempotent(rng):
     x = rng.standard_normal((1, 16)).astype(np.float32)
     (y,) = kort.create_session(bitlinear_model(w, x_dims=(1, None))).run(None, {"X": x})
     np.testing.assert_array_equal(y, bitlinear(x, packing.pack(w, "tdpu"), 0.75, "tdpu"))
+
+
+def test_unnamed_nodes_are_named_by_index_and_may_share_one_weight(rng):
+    w = ternary(rng, 8, 16)
+    model = bitlinear_model(w, node="")
+    first = model.graph.node[0]
+    second = helper.make_node("BitLinear", ["Y", *first.input[1:]], ["Z"], domain="ai.tdpu")
+    second.attribute.extend(first.attribute)
+    second.attribute[[a.name for a in second.attribute].index("in_features")].i = 8
+    second.attribute[[a.name for a in second.attribute].index("out_features")].i = 8
+    model.graph.node.append(second)
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("Z", TensorProto.FLOAT, None))
+    with pytest.raises(kort.BitLinearError, match=r"BitLinear node '#1': W .* expected .* = \[2, 8\]"):
+        kort.create_session(model)
+    square = ternary(rng, 16, 16)
+    model = bitlinear_model(square, node="")
+    first = model.graph.node[0]
+    second = helper.make_node("BitLinear", ["Y", *first.input[1:]], ["Z"], domain="ai.tdpu")
+    second.attribute.extend(first.attribute)
+    model.graph.node.append(second)
+    model.graph.output.append(helper.make_tensor_value_info("Z", TensorProto.FLOAT, None))
+    x = rng.standard_normal((1, 1, 16)).astype(np.float32)
+    y, z = kort.create_session(model).run(None, {"X": x})
+    p = packing.pack(square, "tdpu")
+    np.testing.assert_array_equal(z, bitlinear(bitlinear(x, p, 0.75, "tdpu"), p, 0.75, "tdpu"))

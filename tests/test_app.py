@@ -224,6 +224,18 @@ async def test_help_lists_the_keys_and_escape_closes_it(cfg):
 
 
 @aio
+async def test_no_color_is_honoured_and_status_is_not_colour_only(cfg, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=(80, 24)) as pilot:
+        assert app.no_color
+        await run_and_wait(pilot, app)
+        table = app.pipeline_panel.table
+        assert [str(table.get_cell(n, "status")) for n in ("export", "precheck", "parse")] == [
+            "✔ ok", "✘ failed", "– skipped"]
+
+
+@aio
 async def test_a_broken_stage_registry_is_shown_not_fatal(cfg):
     def broken():
         raise ImportError("cannot import name 'ReplaceStage'")

@@ -25,6 +25,13 @@ def run_app(config: Config | str | Path) -> int:
 
     app = TdpuApp(config)
     result = app.run()
+    if app.run_done is not None and not app.run_done.is_set():
+        # `q` twice: the screen is gone, the cancelled stage has not reached its next check yet.
+        print("tdpu: waiting for the cancelled stage to stop (ctrl+c leaves it)", file=sys.stderr)
+        try:
+            app.run_done.wait()
+        except KeyboardInterrupt:
+            return int(ExitCode.INTERRUPT)
     if app.return_code:  # Textual's own failure (an exception in the app)
         return int(app.return_code)
     return int(result or 0)

@@ -81,6 +81,8 @@ class TdpuApp(App[int]):
         self.pipeline: Pipeline | None = None
         self.worker: Worker | None = None
         self.last_summary = None
+        # Set when the run's thread is over (it may outlive the worker if the app quits at once).
+        self.run_done: threading.Event | None = None
         self.exit_status = 0
         self.sub_title = self._config_name()
 
@@ -282,9 +284,18 @@ class TdpuApp(App[int]):
             return False
         self.pipeline_panel.mark_pending([s.name for s in selected])
         self.pipeline = pipeline
-        self.worker = self.run_worker(partial(pipeline.run, names), name="pipeline", group="pipeline",
-                                      thread=True, exit_on_error=False)
+        self.run_done = done = threading.Event()
+        self.worker = self.run_worker(partial(self._run_pipeline, pipeline, names, done),
+                                      name="pipeline", group="pipeline", thread=True,
+                                      exit_on_error=False)
         return True
+
+    @staticmethod
+    def _run_pipeline(pipeline: Pipeline, names: list[str] | None, done: threading.Event):
+        try:
+            return pipeline.run(names)
+        finally:
+            done.set()
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.worker is self.worker and event.state is WorkerState.ERROR:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import subprocess
 from pathlib import Path
 
 from rich.text import Text
@@ -18,7 +21,10 @@ _STATUS_STYLE = {"未解决": "bold red", "已解决": "green", "待验证": "ye
 
 
 class BugsTable(DataTable):
-    BINDINGS = [Binding("enter", "edit", "Edit bug")]
+    BINDINGS = [
+        Binding("enter", "edit", "Edit bug"),
+        Binding("e", "open_editor", "$EDITOR"),
+    ]
 
     class Edit(Message):
         def __init__(self, number: int):
@@ -29,6 +35,11 @@ class BugsTable(DataTable):
         if self.row_count:
             key = self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
             self.post_message(self.Edit(int(key)))
+
+    def action_open_editor(self) -> None:
+        panel = self.parent
+        if isinstance(panel, BugsPanel):
+            panel.open_in_editor()
 
 
 class BugsPanel(Vertical):
@@ -85,6 +96,18 @@ class BugsPanel(Vertical):
         for line in messages or ["bugs_found.md changed on disk: reloaded"]:
             self.app.notify(str(line), title="bug records")
         self.rebuild()
+
+    def open_in_editor(self) -> None:
+        """The whole file in $VISUAL / $EDITOR (free text, hand edits); reloaded afterwards."""
+        editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with self.app.suspend():
+                subprocess.run([*shlex.split(editor), str(self.path)], check=False)
+        except Exception as exc:  # headless, or no such editor
+            self.app.notify(f"cannot open an editor ({editor}): {exc}", severity="error")
+            return
+        self.check_disk()
 
     def record(self, number: int):
         if self.book is None:

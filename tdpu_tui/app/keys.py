@@ -28,6 +28,7 @@ KEY_MAP: list[tuple[str, list[tuple[str, str]]]] = [
     ("Bugs", [
         ("enter", "edit the highlighted record"),
         ("b", "add a record"),
+        ("e", "open bugs_found.md in $VISUAL / $EDITOR (reloaded afterwards)"),
     ]),
     ("Bug form", [
         ("tab", "next field"),

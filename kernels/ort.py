@@ -193,6 +193,7 @@ def _register() -> None:
             if k_id not in ours:
                 return default(k_id, feed, attributes)
             op = _ocos.Opdef._odlist[k_id]
+            # ONNX Runtime has checked the attribute types when it built the session.
             y = op.body(*feed, **op.cast_attributes(attributes))
             return (k_id, y.shape, np.ascontiguousarray(y, dtype=np.float32).reshape(-1))
 

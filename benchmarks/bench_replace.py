@@ -12,6 +12,7 @@ against the targets: single-token step of the BitLinear graph ≤ 0.5× the floa
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -67,6 +68,7 @@ logs = "{root / 'phase3_logs'}"
             r = e.result
             print(f"[{r.name}] {r.status.value} in {r.seconds:.1f}s: {r.message}", file=sys.stderr)
 
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     stages = ["export", "replace", "validate"]
     if args.reuse and (root / "models" / "output" / "bitnet_b1.58_full.onnx").exists():
@@ -80,7 +82,11 @@ logs = "{root / 'phase3_logs'}"
     m = results["validate"].metrics
     print(f"\n2b4t shapes, {args.layers} layers, {m['replaced']} BitLinear nodes, "
           f"prefill {m['prefill_tokens']} tokens, median of {args.repeats}+ runs "
-          f"(total {time.perf_counter() - t0:.0f}s)\n")
+          f"(total {time.perf_counter() - t0:.0f}s)")
+    # The numba kernel splits each call over both cores; anything else running on this
+    # 2-core machine stalls it far more than ONNX Runtime's own operators. Say how busy it was.
+    print(f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f} "
+          f"on {os.cpu_count()} CPUs\n")
     print(f"{'graph':<12} {'prefill ms':>11} {'step ms':>9} {'proj. weights':>15}")
     for label in ("float", "bitlinear", "matmulnbits"):
         print(f"{label:<12} {m[f'{label}_prefill_ms']:>11.2f} {m[f'{label}_step_ms']:>9.2f} "

@@ -26,6 +26,8 @@ from tdpu_tui.engine.replace import tensor_bytes, placeholder_tensor, save_strea
 
 NBITS_DOMAIN = "com.microsoft"
 NBITS_BLOCK = 128
+# Pause before each timed block (see interleaved_medians).
+SETTLE_S = 0.2
 
 
 def nbits_block_size(k: int) -> int:
@@ -182,22 +184,26 @@ def projection_graphs(bitlinear_path: Path, act_quant: bool, layer: int | None =
     return layer, models
 
 
-def interleaved_medians(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+def interleaved_medians(runs: dict[str, Callable[[], Any]], repeats: int, rounds: int = 3
                         ) -> dict[str, float]:
-    """Median milliseconds of each callable, timed in turns (a, b, c, a, b, c, ...).
+    """Median milliseconds of each callable over `repeats` timed runs, taken in turns.
 
-    Taking turns spreads the load of anything else on the machine evenly over the graphs
-    being compared, so their ratio holds even when their absolute times drift.
+    The graphs take turns in `rounds` blocks (a a a, b b b, c c c, a a a, ...), so load from
+    anything else on the machine falls evenly on all of them. Each block starts after a pause
+    and one untimed run: a session's ONNX Runtime workers keep spinning for a while after its
+    last run, and on two cores that would be charged to the next graph (the BitLinear
+    session's numba threads most of all).
     """
-    for run in runs.values():
-        for _ in range(warmup):
-            run()
+    block = -(-repeats // rounds)
     times: dict[str, list[float]] = {label: [] for label in runs}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for label, run in runs.items():
-            t0 = time.perf_counter()
+            time.sleep(SETTLE_S)
             run()
-            times[label].append(time.perf_counter() - t0)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                run()
+                times[label].append(time.perf_counter() - t0)
     return {label: statistics.median(t) * 1e3 for label, t in times.items()}
 
 

@@ -103,7 +103,10 @@ class TdpuApp(App[int]):
     @property
     def main(self):
         """The main screen (queries must not look at a dialog on top of it)."""
-        return self.screen_stack[0] if self.screen_stack else self.screen
+        stack = self.screen_stack
+        if not stack:  # starting or shutting down
+            raise NoMatches("no screen")
+        return stack[0]
 
     @property
     def pipeline_panel(self) -> PipelinePanel:
@@ -132,7 +135,6 @@ class TdpuApp(App[int]):
             self.follow_file(p)
         self.tailer.start()
         self.set_interval(self.PUMP_INTERVAL, self._pump)
-        self.set_interval(1.0, self.pipeline_panel.tick)
         self.query_one(StagesTable).focus()
 
     def on_unmount(self) -> None:

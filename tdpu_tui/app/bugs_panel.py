@@ -155,7 +155,7 @@ class BugsPanel(Vertical):
             return
         text = Text()
         text.append(f"Bug #{r.number}: {r.title}\n", style="bold")
-        error = (r.error or "").strip().splitlines()
+        error = [line for line in (r.error or "").strip().splitlines() if line.strip()]
         if error:
             text.append("错误信息: ", style="bold")
             text.append("\n".join(error[:4]) + (" …" if len(error) > 4 else "") + "\n")

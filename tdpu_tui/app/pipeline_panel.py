@@ -119,6 +119,7 @@ class PipelinePanel(Vertical):
         for key, label in (("stage", "Stage"), ("status", "Status"), ("time", "Time"),
                            ("progress", "Progress"), ("result", "Result")):
             table.add_column(label, key=key, width=FIXED.get(key, 30))
+        self.set_interval(1.0, self.tick)
 
     @property
     def table(self) -> StagesTable:

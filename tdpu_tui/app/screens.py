@@ -132,11 +132,12 @@ class BugForm(ModalScreen[dict | None]):
                 yield Label("解决方案 fix", classes="area-label")
                 yield TextArea(v["fix"], id="f-fix", compact=True, soft_wrap=True, classes="area")
             yield Static("", id="bug-form-problems")
-            yield Static("[b]ctrl+s[/b] save   [b]escape[/b] cancel   [b]tab[/b] next field",
-                         classes="hint")
-            with Horizontal(id="bug-form-buttons"):
-                yield Button("Save", id="save", variant="primary", compact=True)
-                yield Button("Cancel", id="cancel", compact=True)
+            with Horizontal(id="bug-form-bottom"):
+                yield Static("[b]ctrl+s[/b] save  [b]escape[/b] cancel  [b]tab[/b] next field",
+                             classes="hint")
+                with Horizontal(id="bug-form-buttons"):
+                    yield Button("Save", id="save", variant="primary", compact=True)
+                    yield Button("Cancel", id="cancel", compact=True)
 
     def on_mount(self) -> None:
         self.query_one("#f-title", Input).focus()

@@ -75,9 +75,10 @@ def _onnx_models(w: np.ndarray, ws: float, packed: np.ndarray):
 def _timed(fns: dict, rounds: int, block: int, budget_s: float) -> dict:
     """(median, minimum) seconds per call of each zero-argument callable.
 
-    Methods take turns in blocks of `block` calls; the first call of each block is not
-    counted, so thread pools still spinning from the previous method (ONNX Runtime, OpenMP)
-    do not bill their wake-up to the next one.
+    Methods take turns in blocks of `block` calls. Before a block the benchmark sleeps
+    briefly and the block's first call is not counted: thread pools still spinning after
+    the previous method (ONNX Runtime, torch's and numba's OpenMP) would otherwise steal
+    the cores from the next one.
     """
     for fn in fns.values():
         fn()
@@ -85,6 +86,7 @@ def _timed(fns: dict, rounds: int, block: int, budget_s: float) -> dict:
     deadline = time.perf_counter() + budget_s
     for i in range(rounds):
         for name, fn in fns.items():
+            time.sleep(0.005)
             for j in range(block):
                 t = time.perf_counter()
                 fn()

@@ -19,13 +19,15 @@ from tdpu_tui.engine.pipeline import Pipeline
 from tdpu_tui.engine.validate import check_node, explain_disagreement
 
 
-def _config(root: Path, profile: str = "reference"):
+def _config(root: Path, profile: str = "reference", layout: str = "tdpu"):
     return parse_config(f"""
 [model.synthetic]
 preset = "tiny"
 [export]
 profile = "{profile}"
 seq_len = 32
+[replace]
+layout = "{layout}"
 [validate]
 repeats = 2
 sample_nodes = 4
@@ -35,8 +37,8 @@ logs = "{root / 'phase3_logs'}"
 """, root / "tdpu.toml")
 
 
-def _run(root: Path, stages: list[str], profile: str = "reference"):
-    pipe = Pipeline(_config(root, profile))
+def _run(root: Path, stages: list[str], profile: str = "reference", layout: str = "tdpu"):
+    pipe = Pipeline(_config(root, profile, layout))
     return {r.name: r for r in pipe.run(stages).results}
 
 
@@ -69,6 +71,16 @@ def test_tiny_preset_validates_with_argmax_agreement_and_a_report(replaced, tmp_
     report = (root / "phase3_logs" / "performance_report.md").read_text(encoding="utf-8")
     assert "通过 passed" in report
     assert "| step: BitLinear / float |" in report and "| matmulnbits |" in report
+
+
+def test_hf_layout_graph_validates_too(replaced, tmp_path):
+    root = _copy(replaced, tmp_path)
+    results = _run(root, ["replace", "validate"], layout="hf")
+    assert results["replace"].metrics["layout"] == "hf"
+    assert results["validate"].status is Status.OK, results["validate"].message
+    model = onnx.load(str(root / "models" / "output" / "bitnet_b1.58_bitlinear.onnx"), load_external_data=False)
+    layouts = {a.s for n in model.graph.node if n.op_type == "BitLinear" for a in n.attribute if a.name == "layout"}
+    assert layouts == {b"hf"}
 
 
 def test_weights_packed_in_the_wrong_layout_fail_with_the_layout_diagnosis(replaced, tmp_path):

@@ -29,7 +29,7 @@ import onnx
 
 from kernels.packing import LAYOUTS, unpack
 from tdpu_tui.engine.errors import StageFailed
-from tdpu_tui.engine.fsutil import atomic_write_text
+from tdpu_tui.engine.fsutil import atomic_write_text, human_bytes
 from tdpu_tui.engine.inventory import BITLINEAR_DOMAIN, GraphIndex
 from tdpu_tui.engine.perf_report import (
     GraphTiming, PerfResult, ProjectionTiming, interleaved_medians, lower_to_matmulnbits, projection_graphs,
@@ -286,7 +286,25 @@ class Validation:
                              f"{'n/a' if timing.step_ms is None else f'{timing.step_ms:.2f} ms'}, "
                              f"projection weights {timing.weight_bytes} B")
         perf.projections = self.measure_projections(tokens, step is not None)
+        kept = self.kept_weight_bytes()
+        if kept:
+            names = ", ".join(f"{n} ({human_bytes(b)})" for n, b in kept.items())
+            perf.notes.append(
+                f"every graph also multiplies by the float weights of the MatMuls that were kept: {names}. "
+                "Neither BitLinear nor MatMulNBits changes that part, and in a single-token step it can "
+                "outweigh the projections; the projections-alone table isolates what the replacement changes.")
         return perf
+
+    def kept_weight_bytes(self) -> dict[str, int]:
+        """Bytes of the float weights behind kept MatMul/Gemm nodes (e.g. the tied lm_head)."""
+        g = GraphIndex.load(self.paths.full_onnx)
+        out: dict[str, int] = {}
+        for d in self.report["nodes"]:
+            w = d.get("weight")
+            if d["action"] == "kept" and w in g.inits and len(g.inits[w].dims) == 2:
+                t = g.inits[w]
+                out[w] = int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        return {k: v for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 1 << 20}
 
     def measure_projections(self, tokens: int, with_step: bool) -> ProjectionTiming:
         """One layer's projections alone: the part of the graph the replacement changes."""

@@ -20,6 +20,7 @@ Patterns recognised around a node `M = MatMul(A, B)` (CONTRACTS.md "Export"):
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import re
@@ -386,9 +387,32 @@ def iter_nodes(g: GraphIndex) -> Iterator[tuple[MatMulNode, Projection | None]]:
         yield entry, (proj if status == TERNARY else None)
 
 
+_CACHE: dict[tuple, list[MatMulNode]] = {}
+
+
+def _stamp(path: Path) -> tuple:
+    files = [path, path.with_name(path.name + ".data")]
+    return tuple((str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.exists())
+
+
 def inventory(model_path: str | Path) -> list[MatMulNode]:
-    """Every MatMul/Gemm (and BitLinear) node of the graph, with its replaceability."""
-    return [entry for entry, _ in iter_nodes(GraphIndex.load(model_path))]
+    """Every MatMul/Gemm (and BitLinear) node of the graph, with its replaceability.
+
+    Scanning the weights of a 2B graph reads gigabytes, so the answer is remembered for as
+    long as the graph and its data file are unchanged (size and modification time).
+    """
+    path = Path(model_path)
+    try:
+        key = _stamp(path)
+    except OSError:
+        key = None
+    if key and key in _CACHE:
+        return [dataclasses.replace(n) for n in _CACHE[key]]
+    nodes = [entry for entry, _ in iter_nodes(GraphIndex.load(path))]
+    if key:
+        _CACHE.clear()
+        _CACHE[key] = nodes
+    return [dataclasses.replace(n) for n in nodes]
 
 
 # Selection -------------------------------------------------------------------------------

@@ -289,7 +289,7 @@ async def test_icraft_logs_under_the_output_directory_are_tailed(cfg):
         logs.mkdir(parents=True)
         (logs / "bitnet_b158_parse.log").write_text("[I] parse ok\n")
         await wait_for(pilot, lambda: any("parse ok" in line for line in app.log_panel.ring))
-        assert any(line.startswith("logs/parse") for line in app.log_panel.ring)
+        assert any(line.startswith("parse     │ [I] parse ok") for line in app.log_panel.ring)
 
 
 @aio
@@ -311,6 +311,7 @@ async def test_log_filter_end_follow_and_memory_bound(cfg, tmp_path):
         assert panel.following
         await pilot.press("slash", *"[e]", "enter")
         assert panel.filter_text == "[e]"
+        assert "filter: '[e]'" in str(panel.query_one("#log-status").render())  # not markup
         assert panel.view.line_count == 5  # 1500..1900 are still in the ring
         await pilot.press("escape")
         assert panel.filter_text == "" and panel.view.line_count == 500
@@ -379,7 +380,8 @@ async def test_nodes_toggles_are_saved_to_the_selection_file(exported, size):
         table.move_cursor(row=_row_names(table).index(other.name))
         await pilot.press("space")
         assert other.name not in load_selection(selection_file)
-        assert any(other.status in n.message for n in app._notifications)
+        assert any(f"cannot be replaced: {other.status}" in n.message and not n.markup
+                   for n in app._notifications)
 
 
 @pytest.mark.slow

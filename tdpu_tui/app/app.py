@@ -86,6 +86,11 @@ class TdpuApp(App[int]):
         self.exit_status = 0
         self.sub_title = self._config_name()
 
+    def say(self, message: str, *, title: str = "", severity: str = "information",
+            timeout: float | None = None) -> None:
+        """A notification whose text is shown as is (stage errors and log lines hold [brackets])."""
+        self.notify(message, title=title, severity=severity, timeout=timeout, markup=False)
+
     # -- layout -------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Header()
@@ -130,7 +135,7 @@ class TdpuApp(App[int]):
         except Exception as exc:  # a broken stage module must not take the app down
             stages, problem = [], f"cannot load the stages: {type(exc).__name__}: {exc}"
         self.pipeline_panel.set_stages(stages, problem)
-        self.tailer.follow_dir(self.paths.icraft_dir.resolve(), "*.log")
+        self.tailer.follow_dir(self.paths.icraft_dir.resolve(), "*.log", label=self.file_label)
         for p in self._follow:
             self.follow_file(p)
         self.tailer.start()
@@ -155,6 +160,11 @@ class TdpuApp(App[int]):
         if callable(self._stage_source):
             return list(self._stage_source())
         return list(self._stage_source)
+
+    def file_label(self, path: Path) -> str:
+        """Icraft names its logs {net}_{component}*.log: the label is the component part."""
+        name = path.name.removesuffix(".log")
+        return name.removeprefix(f"{self.config.icraft.net_name}_") or name
 
     def follow_file(self, path: str | Path, label: str | None = None) -> None:
         """Show the lines of `path` in the log panel as it grows (Icraft logs, any log)."""
@@ -193,7 +203,7 @@ class TdpuApp(App[int]):
                 panel.logged(stage, ev.line)
                 if ev.source and self._is_followed_file(ev.source):
                     continue  # the tailer shows that file's lines (once, with rotation handled)
-                label = stage if not ev.source else f"{stage}:{Path(ev.source).name}"
+                label = stage
                 line = ev.line if ev.level == "info" else f"[{ev.level}] {ev.line}"
                 if label != pending_label:
                     flush_lines()
@@ -232,9 +242,7 @@ class TdpuApp(App[int]):
             if known:
                 resolved = path.resolve()
                 if resolved not in self.tailer.paths:
-                    icraft = self.paths.icraft_dir.resolve()
-                    label = str(resolved.relative_to(icraft)) if resolved.is_relative_to(icraft) else None
-                    self.tailer.follow(resolved, label)
+                    self.tailer.follow(resolved, self.file_label(resolved))
             self._sources[source] = known
         return known
 
@@ -247,7 +255,7 @@ class TdpuApp(App[int]):
             result = ev.result
             panel.finished(result)
             if result.status is Status.FAILED:
-                self.notify(f"{result.name} failed: {result.message.splitlines()[0] if result.message else ''}"
+                self.say(f"{result.name} failed: {result.message.splitlines()[0] if result.message else ''}"
                             "\nPipeline tab, d drafts a bug record", severity="error",
                             title="stage failed", timeout=8)
             if result.name == "export" and result.status is Status.OK:
@@ -258,9 +266,9 @@ class TdpuApp(App[int]):
             text = ", ".join(f"{n} {s}" for s, n in counts.items()) or "nothing run"
             self.sub_title = f"{self._config_name()} · last run: {text}"
             if self.pipeline is not None and self.pipeline.cancel.is_set():
-                self.notify(f"run cancelled: {text}", severity="warning")
+                self.say(f"run cancelled: {text}", severity="warning")
             else:
-                self.notify(f"run finished: {text}",
+                self.say(f"run finished: {text}",
                             severity="error" if ev.summary.failed else "information")
 
     # -- running ------------------------------------------------------------------------------
@@ -271,18 +279,18 @@ class TdpuApp(App[int]):
 
     def start_run(self, names: list[str] | None) -> bool:
         if self.running:
-            self.notify("a run is in progress (c cancels it)", severity="warning")
+            self.say("a run is in progress (c cancels it)", severity="warning")
             return False
         try:
             stages = self._make_stages()
         except Exception as exc:
-            self.notify(f"cannot load the stages: {exc}", severity="error")
+            self.say(f"cannot load the stages: {exc}", severity="error")
             return False
         pipeline = Pipeline(self.config, stages=stages, on_event=self._post_event)
         try:
             selected = pipeline.select(names)
         except KeyError as exc:
-            self.notify(str(exc.args[0]), severity="error")
+            self.say(str(exc.args[0]), severity="error")
             return False
         self.pipeline_panel.mark_pending([s.name for s in selected])
         self.pipeline = pipeline
@@ -301,7 +309,7 @@ class TdpuApp(App[int]):
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.worker is self.worker and event.state is WorkerState.ERROR:
-            self.notify(f"the run stopped: {event.worker.error}", severity="error")
+            self.say(f"the run stopped: {event.worker.error}", severity="error")
 
     def action_run_all(self) -> None:
         self.start_run(None)
@@ -310,7 +318,7 @@ class TdpuApp(App[int]):
         rows = self.pipeline_panel.rows
         failed = [n for n, r in rows.items() if r.status is Status.FAILED]
         if not failed:
-            self.notify("no failed stage to rerun")
+            self.say("no failed stage to rerun")
             return
         # Stages that did not run because of a failure run again with it.
         blocked = [n for n, r in rows.items()
@@ -319,10 +327,10 @@ class TdpuApp(App[int]):
 
     def action_cancel(self) -> None:
         if not self.running or self.pipeline is None:
-            self.notify("nothing is running")
+            self.say("nothing is running")
             return
         self.pipeline.cancel.set()
-        self.notify("cancelling: the stage stops at its next check")
+        self.say("cancelling: the stage stops at its next check")
 
     def on_stages_table_run_stage(self, msg: StagesTable.RunStage) -> None:
         self.start_run([msg.name])
@@ -336,7 +344,7 @@ class TdpuApp(App[int]):
         try:
             stages, statuses = self._bug_choices()
         except Exception as exc:
-            self.notify(f"bug records unavailable: {exc}", severity="error")
+            self.say(f"bug records unavailable: {exc}", severity="error")
             return
         form = BugForm(heading, values, stages, statuses)
         self.push_screen(form, partial(self._bug_saved, number, heading))
@@ -356,15 +364,15 @@ class TdpuApp(App[int]):
             else:
                 record = book.update(number, **values)
         except Exception as exc:
-            self.notify(f"not saved: {exc}", severity="error", title="bug record")
+            self.say(f"not saved: {exc}", severity="error", title="bug record")
             # Reopen with what was typed so nothing is lost.
             self.call_later(self.open_bug_form, heading, values, number)
             return
         for message in book.messages[seen:]:
-            self.notify(message, title="bug records", severity="warning", timeout=10)
+            self.say(message, title="bug records", severity="warning", timeout=10)
         number = record.number
         panel.rebuild()
-        self.notify(f"Bug #{number} saved to {self.paths.bugs.name}")
+        self.say(f"Bug #{number} saved to {self.paths.bugs.name}")
 
     def action_add_bug(self) -> None:
         self.open_bug_form("New bug record", {"time": now_minutes(), "status": "未解决"}, None)
@@ -381,7 +389,7 @@ class TdpuApp(App[int]):
         row = self.pipeline_panel.rows.get(msg.name)
         if row is None or row.status is not Status.FAILED:
             state = row.status.value if row is not None else "unknown"
-            self.notify(f"{msg.name} is {state}: only a failed stage drafts a bug record")
+            self.say(f"{msg.name} is {state}: only a failed stage drafts a bug record")
             return
         from tdpu_tui.engine.bugbook import DRAFT_TAIL_LINES, stage_label
         try:
@@ -429,7 +437,7 @@ class TdpuApp(App[int]):
         self._stopping = True
         if self.pipeline is not None:
             self.pipeline.cancel.set()
-        self.notify("stopping the run… (q again quits at once)", timeout=30)
+        self.say("stopping the run… (q again quits at once)", timeout=30)
         if self.worker is not None:
             try:
                 await self.worker.wait()

@@ -94,7 +94,7 @@ class BugsPanel(Vertical):
             return
         self.error = ""
         for line in messages or ["bugs_found.md changed on disk: reloaded"]:
-            self.app.notify(str(line), title="bug records")
+            self.app.say(str(line), title="bug records")
         self.rebuild()
 
     def open_in_editor(self) -> None:
@@ -105,7 +105,7 @@ class BugsPanel(Vertical):
             with self.app.suspend():
                 subprocess.run([*shlex.split(editor), str(self.path)], check=False)
         except Exception as exc:  # headless, or no such editor
-            self.app.notify(f"cannot open an editor ({editor}): {exc}", severity="error")
+            self.app.say(f"cannot open an editor ({editor}): {exc}", severity="error")
             return
         self.check_disk()
 

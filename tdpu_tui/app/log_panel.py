@@ -120,11 +120,16 @@ class LogPanel(Vertical):
             self.view.write_line(line)
 
     def update_status(self) -> None:
-        parts = [f"{self.received:,} lines"]
-        parts.append("following" if self.following else "paused: [b]end[/b] follows")
+        text = Text(f"{self.received:,} lines · ")
+        if self.following:
+            text.append("following")
+        else:
+            text.append("paused: ")
+            text.append("end", style="bold")
+            text.append(" follows")
         if self.filter_text:
-            parts.append(f"filter: {self.filter_text!r}")
-        self.query_one("#log-status", Static).update(" · ".join(parts))
+            text.append(f" · filter: {self.filter_text!r}")
+        self.query_one("#log-status", Static).update(text)
 
     def on_log_panel_follow_changed(self, _msg: FollowChanged) -> None:
         self.update_status()

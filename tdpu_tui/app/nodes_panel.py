@@ -268,14 +268,14 @@ class NodesPanel(Vertical):
             box.focus()
             return
         if not self.nodes:
-            self.app.notify(self.error or "no nodes to select", severity="warning")
+            self.app.say(self.error or "no nodes to select", severity="warning")
             return
         if msg.what == "toggle":
             node = next((n for n in self.nodes if n.name == msg.row), None)
             if node is None:
                 return
             if not node.ternary:
-                self.app.notify(f"{node.name} cannot be replaced: {node.status}",
+                self.app.say(f"{node.name} cannot be replaced: {node.status}",
                                 title="not ternary", severity="warning")
                 return
             self.set_selected([node.name], not self.selection.get(node.name, False))
@@ -290,7 +290,7 @@ class NodesPanel(Vertical):
         try:
             save_selection(self.paths.replace_selection, self.overrides)
         except OSError as exc:
-            self.app.notify(f"cannot save the selection: {exc}", severity="error")
+            self.app.say(f"cannot save the selection: {exc}", severity="error")
             return
         self.resolve()
         table = self.table

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 
+from rich.markup import escape
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -161,7 +162,7 @@ class BugForm(ModalScreen[dict | None]):
         problems = validate_bug(values, self.stages, self.statuses)
         out = self.query_one("#bug-form-problems", Static)
         if problems:
-            out.update("\n".join(f"[b]{k}[/b]: {why}" for k, why in problems.items()))
+            out.update("\n".join(f"[b]{k}[/b]: {escape(why)}" for k, why in problems.items()))
             out.add_class("error")
             self.query_one(f"#f-{next(iter(problems))}").focus()
             return

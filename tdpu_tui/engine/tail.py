@@ -22,7 +22,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,7 +73,7 @@ class Tailer:
         # Called from the reader thread when lines become available after the queue was empty.
         self.on_ready = on_ready
         self._files: dict[Path, _Followed] = {}
-        self._dirs: dict[Path, tuple[str, bool]] = {}
+        self._dirs: dict[Path, tuple[str, bool, Callable[[Path], str] | None]] = {}
         self._pending: collections.deque[tuple[str, list[str]]] = collections.deque()
         self._pending_lines = 0
         self._cond = threading.Condition()
@@ -100,11 +100,14 @@ class Tailer:
                         f.head = fh.read(min(HEAD_BYTES, st.st_size))
             self._files[path] = f
 
-    def follow_dir(self, directory: str | Path, pattern: str = "*.log", *,
-                   recursive: bool = True) -> None:
-        """Follow every file matching `pattern` in `directory`, including files created later."""
+    def follow_dir(self, directory: str | Path, pattern: str = "*.log", *, recursive: bool = True,
+                   label: Callable[[Path], str] | None = None) -> None:
+        """Follow every file matching `pattern` in `directory`, including files created later.
+
+        `label(path)` names a file's lines (default: its path relative to `directory`).
+        """
         with self._cond:
-            self._dirs[Path(directory)] = (pattern, recursive)
+            self._dirs[Path(directory)] = (pattern, recursive, label)
 
     def unfollow(self, path: str | Path) -> None:
         with self._cond:
@@ -180,14 +183,13 @@ class Tailer:
     def _discover(self) -> None:
         with self._cond:
             dirs = list(self._dirs.items())
-        for directory, (pattern, recursive) in dirs:
+        for directory, (pattern, recursive, label) in dirs:
             if not directory.is_dir():
                 continue
             found: Iterable[Path] = directory.rglob(pattern) if recursive else directory.glob(pattern)
             for p in sorted(found):
                 if p not in self._files and p.is_file():
-                    rel = p.relative_to(directory)
-                    self.follow(p, str(rel))
+                    self.follow(p, label(p) if label else str(p.relative_to(directory)))
 
     def _open(self, f: _Followed) -> bool:
         try:

@@ -388,7 +388,7 @@ class Validation:
         problems = []
         if logits["argmax_agreement"] < MIN_ARGMAX_AGREEMENT:
             problems.append(f"argmax agreement {logits['argmax_agreement']:.2%} is below "
-                            f"{MIN_ARGMAX_AGREEMENT:.0%}")
+                            f"{MIN_ARGMAX_AGREEMENT:.0%}" + (f" ({why})" if why else ""))
         if not logits.get("finite", True):
             problems.append("the BitLinear graph produced non-finite logits")
         bad_int = [c.name for c in checks if not c.int_exact]

@@ -98,6 +98,26 @@ def _timed(fns: dict, rounds: int, block: int, budget_s: float) -> dict:
             {name: float(np.min(v)) for name, v in samples.items()})
 
 
+def _busy_jiffies() -> int | None:
+    """CPU time (clock ticks) used by all processes since boot, or None off Linux."""
+    try:
+        fields = open("/proc/stat").readline().split()[1:]
+    except OSError:
+        return None
+    values = [int(v) for v in fields[:8]]
+    return sum(values) - values[3] - values[4]          # minus idle and iowait
+
+
+def _background_cores(start_busy, start_own, start_wall) -> float | None:
+    """Average number of cores other processes kept busy since the start (a noise gauge)."""
+    busy = _busy_jiffies()
+    if busy is None or start_busy is None:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    own = sum(os.times()[:2]) - start_own
+    return max(0.0, ((busy - start_busy) / tick - own) / (time.perf_counter() - start_wall))
+
+
 def run(quick: bool, threads: int) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     import numba
@@ -113,7 +133,7 @@ def run(quick: bool, threads: int) -> dict:
     rng = np.random.default_rng(0)
     shapes = [(2560, 6912)] if quick else SHAPES
     ms = [1, 128] if quick else MS
-    rounds, budget = (6, 2.0) if quick else (40, 8.0)
+    rounds, budget = (10, 2.0) if quick else (400, 8.0)
 
     def session(model):
         so = ort.SessionOptions()
@@ -121,6 +141,7 @@ def run(quick: bool, threads: int) -> dict:
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
     rows = []
+    gauge = (_busy_jiffies(), sum(os.times()[:2]), time.perf_counter())
     for k, n in shapes:
         w = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
         ws = 0.0421
@@ -149,7 +170,7 @@ def run(quick: bool, threads: int) -> dict:
                 "matmulnbits": lambda: s_nbits.run(None, feed),
             }
             with torch.inference_mode():
-                med, best = _timed(fns, rounds, 6 if m < 128 else 3, budget)
+                med, best = _timed(fns, rounds, 4 if m == 1 else 3, budget)
             row = {"k": k, "n": n, "m": m, "ms": {name: v * 1e3 for name, v in med.items()},
                    "best_ms": {name: v * 1e3 for name, v in best.items()},
                    "w_copy_ms": (med["ort_op_copy"] - med["ort_op"]) * 1e3,
@@ -159,8 +180,9 @@ def run(quick: bool, threads: int) -> dict:
             rows.append(row)
             print(_format_row(row), flush=True)
         del s_op
+    background = _background_cores(*gauge)
     return {"threads": threads, "quick": quick, "machine": platform.processor() or platform.machine(),
-            "rows": rows, "targets": _targets(rows)}
+            "cpus": os.cpu_count(), "background_cores": background, "rows": rows, "targets": _targets(rows)}
 
 
 def _format_row(row) -> str:
@@ -207,6 +229,10 @@ def markdown(result: dict) -> str:
                      f"{r['ratio_matmulnbits']['kernel']:.2f} | {r['ms']['ort_op'] / r['ms']['kernel']:.2f} | "
                      f"{r['w_copy_ms']:.3f} |")
     lines.append("")
+    if result.get("background_cores") is not None:
+        lines.append(f"Background load during the run: {result['background_cores']:.2f} of "
+                     f"{result['cpus']} cores busy with other processes.")
+        lines.append("")
     for t in result["targets"]:
         lines.append(f"- {'met' if t['met'] else '**missed**'}: {t['target']} — {t['value']:.2f}")
     return "\n".join(lines)
@@ -221,6 +247,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     result = run(args.quick, args.threads)
     print()
+    if result["background_cores"] is not None:
+        print(f"other processes kept {result['background_cores']:.2f} of {result['cpus']} cores busy "
+              "during the run (figures are only comparable when this is near 0)")
     for t in result["targets"]:
         print(f"{'MET ' if t['met'] else 'MISS'}  {t['target']}: {t['value']}")
     if args.markdown:

@@ -126,6 +126,22 @@ async def test_run_all_shows_every_stage_status_and_result(cfg, size):
         assert "ok" in app.sub_title and "failed" in app.sub_title
 
 
+@pytest.mark.slow
+@aio
+async def test_the_tiny_pipeline_runs_from_the_app(cfg):
+    """The real registry on the synthetic tiny model; Icraft is not installed here."""
+    app = TdpuApp(cfg, stages=None)
+    async with app.run_test(size=(120, 40)) as pilot:
+        names = list(statuses(app))
+        assert names[:2] == ["export", "precheck"] and "validate" in names
+        await run_and_wait(pilot, app, timeout=300)
+        got = statuses(app)
+        assert got["export"] == "ok" and got["validate"] == "ok", app.pipeline_panel.rows
+        assert all(s in ("ok", "skipped") for s in got.values()), got
+        assert app.nodes_panel.loaded_mtime is not None or app.nodes_panel.loading
+        assert any(line.startswith("validate") for line in app.log_panel.ring)
+
+
 @aio
 async def test_enter_runs_the_highlighted_stage_only(cfg):
     stages = fake_stages()
@@ -562,4 +578,4 @@ async def test_bug_file_changed_on_disk_is_reloaded(cfg):
         assert app.bugs_panel.table.row_count == 1
         path.write_text(BUG_FILE + BUG_FILE.split("\n", 2)[2].replace("#1", "#2"), encoding="utf-8")
         await wait_for(pilot, lambda: app.bugs_panel.table.row_count == 2, timeout=5)
-        assert any("bug records" == n.title for n in app._notifications)
+        assert any(n.title == "bug records" for n in app._notifications)

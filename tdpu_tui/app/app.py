@@ -9,6 +9,7 @@ reimplements a stage; `--batch` and this app consume the same events.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -29,7 +30,13 @@ from tdpu_tui.app.screens import BugForm, ConfirmScreen, HelpScreen, now_minutes
 from tdpu_tui.engine.artifacts import Artifacts
 from tdpu_tui.engine.config import Config
 from tdpu_tui.engine.events import (
-    Event, RunFinished, StageFinished, StageLog, StageProgress, StageStarted, Status,
+    Event,
+    RunFinished,
+    StageFinished,
+    StageLog,
+    StageProgress,
+    StageStarted,
+    Status,
 )
 from tdpu_tui.engine.pipeline import Pipeline, Stage
 from tdpu_tui.engine.tail import Tailer
@@ -255,9 +262,9 @@ class TdpuApp(App[int]):
             result = ev.result
             panel.finished(result)
             if result.status is Status.FAILED:
-                self.say(f"{result.name} failed: {result.message.splitlines()[0] if result.message else ''}"
-                            "\nPipeline tab, d drafts a bug record", severity="error",
-                            title="stage failed", timeout=8)
+                first = result.message.splitlines()[0] if result.message else ""
+                self.say(f"{result.name} failed: {first}\nPipeline tab, d drafts a bug record",
+                         severity="error", title="stage failed", timeout=8)
             if result.name == "export" and result.status is Status.OK:
                 self.nodes_panel.reload()
         elif isinstance(ev, RunFinished):
@@ -269,7 +276,7 @@ class TdpuApp(App[int]):
                 self.say(f"run cancelled: {text}", severity="warning")
             else:
                 self.say(f"run finished: {text}",
-                            severity="error" if ev.summary.failed else "information")
+                         severity="error" if ev.summary.failed else "information")
 
     # -- running ------------------------------------------------------------------------------
     @property
@@ -408,9 +415,7 @@ class TdpuApp(App[int]):
 
     # -- navigation, help, quit ----------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in _GUARDED and len(self.screen_stack) > 1:
-            return False
-        return True
+        return not (action in _GUARDED and len(self.screen_stack) > 1)
 
     def action_show_tab(self, tab: str) -> None:
         self.main.query_one(TabbedContent).active = tab
@@ -437,10 +442,9 @@ class TdpuApp(App[int]):
         self._stopping = True
         if self.pipeline is not None:
             self.pipeline.cancel.set()
-        self.say("stopping the run… (q again quits at once)", timeout=30)
+        self.say("stopping the run… (q again leaves at once)", timeout=30)
         if self.worker is not None:
-            try:
+            # The run's own error is already reported; we are leaving.
+            with contextlib.suppress(Exception):
                 await self.worker.wait()
-            except Exception:  # the run's own error is already reported; we are leaving
-                pass
         self.exit(self.exit_status)

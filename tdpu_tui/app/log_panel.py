@@ -145,8 +145,9 @@ class LogPanel(Vertical):
         self.filter_text = text.strip().lower()
         view = self.view
         view.clear()
-        lines = [s for s in self.ring if self.filter_text in s.lower()] if self.filter_text else list(self.ring)
-        view.write_lines(lines, scroll_end=True)
+        needle = self.filter_text
+        view.write_lines([s for s in self.ring if needle in s.lower()] if needle else list(self.ring),
+                         scroll_end=True)
         self.update_status()
 
     def on_input_changed(self, event: Input.Changed) -> None:

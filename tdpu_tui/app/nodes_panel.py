@@ -276,7 +276,7 @@ class NodesPanel(Vertical):
                 return
             if not node.ternary:
                 self.app.say(f"{node.name} cannot be replaced: {node.status}",
-                                title="not ternary", severity="warning")
+                             title="not ternary", severity="warning")
                 return
             self.set_selected([node.name], not self.selection.get(node.name, False))
         else:

@@ -211,7 +211,8 @@ class PipelinePanel(Vertical):
     def update_row(self, name: str) -> None:
         row = self.rows[name]
         table = self.table
-        for key, value in zip(("stage", "status", "time", "progress", "result"), self._cells(row)):
+        keys = ("stage", "status", "time", "progress", "result")
+        for key, value in zip(keys, self._cells(row), strict=True):
             table.update_cell(name, key, value)
         if self.current == name:
             self.refresh_detail()

@@ -298,6 +298,27 @@ async def test_log_panel_follows_a_file_through_truncation(cfg, tmp_path):
 
 
 @aio
+async def test_a_batch_run_elsewhere_shows_and_our_own_run_is_not_shown_twice(cfg):
+    runs = Artifacts.of(cfg).run_logs
+    runs.mkdir(parents=True)
+    (runs / "export.log").write_text("export from last night\n")
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test() as pilot:
+        panel = app.log_panel
+        await wait_for(pilot, lambda: any("last night" in line for line in panel.ring))
+        with open(runs / "validate.log", "w") as fh:  # `tdpu --batch` in another shell
+            fh.write("validate from the batch run\n")
+        await wait_for(pilot, lambda: any("from the batch run" in line for line in panel.ring))
+        await run_and_wait(pilot, app)
+        await pilot.pause(0.5)  # time for the tailer to see the run logs our run wrote
+        assert sum("export: starting" in line for line in panel.ring) == 1
+        with open(runs / "export.log", "a") as fh:
+            fh.write("appended later\n")
+        await wait_for(pilot, lambda: any("appended later" in line for line in panel.ring))
+        assert sum("export: starting" in line for line in panel.ring) == 1
+
+
+@aio
 async def test_icraft_logs_under_the_output_directory_are_tailed(cfg):
     app = TdpuApp(cfg, stages=fake_stages())
     async with app.run_test() as pilot:

@@ -126,3 +126,22 @@ def test_thread_follows_a_file_written_by_another_process(tmp_path):
         time.sleep(0.01)
     t.stop()
     assert got == [f"p {i}" for i in range(200)]
+
+
+def test_directory_without_history_then_unfollowed(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "export.log").write_text("last night\n")
+    t = Tailer()
+    t.follow_dir(runs, label=lambda p: p.stem, history=False)
+    assert _lines(t) == []
+    with open(runs / "export.log", "a") as fh:
+        fh.write("now\n")
+    (runs / "validate.log").write_text("new file\n")
+    t.poll()
+    assert t.drain() == [("export", ["now"]), ("validate", ["new file"])]
+    t.unfollow_dir(runs)
+    (runs / "replace.log").write_text("not followed\n")
+    with open(runs / "export.log", "a") as fh:
+        fh.write("not followed either\n")
+    assert _lines(t) == [] and t.paths == []

@@ -142,6 +142,7 @@ class TdpuApp(App[int]):
         except Exception as exc:  # a broken stage module must not take the app down
             stages, problem = [], f"cannot load the stages: {type(exc).__name__}: {exc}"
         self.pipeline_panel.set_stages(stages, problem)
+        self._follow_run_logs(history=True)
         self.tailer.follow_dir(self.paths.icraft_dir.resolve(), "*.log", label=self.file_label)
         for p in self._follow:
             self.follow_file(p)
@@ -172,6 +173,11 @@ class TdpuApp(App[int]):
         """Icraft names its logs {net}_{component}*.log: the label is the component part."""
         name = path.name.removesuffix(".log")
         return name.removeprefix(f"{self.config.icraft.net_name}_") or name
+
+    def _follow_run_logs(self, history: bool) -> None:
+        """Stage logs of runs this app did not start (`tdpu --batch` in another shell)."""
+        self.tailer.follow_dir(self.paths.run_logs.resolve(), "*.log", recursive=False,
+                               label=lambda p: p.stem, history=history)
 
     def follow_file(self, path: str | Path, label: str | None = None) -> None:
         """Show the lines of `path` in the log panel as it grows (Icraft logs, any log)."""
@@ -268,6 +274,7 @@ class TdpuApp(App[int]):
             if result.name == "export" and result.status is Status.OK:
                 self.nodes_panel.reload()
         elif isinstance(ev, RunFinished):
+            self._follow_run_logs(history=False)
             self.last_summary = ev.summary
             counts = collections.Counter(r.status.value for r in ev.summary.results)
             text = ", ".join(f"{n} {s}" for s, n in counts.items()) or "nothing run"
@@ -300,6 +307,8 @@ class TdpuApp(App[int]):
             self.say(str(exc.args[0]), severity="error")
             return False
         self.pipeline_panel.mark_pending([s.name for s in selected])
+        # This run's stage lines come as events; its run log files are skipped until it ends.
+        self.tailer.unfollow_dir(self.paths.run_logs.resolve())
         self.pipeline = pipeline
         self.run_done = done = threading.Event()
         self.worker = self.run_worker(partial(self._run_pipeline, pipeline, names, done),

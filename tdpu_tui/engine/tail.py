@@ -22,7 +22,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,28 +86,56 @@ class Tailer:
     # -- what to follow -------------------------------------------------------------------
     def follow(self, path: str | Path, label: str | None = None, *, from_start: bool = True) -> None:
         """Follow `path` (it may not exist yet). `from_start=False` skips what is already there."""
-        path = Path(path)
+        self._add(Path(path), label, from_start, None)
+
+    def _add(self, path: Path, label: str | None, from_start: bool, found_in: Path | None) -> None:
+        f = _Followed(path, label or path.name)
+        if not from_start:
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                f.offset = st.st_size
+                f.inode = (st.st_dev, st.st_ino)
+                with open(path, "rb") as fh:
+                    f.head = fh.read(min(HEAD_BYTES, st.st_size))
         with self._cond:
-            if path in self._files:
+            # A file found in a directory that was unfollowed meanwhile stays unfollowed.
+            if path in self._files or (found_in is not None and found_in not in self._dirs):
                 return
-            f = _Followed(path, label or path.name)
-            if not from_start:
-                with contextlib.suppress(OSError):
-                    st = path.stat()
-                    f.offset = st.st_size
-                    f.inode = (st.st_dev, st.st_ino)
-                    with open(path, "rb") as fh:
-                        f.head = fh.read(min(HEAD_BYTES, st.st_size))
             self._files[path] = f
 
     def follow_dir(self, directory: str | Path, pattern: str = "*.log", *, recursive: bool = True,
-                   label: Callable[[Path], str] | None = None) -> None:
+                   label: Callable[[Path], str] | None = None, history: bool = True) -> None:
         """Follow every file matching `pattern` in `directory`, including files created later.
 
         `label(path)` names a file's lines (default: its path relative to `directory`).
+        `history=False` skips what the files already hold (files created later are read whole).
         """
+        directory = Path(directory)
+        if not history:  # before the directory is watched, so the reader cannot take them whole
+            for p in self._matching(directory, pattern, recursive):
+                self._add(p, self._label(directory, p, label), False, None)
         with self._cond:
-            self._dirs[Path(directory)] = (pattern, recursive, label)
+            self._dirs[directory] = (pattern, recursive, label)
+
+    def unfollow_dir(self, directory: str | Path) -> None:
+        """Stop following `directory` and the files found in it."""
+        directory = Path(directory)
+        with self._cond:
+            self._dirs.pop(directory, None)
+            inside = [p for p in self._files if p.is_relative_to(directory)]
+        for p in inside:
+            self.unfollow(p)
+
+    @staticmethod
+    def _matching(directory: Path, pattern: str, recursive: bool) -> list[Path]:
+        if not directory.is_dir():
+            return []
+        found = directory.rglob(pattern) if recursive else directory.glob(pattern)
+        return sorted(p for p in found if p.is_file())
+
+    @staticmethod
+    def _label(directory: Path, path: Path, label: Callable[[Path], str] | None) -> str:
+        return label(path) if label else str(path.relative_to(directory))
 
     def unfollow(self, path: str | Path) -> None:
         with self._cond:
@@ -184,12 +212,9 @@ class Tailer:
         with self._cond:
             dirs = list(self._dirs.items())
         for directory, (pattern, recursive, label) in dirs:
-            if not directory.is_dir():
-                continue
-            found: Iterable[Path] = directory.rglob(pattern) if recursive else directory.glob(pattern)
-            for p in sorted(found):
-                if p not in self._files and p.is_file():
-                    self.follow(p, label(p) if label else str(p.relative_to(directory)))
+            for p in self._matching(directory, pattern, recursive):
+                if p not in self._files:
+                    self._add(p, self._label(directory, p, label), True, directory)
 
     def _open(self, f: _Followed) -> bool:
         try:

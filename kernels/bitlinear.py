@@ -59,8 +59,9 @@ def _writable_dir(path: Path) -> bool:
 
 
 def _choose_cache_dir() -> str | None:
+    user = os.getuid() if hasattr(os, "getuid") else "user"
     candidates = [Path.home() / ".cache" / "tdpu" / "numba",
-                  Path(tempfile.gettempdir()) / f"tdpu-numba-{os.getuid() if hasattr(os, 'getuid') else 'user'}"]
+                  Path(tempfile.gettempdir()) / f"tdpu-numba-{user}"]
     for path in candidates:
         if _writable_dir(path):
             return str(path)
@@ -341,10 +342,7 @@ def _ensure_checked(p: np.ndarray, layout: str) -> None:
     if ref is not None and ref() is p:
         return
     check_packed(p, layout)
-    try:
-        _checked[key] = weakref.ref(p, lambda _, key=key: _forget(key))
-    except TypeError:
-        pass
+    _checked[key] = weakref.ref(p, lambda _, key=key: _forget(key))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -403,8 +401,10 @@ def _as_float32(x) -> np.ndarray:
 def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float32 [..., K] -> (int8 [..., K], float32 scales [..., 1]).
 
-    s = 127 / max(|x|, 1e-5) per row; q = clamp(round_half_even(x * s), -128, 127),
-    every step in float32 (torch's `(x * s).round().clamp(-128, 127)`).
+    s = 127 / max(|x|, 1e-5) per row, a float32 division as in the exported ONNX graph
+    (torch evaluates transformers' `127 / t` as `127 * (1 / t)`, which can differ by one
+    ulp); q = clamp(round_half_even(x * s), -128, 127) with the product in float32, i.e.
+    torch's `(x * s).round().clamp(-128, 127)`.
     """
     x = _as_float32(x)
     q, s, _ = _quantize_2d(x.reshape(-1, x.shape[-1]))

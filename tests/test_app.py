@@ -535,6 +535,9 @@ async def test_the_form_validates_and_escape_cancels(cfg):
         assert "title" in problems and "time" in problems and "stage" in problems
         assert "error" in problems
         assert app.screen is form and form.focused.id == "f-title"
+        await pilot.press("tab", "tab", "enter")  # the stage list opens; escape closes only it
+        await pilot.press("escape")
+        assert app.screen is form
         await pilot.press("escape")
         assert not isinstance(app.screen, BugForm)
     assert not path.exists()

@@ -93,7 +93,7 @@ class BugForm(ModalScreen[dict | None]):
 
     BINDINGS = [
         Binding("ctrl+s", "save", "Save", priority=True),
-        Binding("escape", "cancel", "Cancel", priority=True),
+        Binding("escape", "cancel", "Cancel"),  # not priority: escape first closes a Select list
     ]
 
     def __init__(self, heading: str, values: dict[str, str], stages: tuple[str, ...],

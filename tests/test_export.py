@@ -137,3 +137,23 @@ def test_exported_graph_reproduces_transformers_logits(tmp_path, linear_class):
     m = compare_logits(got, want)
     assert m["argmax_agreement"] >= 0.99, m
     assert m["max_abs"] < 1e-3 * max(1.0, float(np.abs(want).max())), m
+
+
+def test_icraft_graph_shortened_to_one_token_matches_the_first_position(tmp_path):
+    from tdpu_tui.engine.onnx_builder import with_sequence_length
+
+    cfg = load_config(write_config(tmp_path, profile="icraft", seq_len=12))
+    assert Pipeline(cfg, [ExportStage()]).run().results[0].status is Status.OK
+    paths = Artifacts.of(cfg)
+    model = onnx.load(paths.full_onnx, load_external_data=False)
+    x = np.random.default_rng(0).standard_normal((1, 12, 64)).astype(np.float32)
+    full = ort.InferenceSession(str(paths.full_onnx), providers=["CPUExecutionProvider"])
+    (want,) = full.run(["logits"], {"inputs_embeds": x})
+    for n in (1, 5):
+        short = paths.output / f"short{n}.onnx"
+        onnx.save(with_sequence_length(model, n, paths.output), short)
+        sess = ort.InferenceSession(str(short), providers=["CPUExecutionProvider"])
+        (got,) = sess.run(["logits"], {"inputs_embeds": x[:, :n]})
+        np.testing.assert_allclose(got, want[:, :n], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="outside"):
+        with_sequence_length(model, 13, paths.output)

@@ -322,3 +322,36 @@ class BitNetOnnx:
         model.doc_string = (f"BitNet b1.58 ({self.profile} profile) exported by tdpu from "
                             f"{self.ckpt.path}")
         return model
+
+
+def with_sequence_length(model: onnx.ModelProto, seq_len: int, base_dir: str | Path) -> onnx.ModelProto:
+    """A copy of an icraft-profile graph for a shorter fixed sequence length (e.g. 1, a decode step).
+
+    The graph's sequence length lives in its input/output shapes, the RoPE tables, the causal
+    mask and the two attention Reshape shapes; the weights are untouched (they stay external
+    data under `base_dir`, so save the copy beside the original).
+    """
+    shape = model.graph.input[0].type.tensor_type.shape.dim
+    if model.graph.input[0].name != "inputs_embeds":
+        raise ValueError("with_sequence_length applies to icraft-profile graphs (input inputs_embeds)")
+    old = shape[1].dim_value
+    if not 1 <= seq_len <= old:
+        raise ValueError(f"sequence length {seq_len} outside 1..{old} (the exported length)")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.ClearField("value_info")
+    out.graph.input[0].type.tensor_type.shape.dim[1].dim_value = seq_len
+    out.graph.output[0].type.tensor_type.shape.dim[1].dim_value = seq_len
+    for i, t in enumerate(out.graph.initializer):
+        if t.name in ("rope.cos", "rope.sin", "attention.causal_mask", f"const_shape_q5_{old}",
+                      f"const_shape_ctx_{old}"):
+            a = numpy_helper.to_array(t, base_dir=str(base_dir))
+            if t.name.startswith("rope."):
+                a = a[:seq_len]
+            elif t.name == "attention.causal_mask":
+                a = a[:seq_len, :seq_len]
+            else:  # [0, nkv, groups, S, hd] and [0, nh, S, hd]
+                a = a.copy()
+                a[3 if "q5" in t.name else 2] = seq_len
+            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(a), t.name))
+    return out

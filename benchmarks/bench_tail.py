@@ -1,6 +1,7 @@
 """Tail a log growing at 20,000 lines/s for 10 s in the app; count lines, time keys, watch RSS.
 
-    python benchmarks/bench_tail.py [--rate 20000] [--seconds 10] [--terminal] [--out PATH]
+    python benchmarks/bench_tail.py [--rate 20000] [--seconds 10] [--source file|events]
+                                    [--terminal] [--out PATH]
 
 A separate process appends Icraft-like lines (like Icraft does) to a file the app follows;
 the app runs headless (layout and line rendering, no terminal output) or, with --terminal,
@@ -31,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from tdpu_tui.app.app import TdpuApp  # noqa: E402
 from tdpu_tui.engine.config import parse_config  # noqa: E402
+from tdpu_tui.engine.pipeline import Stage  # noqa: E402
 
 WRITER = textwrap.dedent("""\
     import sys, time
@@ -55,6 +57,60 @@ WRITER = textwrap.dedent("""\
                 time.sleep(delay)
     print(f"{n} {time.perf_counter() - start:.3f}")
 """)
+
+
+class FloodStage(Stage):
+    """A stage that logs `rate` lines/s through its context: the pipeline's event path."""
+
+    name = "flood"
+    title = "log flood"
+
+    def __init__(self, rate: int, seconds: float):
+        self.rate, self.seconds = rate, seconds
+        self.written, self.elapsed = 0, 0.0
+
+    def run(self, ctx) -> str:
+        total = int(self.rate * self.seconds)
+        start = time.perf_counter()
+        for i in range(total):
+            ctx.log(f"[I] seq {i:07d} optimize pass tdpu.ReplaceMatMulWithBitLinear node {i % 211}")
+            if i % 200 == 199:
+                delay = start + (i + 1) / self.rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+        self.written, self.elapsed = total, time.perf_counter() - start
+        return f"{total} lines"
+
+
+class FileSource:
+    """A separate process appending to a file the app follows (like Icraft)."""
+
+    label = "a file appended by another process (the tailer)"
+
+    def __init__(self, log: Path, rate: int, seconds: float):
+        self.proc = subprocess.Popen([sys.executable, "-c", WRITER, str(log), str(rate), str(seconds)],
+                                     stdout=subprocess.PIPE, text=True)
+
+    def done(self) -> bool:
+        return self.proc.poll() is not None
+
+    def result(self) -> tuple[int, float]:
+        written, seconds = self.proc.communicate()[0].split()
+        return int(written), float(seconds)
+
+
+class EventSource:
+    label = "a stage logging through the pipeline's events (the worker thread)"
+
+    def __init__(self, app: TdpuApp, stage: FloodStage):
+        self.app, self.stage = app, stage
+        app.start_run(None)
+
+    def done(self) -> bool:
+        return self.app.run_done is not None and self.app.run_done.is_set()
+
+    def result(self) -> tuple[int, float]:
+        return self.stage.written, self.stage.elapsed
 
 
 class BenchApp(TdpuApp):
@@ -92,32 +148,31 @@ def summary(lat: list[float]) -> str:
             f"max {ms[-1]:.1f} ms")
 
 
-async def bench(rate: int, seconds: float, terminal: bool) -> list[str]:
+async def bench(rate: int, seconds: float, terminal: bool, source: str) -> list[str]:
     tmp = Path(tempfile.mkdtemp(prefix="bench_tail."))
     cfg = parse_config('[paths]\noutput = "out"\nlogs = "logs"\n', tmp / "tdpu.toml")
     log = tmp / "icraft_optimize.log"
     log.write_text("")
     proc = psutil.Process()
-    app = BenchApp(cfg, stages=[], follow=[log])
+    flood = FloodStage(rate, seconds)
+    app = BenchApp(cfg, stages=[flood], follow=[log])
     async with app.run_test(size=None if terminal else (120, 40), headless=not terminal) as pilot:
         await pilot.press("2")  # the log panel is on screen: lines are rendered as they come
         await pilot.pause(0.5)
         idle = await key_latencies(app, 2.0)
         rss0 = proc.memory_info().rss
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(log), str(rate), str(seconds)],
-                                  stdout=subprocess.PIPE, text=True)
+        writer = FileSource(log, rate, seconds) if source == "file" else EventSource(app, flood)
         samples: list[int] = []
 
         async def sample_rss() -> None:
-            while writer.poll() is None or app.log_panel.received < rate * seconds:
+            while not writer.done() or app.log_panel.received < rate * seconds:
                 samples.append(proc.memory_info().rss)
                 await asyncio.sleep(0.25)
 
         sampler = asyncio.create_task(sample_rss())
         t0 = time.perf_counter()
-        loaded = await key_latencies(app, seconds + 30, until=lambda: writer.poll() is not None)
-        written, write_s = writer.communicate()[0].split()
-        written = int(written)
+        loaded = await key_latencies(app, seconds + 30, until=writer.done)
+        written, write_s = writer.result()
         deadline = time.monotonic() + 30
         while app.log_panel.received < written and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -133,10 +188,10 @@ async def bench(rate: int, seconds: float, terminal: bool) -> list[str]:
     out: list[str] = []
     print = out.append  # noqa: A001 - the report is printed after the app left the terminal
     mode = "a real terminal (Linux driver)" if terminal else "headless (no terminal output)"
-    print(f"app: {mode}, log panel on screen")
-    print(f"writer: {written:,} lines in {float(write_s):.2f} s ({written / float(write_s):,.0f} lines/s)")
+    print(f"app: {mode}, log panel on screen; source: {writer.label}")
+    print(f"writer: {written:,} lines in {write_s:.2f} s ({written / write_s:,.0f} lines/s)")
     print(f"panel:  {received:,} lines received ({received / caught_up:,.0f} lines/s), all caught up "
-          f"{caught_up - float(write_s):.2f} s after the writer stopped")
+          f"{caught_up - write_s:.2f} s after the writer stopped")
     print(f"        last line: {last.split('│', 1)[-1].strip()[:60]}")
     print(f"keys idle (baseline): {summary(idle)}")
     print(f"keys under load:      {summary(loaded)}")
@@ -156,9 +211,11 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--terminal", action="store_true",
                    help="draw on this terminal (run it in tmux or over SSH) instead of headless")
+    p.add_argument("--source", choices=("file", "events"), default="file",
+                   help="file: another process appends to a followed file; events: a stage logs")
     p.add_argument("--out", metavar="PATH", help="also write the report here")
     args = p.parse_args()
-    report = "\n".join(asyncio.run(bench(args.rate, args.seconds, args.terminal)))
+    report = "\n".join(asyncio.run(bench(args.rate, args.seconds, args.terminal, args.source)))
     sys.stdout.write(report + "\n")
     if args.out:
         Path(args.out).write_text(report + "\n")

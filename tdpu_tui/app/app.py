@@ -103,7 +103,7 @@ class TdpuApp(App[int]):
         yield Header()
         with TabbedContent(initial="pipeline", id="tabs"):
             with TabPane("1 Pipeline", id="pipeline"):
-                yield PipelinePanel(id="pipeline-panel")
+                yield PipelinePanel(self._shown(self.paths.run_logs), id="pipeline-panel")
             with TabPane("2 Log", id="log"):
                 yield LogPanel(id="log-panel")
             with TabPane("3 Nodes", id="nodes"):
@@ -157,6 +157,13 @@ class TdpuApp(App[int]):
         with self._inbox_cond:
             self._inbox_cond.notify_all()
         self.tailer.stop()
+
+    def _shown(self, path: Path) -> str:
+        """A path as the user sees it: relative to the configuration file when inside it."""
+        try:
+            return str(path.relative_to(self.config.base_dir))
+        except ValueError:
+            return str(path)
 
     def _config_name(self) -> str:
         return self.config.file.name if self.config.file is not None else "defaults"

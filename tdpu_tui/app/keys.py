@@ -8,7 +8,7 @@ KEY_MAP: list[tuple[str, list[tuple[str, str]]]] = [
         ("c", "cancel the run (stops at the next check; Icraft is killed)"),
         ("b", "new bug record"),
         ("?", "this help"),
-        ("q", "quit (asks first while a stage runs)"),
+        ("q ctrl+q", "quit (asks first while a stage runs)"),
     ]),
     ("Pipeline", [
         ("up/down", "choose a stage"),

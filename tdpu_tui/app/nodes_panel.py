@@ -141,6 +141,8 @@ class NodesPanel(Vertical):
 
     def reload(self) -> None:
         self.loading = True
+        onnx = _shown_path(self.paths.full_onnx, self.config.base_dir)
+        self.query_one("#nodes-status", Static).update(Text(f"{onnx}: reading the nodes…", style="dim"))
         self._load()
 
     @work(thread=True, exclusive=True, group="inventory")

@@ -105,10 +105,11 @@ class StagesTable(DataTable):
 
 
 class PipelinePanel(Vertical):
-    def __init__(self, **kwargs):
+    def __init__(self, run_logs: str = "", **kwargs):
         super().__init__(**kwargs)
         self.rows: dict[str, StageRow] = {}
         self.problem = ""
+        self.run_logs = run_logs  # where each stage's log file is, as shown to the user
 
     def compose(self) -> ComposeResult:
         yield StagesTable(id="stages", cursor_type="row", zebra_stripes=False)
@@ -246,6 +247,8 @@ class PipelinePanel(Vertical):
             text.append(f" — {row.title}")
         if row.needs:
             text.append(f"   needs: {', '.join(row.needs)}", style="dim")
+        if self.run_logs and row.status is not Status.PENDING:
+            text.append(f"   log: {self.run_logs}/{row.name}.log", style="dim")
         text.append("\n")
         if row.status is Status.RUNNING and row.note:
             text.append(row.note + "\n")

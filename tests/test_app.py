@@ -251,6 +251,12 @@ async def test_no_color_is_honoured_and_status_is_not_colour_only(cfg, monkeypat
             "✔ ok", "✘ failed", "– skipped"]
 
 
+def test_run_app_reports_a_bad_configuration_path_as_usage_error(tmp_path, capsys):
+    from tdpu_tui.app import run_app
+    assert run_app(tmp_path / "missing.toml") == 2
+    assert "missing.toml" in capsys.readouterr().err
+
+
 @aio
 async def test_a_broken_stage_registry_is_shown_not_fatal(cfg):
     def broken():

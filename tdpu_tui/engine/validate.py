@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,6 +63,17 @@ class NodeCheck:
     rel_rms: float
     result: str           # "ok" | "FAILED"
     diagnosis: str = ""
+
+
+def _length_one_copy(path: Path) -> Path:
+    """The icraft graph at `path` rebuilt for sequence length 1, saved beside it (same data file)."""
+    from tdpu_tui.engine.onnx_builder import with_sequence_length
+
+    model = with_sequence_length(onnx.load(str(path), load_external_data=False), 1, path.parent)
+    fd, name = tempfile.mkstemp(prefix=".validate-step1-", suffix=".onnx", dir=path.parent)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(model.SerializeToString())
+    return Path(name)
 
 
 def _ort_session(path: Path | bytes, external_dir: Path | None = None):
@@ -235,17 +247,13 @@ class Validation:
     # speed ---------------------------------------------------------------------------------
 
     def measure(self, tokens: int, inputs: dict[str, np.ndarray]) -> PerfResult:
-        repeats = self.cfg.validate.repeats
         name = self.meta.get("input_name", "input_ids")
         prefill = {name: inputs[name][:1]}
-        if name == "input_ids":
-            step: dict[str, np.ndarray] | None = {name: inputs[name][:1, :1]}
-        else:
-            step = None
+        step = {name: inputs[name][:1, :1]}
+        # The icraft graph has a fixed sequence length: its single-token step runs on a copy
+        # rebuilt for length 1 (same weights, read from the same external data).
+        fixed = name == "inputs_embeds"
         perf = PerfResult([], tokens, len(self.replaced), [])
-        if step is None:
-            perf.notes.append("single-token step not measured: the icraft profile's graph has a "
-                              f"fixed sequence length ({tokens})")
         before = self.report.get("weight_bytes_before", 0)
         after = self.report.get("weight_bytes_after", 0)
         with tempfile.TemporaryDirectory(prefix=".validate-", dir=self.paths.output) as tmp:
@@ -255,37 +263,22 @@ class Validation:
             graphs = [("float", self.paths.full_onnx, before, _ort_session),
                       ("bitlinear", self.paths.bitlinear_onnx, after, _bitlinear_session),
                       ("matmulnbits", nbits_path, nbits_bytes, _ort_session)]
-            # Timing in turns needs the three graphs loaded at once; a float graph this large
-            # (the full 2B model: ~10 GiB) is timed on its own instead, to bound memory.
-            together = _data_bytes(self.paths.full_onnx) < TOGETHER_LIMIT
-            if not together:
-                perf.notes.append("the float graph is too large to hold beside the others: "
-                                  "graphs timed one after another, not in turns")
-            prefill_ms: dict[str, float] = {}
-            step_ms: dict[str, float] = {}
-            groups = [graphs] if together else [[g] for g in graphs]
-            for group in groups:
-                sessions = {}
-                for label, path, nbytes, factory in group:
-                    self.ctx.check_cancelled()
-                    self.ctx.progress(len(perf.graphs), len(graphs), f"loading the {label} graph")
-                    sessions[label] = factory(path)
-                    perf.graphs.append(GraphTiming(label, str(path), int(nbytes)))
-                self.ctx.progress(len(perf.graphs) - len(group), len(graphs), f"timing prefill ({tokens} tokens)")
-                prefill_ms |= interleaved_medians(
-                    {k: (lambda s=s: s.run(["logits"], prefill)) for k, s in sessions.items()}, repeats)
-                if step is not None:
-                    step_ms |= interleaved_medians(
-                        {k: (lambda s=s: s.run(["logits"], step)) for k, s in sessions.items()},
-                        max(repeats, 5) * 2)
-                del sessions
-                gc.collect()
+            step_paths: dict[str, Path] = {}
+            try:
+                if fixed:
+                    step_paths = {label: _length_one_copy(path) for label, path, _, _ in graphs}
+                    perf.notes.append(f"icraft profile (fixed length {tokens}): the single-token step "
+                                      "runs on copies of the three graphs rebuilt for length 1")
+                prefill_ms, step_ms = self._time_graphs(graphs, step_paths, prefill, step, perf, tokens)
+            finally:
+                for p in step_paths.values():
+                    p.unlink(missing_ok=True)
             for timing in perf.graphs:
                 timing.prefill_ms, timing.step_ms = prefill_ms[timing.label], step_ms.get(timing.label)
                 self.ctx.log(f"{timing.label}: prefill {timing.prefill_ms:.2f} ms, step "
                              f"{'n/a' if timing.step_ms is None else f'{timing.step_ms:.2f} ms'}, "
                              f"projection weights {timing.weight_bytes} B")
-        perf.projections = self.measure_projections(tokens, step is not None)
+        perf.projections = self.measure_projections(tokens, True)
         kept = self.kept_weight_bytes()
         if kept:
             names = ", ".join(f"{n} ({human_bytes(b)})" for n, b in kept.items())
@@ -305,6 +298,38 @@ class Validation:
                 t = g.inits[w]
                 out[w] = int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
         return {k: v for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 1 << 20}
+
+    def _time_graphs(self, graphs: list, step_paths: dict[str, Path], prefill: dict, step: dict,
+                     perf: PerfResult, tokens: int) -> tuple[dict[str, float], dict[str, float]]:
+        repeats = self.cfg.validate.repeats
+        # Timing in turns needs the three graphs loaded at once; a float graph this large
+        # (the full 2B model: ~10 GiB) is timed on its own instead, to bound memory.
+        together = _data_bytes(self.paths.full_onnx) < TOGETHER_LIMIT
+        if not together:
+            perf.notes.append("the float graph is too large to hold beside the others: "
+                              "graphs timed one after another, not in turns")
+        prefill_ms: dict[str, float] = {}
+        step_ms: dict[str, float] = {}
+        for group in ([graphs] if together else [[g] for g in graphs]):
+            sessions = {}
+            for label, path, nbytes, factory in group:
+                self.ctx.check_cancelled()
+                self.ctx.progress(len(perf.graphs), len(graphs), f"loading the {label} graph")
+                sessions[label] = factory(path)
+                perf.graphs.append(GraphTiming(label, str(path), int(nbytes)))
+            self.ctx.progress(len(perf.graphs) - len(group), len(graphs), f"timing prefill ({tokens} tokens)")
+            prefill_ms |= interleaved_medians(
+                {k: (lambda s=s: s.run(["logits"], prefill)) for k, s in sessions.items()}, repeats)
+            if step_paths:
+                del sessions
+                gc.collect()
+                sessions = {label: factory(step_paths[label]) for label, _, _, factory in group}
+            self.ctx.progress(len(perf.graphs) - len(group), len(graphs), "timing the single-token step")
+            step_ms |= interleaved_medians(
+                {k: (lambda s=s: s.run(["logits"], step)) for k, s in sessions.items()}, max(repeats, 5) * 2)
+            del sessions
+            gc.collect()
+        return prefill_ms, step_ms
 
     def measure_projections(self, tokens: int, with_step: bool) -> ProjectionTiming:
         """One layer's projections alone: the part of the graph the replacement changes."""

@@ -97,6 +97,9 @@ logs = "{root / 'phase3_logs'}"
               f"{m[f'projections_{label}_step_ms']:>9.3f}")
     print(f"\nprefill: BitLinear / float {m['ratio_prefill_vs_float']:.3f}×, "
           f"BitLinear / MatMulNBits {m['ratio_prefill_vs_matmulnbits']:.3f}×")
+    outside = m["float_step_ms"] - args.layers * m["projections_float_step_ms"]
+    print(f"float step outside the projections (lm_head, attention, norms): ≈ {outside:.2f} ms, so even "
+          f"free projections give at best {max(outside, 0) / m['float_step_ms']:.2f}× the float step")
     met = True
     for key, limit, label in TARGETS:
         value = m[key]

@@ -9,6 +9,13 @@ ENGINE_MODULES = [
     "tdpu_tui.engine.config",
     "tdpu_tui.engine.pipeline",
     "tdpu_tui.engine.stages",
+    "tdpu_tui.engine.export",
+    "tdpu_tui.engine.tail",
+    "tdpu_tui.engine.bugbook",
+    "tdpu_tui.engine.inventory",
+    "tdpu_tui.engine.icraft_stages",
+    "tdpu_tui.bugs_cli",
+    "tdpu_tui.batch",
     "kernels.packing",
 ]
 

@@ -38,9 +38,18 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--omp-wait-policy", default="PASSIVE", metavar="POLICY",
+                    help="OMP_WAIT_POLICY for the numba kernel's OpenMP threads (default PASSIVE; "
+                         "'' leaves the environment as it is)")
     ap.add_argument("--reuse", action="store_true",
                     help="keep an exported graph already in --workdir (skip the export stage)")
     args = ap.parse_args()
+    # numba's OpenMP workers spin-wait after each BitLinear call by default. On a 2-core machine
+    # they then compete with the ONNX Runtime operators that follow, and in a whole graph the
+    # BitLinear nodes took ~17 ms each instead of ~0.15 ms (ORT profiler). Passive waiting
+    # must be chosen before the OpenMP runtime starts, i.e. before the first kernel call.
+    if args.omp_wait_policy:
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
     tmp = None
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="tdpu-bench-")
@@ -86,7 +95,7 @@ logs = "{root / 'phase3_logs'}"
     # The numba kernel splits each call over both cores; anything else running on this
     # 2-core machine stalls it far more than ONNX Runtime's own operators. Say how busy it was.
     print(f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f} "
-          f"on {os.cpu_count()} CPUs\n")
+          f"on {os.cpu_count()} CPUs; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}\n")
     print(f"{'graph':<12} {'prefill ms':>11} {'step ms':>9} {'proj. weights':>15}")
     for label in ("float", "bitlinear", "matmulnbits"):
         print(f"{label:<12} {m[f'{label}_prefill_ms']:>11.2f} {m[f'{label}_step_ms']:>9.2f} "

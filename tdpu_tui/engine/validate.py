@@ -254,6 +254,10 @@ class Validation:
         # rebuilt for length 1 (same weights, read from the same external data).
         fixed = name == "inputs_embeds"
         perf = PerfResult([], tokens, len(self.replaced), [])
+        # Timings on a shared machine mean little without its load; the OpenMP wait policy
+        # decides whether the numba kernel's idle threads spin against ONNX Runtime's.
+        perf.notes.append(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} when "
+                          f"timing started; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
         before = self.report.get("weight_bytes_before", 0)
         after = self.report.get("weight_bytes_after", 0)
         with tempfile.TemporaryDirectory(prefix=".validate-", dir=self.paths.output) as tmp:

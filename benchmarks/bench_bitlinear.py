@@ -76,9 +76,10 @@ def _timed(fns: dict, rounds: int, block: int, budget_s: float) -> dict:
     """(median, minimum) seconds per call of each zero-argument callable.
 
     Methods take turns in blocks of `block` calls. Before a block the benchmark sleeps
-    briefly and the block's first call is not counted: thread pools still spinning after
-    the previous method (ONNX Runtime, torch's and numba's OpenMP) would otherwise steal
-    the cores from the next one.
+    0.1 s and the block's first call is not counted: thread pools still spinning after the
+    previous method (ONNX Runtime's spin for tens of ms, OpenBLAS, OpenMP) would otherwise
+    steal the cores from the next one (measured: numba calls right after an ORT session
+    with spinning took up to 13 ms instead of 0.06 ms).
     """
     for fn in fns.values():
         fn()
@@ -86,7 +87,7 @@ def _timed(fns: dict, rounds: int, block: int, budget_s: float) -> dict:
     deadline = time.perf_counter() + budget_s
     for i in range(rounds):
         for name, fn in fns.items():
-            time.sleep(0.005)
+            time.sleep(0.1)
             for j in range(block):
                 t = time.perf_counter()
                 fn()
@@ -133,7 +134,7 @@ def run(quick: bool, threads: int) -> dict:
     rng = np.random.default_rng(0)
     shapes = [(2560, 6912)] if quick else SHAPES
     ms = [1, 128] if quick else MS
-    rounds, budget = (10, 2.0) if quick else (400, 8.0)
+    rounds, budget = (4, 2.0) if quick else (100, 10.0)
 
     def session(model):
         so = ort.SessionOptions()
@@ -170,7 +171,7 @@ def run(quick: bool, threads: int) -> dict:
                 "matmulnbits": lambda: s_nbits.run(None, feed),
             }
             with torch.inference_mode():
-                med, best = _timed(fns, rounds, 4 if m == 1 else 3, budget)
+                med, best = _timed(fns, rounds, {1: 12, 32: 5}.get(m, 3), budget)
             row = {"k": k, "n": n, "m": m, "ms": {name: v * 1e3 for name, v in med.items()},
                    "best_ms": {name: v * 1e3 for name, v in best.items()},
                    "w_copy_ms": (med["ort_op_copy"] - med["ort_op"]) * 1e3,

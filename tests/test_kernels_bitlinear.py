@@ -178,12 +178,12 @@ def _unwritable_dir(tmp_path: Path) -> Path:
 CHILD = textwrap.dedent("""
     import numpy as np, numba
     from kernels import packing
-    from kernels.bitlinear import ternary_matmul_int
+    from kernels.bitlinear import _ternary_rows1, ternary_matmul_int
     w = np.array([[1, 0, -1], [0, 1, 1], [-1, -1, 0], [1, 1, 1]], np.int8)
     q = np.array([[3, -2, 5]], np.int8)
     out = ternary_matmul_int(q, packing.pack(w, "tdpu"), "tdpu")
     assert out.tolist() == (q.astype(np.int64) @ w.T).tolist(), out
-    print("ok", numba.config.CACHE_DIR)
+    print("ok", numba.config.CACHE_DIR, type(_ternary_rows1._cache).__name__)
 """)
 
 
@@ -217,3 +217,4 @@ def test_kernels_compile_without_cache_when_nothing_is_writable(tmp_path):
     proc = _run_child({"NUMBA_CACHE_DIR": str(_unwritable_dir(tmp_path)),
                        "NUMBA_CACHE_LOCATOR_CLASSES": "numba.core.caching.UserProvidedCacheLocator"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "NullCache"

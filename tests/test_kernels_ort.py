@@ -221,3 +221,23 @@ def test_unnamed_nodes_are_named_by_index_and_may_share_one_weight(rng):
     y, z = kort.create_session(model).run(None, {"X": x})
     p = packing.pack(square, "tdpu")
     np.testing.assert_array_equal(z, bitlinear(bitlinear(x, p, 0.75, "tdpu"), p, 0.75, "tdpu"))
+
+
+def test_two_threads_running_one_session_get_their_own_results_and_errors(rng):
+    from concurrent.futures import ThreadPoolExecutor
+
+    w = ternary(rng, 16, 40)
+    session = kort.create_session(bitlinear_model(w, x_dims=("batch", "k")))
+    p = packing.pack(w, "tdpu")
+    inputs = [rng.standard_normal((1 + i % 4, 40)).astype(np.float32) for i in range(12)]
+
+    def work(i):
+        if i % 3 == 0:
+            with pytest.raises(kort.BitLinearError, match="X has shape"):
+                session.run(None, {"X": np.ones((1, 39), np.float32)})
+        return session.run(None, {"X": inputs[i]})[0]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(work, range(len(inputs))))
+    for x, y in zip(inputs, results):
+        np.testing.assert_array_equal(y, bitlinear(x, p, 0.75, "tdpu"))

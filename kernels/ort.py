@@ -26,6 +26,11 @@ The bridge also returns outputs to ONNX Runtime as a Python list (`tolist()`) by
 this module installs an invocation hook that hands the NumPy array over instead for its
 own operators (other Python operators keep the default path).
 
+An exception leaving a Python operator terminates the process (the bridge rethrows it
+across the C API), so the operators never raise: they record the error and return NaNs,
+and `BitLinearSession.run` (what `create_session` returns) raises it as BitLinearError
+naming the node. Plain sessions only get the NaNs and a log record.
+
 `session_options()` alone also runs BitLinear graphs (W then travels through the
 per-call copy). Python operators are registered once per process; importing or
 calling this module again does not register them twice.
@@ -350,8 +355,11 @@ def create_session(model_or_path, providers=None, threads: int | None = None
                    ) -> BitLinearSession:
     """InferenceSession for a graph that may contain `ai.tdpu::BitLinear` (see module doc).
 
-    `model_or_path`: a path (external data is read from its directory) or an
-    onnx.ModelProto (not modified). `threads`: ONNX Runtime intra-op threads.
+    `model_or_path`: a path (only the BitLinear weights are read; other external data stays
+    on disk and ONNX Runtime reads it from the model's directory), serialized bytes, or an
+    onnx.ModelProto (copied, not modified; it must serialize below protobuf's 2 GB once the
+    BitLinear weights are out, so pass large models by path). `threads`: ONNX Runtime
+    intra-op threads.
     """
     base_dir = None
     if isinstance(model_or_path, onnx.ModelProto):

@@ -103,10 +103,12 @@ def summary_table(results: list[StageResult]) -> str:
 
 def _draft_bug(result: StageResult, cfg: Config) -> None:
     from tdpu_tui.engine.artifacts import Artifacts
-    from tdpu_tui.engine.bugbook import draft_from_failure
-    record = draft_from_failure(Artifacts.of(cfg).bugs, result.name, result.message, result.log_tail)
+    from tdpu_tui.engine.bugbook import record_failure
+    path = Artifacts.of(cfg).bugs
+    record, created = record_failure(path, result.name, result.message, result.log_tail)
     if record is not None:
-        print(f"[{result.name}] drafted Bug #{record.number} in {Artifacts.of(cfg).bugs}", file=sys.stderr)
+        verb = "drafted" if created else "already recorded as"
+        print(f"[{result.name}] {verb} Bug #{record.number} in {path}", file=sys.stderr)
 
 
 def run_batch(cfg: Config, stages: list[str] | None, *, json_path: str | None = None,

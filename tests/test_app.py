@@ -578,10 +578,13 @@ async def test_edit_a_bug_through_the_form(cfg):
 
 
 @aio
-async def test_d_drafts_a_bug_from_the_failed_stage(cfg):
+async def test_a_failed_stage_drafts_its_bug_record_and_d_edits_it(cfg):
     app = TdpuApp(cfg, stages=fake_stages())
     async with app.run_test(size=(120, 40)) as pilot:
         await run_and_wait(pilot, app)
+        text = _bugs(cfg).read_text(encoding="utf-8")
+        assert "## Bug #1: precheck 失败: undocumented op Pow" in text  # drafted at once
+        assert "- **发现阶段**: 编译" in text and "- **状态**: 未解决" in text
         await pilot.press("d")  # export is ok: nothing to draft
         assert not isinstance(app.screen, BugForm)
         await pilot.press("down", "d")
@@ -590,12 +593,15 @@ async def test_d_drafts_a_bug_from_the_failed_stage(cfg):
         values = form.current()
         assert values["stage"] == "编译" and values["status"] == "未解决"
         assert values["title"].startswith("precheck 失败: undocumented op Pow")
-        assert values["error"].startswith("undocumented op Pow at /model/Pow")
+        assert "undocumented op Pow at /model/Pow" in values["error"]
         assert "[E] undocumented op Pow" in values["error"]  # the log tail
+        form.query_one("#f-cause").text = "Pow 不在 Icraft 的算子表里"
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: not isinstance(app.screen, BugForm))
+        await run_and_wait(pilot, app)  # the same failure again: no second record
     text = _bugs(cfg).read_text(encoding="utf-8")
-    assert "## Bug #1: precheck 失败: undocumented op Pow" in text
+    assert text.count("## Bug #") == 1
+    assert "Pow 不在 Icraft 的算子表里" in text
 
 
 @aio

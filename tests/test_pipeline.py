@@ -99,3 +99,21 @@ def test_batch_exit_codes_and_json_summary(tmp_config, tmp_path, monkeypatch, ca
     assert run_batch(cfg, None, json_path=str(out)) == 130
     assert json.loads(out.read_text())["stages"][0]["message"] == "interrupted"
     assert run_batch(cfg, ["zzz"]) == 2
+
+
+def test_batch_drafts_one_bug_record_per_distinct_failure(tmp_config, monkeypatch, capsys):
+    cfg = load_config(tmp_config)
+    import tdpu_tui.engine.stages as registry
+    from tdpu_tui.engine.bugbook import BugBook
+
+    monkeypatch.setattr(registry, "all_stages", lambda: [Fake("export", outcome="fail")])
+    assert run_batch(cfg, None) == 1
+    assert "drafted Bug #1" in capsys.readouterr().err
+    assert run_batch(cfg, None) == 1
+    assert "already recorded as Bug #1" in capsys.readouterr().err
+    records = BugBook(cfg.logs_dir / "bugs_found.md").load()
+    assert len(records) == 1
+    assert records[0].stage == "导出" and records[0].status == "未解决"
+    assert "boom: it broke" in records[0].error and "export running" in records[0].error
+    assert run_batch(cfg, None, bug_drafts=False) == 1
+    assert "Bug #" not in capsys.readouterr().err

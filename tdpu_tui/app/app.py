@@ -12,6 +12,7 @@ import collections
 import contextlib
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from tdpu_tui.engine.events import (
     StageFinished,
     StageLog,
     StageProgress,
+    StageResult,
     StageStarted,
     Status,
 )
@@ -42,6 +44,14 @@ from tdpu_tui.engine.pipeline import Pipeline, Stage
 from tdpu_tui.engine.tail import Tailer
 
 StageSource = Iterable[Stage] | Callable[[], Iterable[Stage]] | None
+
+
+@dataclass(frozen=True)
+class BugRecorded(Event):
+    """A failed stage's bug record, drafted now (`created`) or found from an earlier run."""
+
+    number: int
+    created: bool
 TABS = ("pipeline", "log", "nodes", "bugs")
 _FOCUS = {"pipeline": StagesTable, "log": LogView, "nodes": NodesTable, "bugs": BugsTable}
 # App-level actions that must not fire behind a modal screen (a form, the quit question).
@@ -191,6 +201,13 @@ class TdpuApp(App[int]):
         self.tailer.follow(Path(path).resolve(), label)
 
     # -- engine events (worker thread) -> inbox -> pump (UI thread) ---------------------------
+    def _record_failure(self, result: StageResult, config: Config) -> None:
+        """Draft the failed stage's bug record (worker thread), as `--batch` does."""
+        from tdpu_tui.engine.bugbook import record_failure
+        record, created = record_failure(self.paths.bugs, result.name, result.message, result.log_tail)
+        if record is not None:
+            self._post_event(BugRecorded(result.name, record.number, created))
+
     def _post_event(self, event: Event) -> None:
         """The pipeline's event sink; runs in the worker thread. Waits while the UI catches up."""
         with self._inbox_cond:
@@ -280,6 +297,14 @@ class TdpuApp(App[int]):
                          severity="error", title="stage failed", timeout=8)
             if result.name == "export" and result.status is Status.OK:
                 self.nodes_panel.reload()
+        elif isinstance(ev, BugRecorded):
+            row = panel.rows.get(ev.stage)
+            if row is not None:
+                row.bug_number = ev.number
+            verb = "drafted" if ev.created else "already recorded as"
+            self.say(f"{ev.stage}: {verb} Bug #{ev.number} in {self.paths.bugs.name} (d edits it)",
+                     title="bug records")
+            self.bugs_panel.check_disk()
         elif isinstance(ev, RunFinished):
             self._follow_run_logs(history=False)
             self.last_summary = ev.summary
@@ -307,7 +332,8 @@ class TdpuApp(App[int]):
         except Exception as exc:
             self.say(f"cannot load the stages: {exc}", severity="error")
             return False
-        pipeline = Pipeline(self.config, stages=stages, on_event=self._post_event)
+        pipeline = Pipeline(self.config, stages=stages, on_event=self._post_event,
+                            on_failure=self._record_failure)
         try:
             selected = pipeline.select(names)
         except KeyError as exc:
@@ -413,6 +439,9 @@ class TdpuApp(App[int]):
         if row is None or row.status is not Status.FAILED:
             state = row.status.value if row is not None else "unknown"
             self.say(f"{msg.name} is {state}: only a failed stage drafts a bug record")
+            return
+        if row.bug_number is not None and self.bugs_panel.record(row.bug_number) is not None:
+            self.on_bugs_table_edit(BugsTable.Edit(row.bug_number))
             return
         from tdpu_tui.engine.bugbook import DRAFT_TAIL_LINES, stage_label
         try:

@@ -59,6 +59,7 @@ class StageRow:
     total: float | None = None
     note: str = ""
     message: str = ""
+    bug_number: int | None = None  # the record drafted for this stage's failure
     log_tail: collections.deque[str] = field(
         default_factory=lambda: collections.deque(maxlen=LOG_TAIL_LINES))
 

@@ -924,3 +924,19 @@ def draft_from_failure(path: str | Path, stage_name: str, message: str,
     A later success changes nothing: records are only ever closed by a person.
     """
     return BugBook(path).draft(stage_name, message, log_tail)
+
+
+def record_failure(path: str | Path, stage_name: str, message: str,
+                   log_tail: Iterable[str] | str = ()) -> tuple[BugRecord | None, bool]:
+    """The record of a failed stage: (drafted record, True), or (the existing record, False).
+
+    Both faces call this when a stage fails, so the same failure is recorded once and the app
+    can open the record that already exists.
+    """
+    book = BugBook(path)
+    record = book.draft(stage_name, message, log_tail)
+    if record is not None:
+        return record, True
+    signature = failure_signature(stage_name, message)
+    existing = next((r for r in book.load() if r.signature == signature), None)
+    return existing, False

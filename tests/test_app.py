@@ -126,6 +126,16 @@ async def test_run_all_shows_every_stage_status_and_result(cfg, size):
         assert "ok" in app.sub_title and "failed" in app.sub_title
 
 
+@aio
+async def test_a_result_with_brackets_is_shown_as_written(cfg):
+    stages = [FakeStage("parse", skip="Icraft CLI 'icraft' not found on PATH; set [icraft].bin")]
+    app = TdpuApp(cfg, stages=stages)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await run_and_wait(pilot, app)
+        cell = app.pipeline_panel.table.get_cell("parse", "result")
+        assert cell.plain.endswith("set [icraft].bin")
+
+
 @pytest.mark.slow
 @aio
 async def test_the_tiny_pipeline_runs_from_the_app(cfg):
@@ -325,6 +335,28 @@ async def test_a_batch_run_elsewhere_shows_and_our_own_run_is_not_shown_twice(cf
 
 
 @aio
+async def test_an_icraft_line_seen_on_stdout_and_in_its_log_file_is_shown_once(cfg):
+    logs = Artifacts.of(cfg).icraft_logs / "parse"
+    line = "[11/26/26 09:59:35.527] [F] 21002"
+
+    class Icraft(FakeStage):
+        def run(self, ctx) -> str:
+            ctx.log(line, "error", "icraft stdout")
+            logs.mkdir(parents=True, exist_ok=True)
+            (logs / "bitnet_b158_parse.log").write_text(line + "\n[I] only in the file\n")
+            time.sleep(0.5)  # the tailer reads the file while the stage still runs
+            raise StageFailed("Icraft error 21002")
+
+    app = TdpuApp(cfg, stages=[Icraft("parse")])
+    async with app.run_test() as pilot:
+        await run_and_wait(pilot, app)
+        ring = app.log_panel.ring
+        await wait_for(pilot, lambda: any("only in the file" in x for x in ring))
+        assert sum(line in x for x in ring) == 1, list(ring)
+        assert not any("[error] [11/26/26" in x for x in ring)  # no level tag on Icraft's own
+
+
+@aio
 async def test_icraft_logs_under_the_output_directory_are_tailed(cfg):
     app = TdpuApp(cfg, stages=fake_stages())
     async with app.run_test() as pilot:
@@ -444,6 +476,22 @@ async def test_nodes_filter_and_reload_after_a_new_export(exported):
         onnx = Artifacts.of(exported).full_onnx
         onnx.touch()
         await wait_for(pilot, lambda: panel.loaded_mtime != before, timeout=5)
+
+
+@pytest.mark.slow
+@aio
+async def test_all_and_none_act_on_the_filtered_nodes_only(exported):
+    from tdpu_tui.engine.inventory import load_selection
+    app = TdpuApp(exported, stages=fake_stages())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("3")
+        panel = app.nodes_panel
+        await wait_for(pilot, lambda: panel.nodes)
+        await pilot.press("slash", *"up_proj", "enter", "n")
+        saved = load_selection(Artifacts.of(exported).replace_selection)
+        assert saved == {"/model/layers.0/mlp/up_proj/MatMul": False,
+                         "/model/layers.1/mlp/up_proj/MatMul": False}
+        assert panel.selection["/model/layers.0/mlp/down_proj/MatMul"] is True
 
 
 @pytest.mark.slow
@@ -599,6 +647,10 @@ async def test_a_failed_stage_drafts_its_bug_record_and_d_edits_it(cfg):
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: not isinstance(app.screen, BugForm))
         await run_and_wait(pilot, app)  # the same failure again: no second record
+        await pilot.pause(1.5)  # the Bugs tab's disk check has seen the draft
+        assert app.bugs_panel.table.row_count == 1
+        # The draft is this session's own: never reported as an edit made elsewhere.
+        assert not any("outside this session" in n.message for n in app._notifications)
     text = _bugs(cfg).read_text(encoding="utf-8")
     assert text.count("## Bug #") == 1
     assert "Pow 不在 Icraft 的算子表里" in text

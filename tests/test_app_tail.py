@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from tdpu_tui.engine.tail import Tailer, decode_line
+from tdpu_tui.engine.tail import EchoFilter, Tailer, decode_line
 
 
 def _lines(tailer: Tailer) -> list[str]:
@@ -145,3 +145,22 @@ def test_directory_without_history_then_unfollowed(tmp_path):
     with open(runs / "export.log", "a") as fh:
         fh.write("not followed either\n")
     assert _lines(t) == [] and t.paths == []
+
+
+def test_echo_filter_shows_a_line_from_two_roads_once_and_keeps_same_road_repeats():
+    echo = EchoFilter()
+    assert echo.fresh("stdout", ["[I] a", "[I] b"]) == ["[I] a", "[I] b"]
+    assert echo.fresh("file", ["[I] a", "[I] b", "[I] c"]) == ["[I] c"]
+    assert echo.fresh("stdout", ["[I] c", "[I] c"]) == ["[I] c"]  # the echo, then a new repeat
+    assert echo.fresh("file", ["waiting", "waiting", ""]) == ["waiting", "waiting", ""]
+
+
+def test_drain_files_names_the_file_of_each_batch(tmp_path):
+    a, b = tmp_path / "a.log", tmp_path / "b.log"
+    a.write_text("one\n")
+    b.write_text("two\n")
+    t = Tailer()
+    t.follow(a, "same")
+    t.follow(b, "same")
+    t.poll()
+    assert t.drain_files() == [("same", a, ["one"]), ("same", b, ["two"])]

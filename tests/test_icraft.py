@@ -163,9 +163,12 @@ def test_parse_and_optimize_succeed_and_record_everything(tmp_path, fake_path):
     assert [c[1] for c in calls] == ["parse", "optimize"]
 
     logs = [e for e in events if isinstance(e, StageLog) and e.stage == "parse"]
-    assert any(e.source == "icraft stdout" and "开始执行 parse 组件" in e.line for e in logs)
-    gbk = [e for e in logs if e.source.endswith("tiny_net_parse.log") and "parse 完成" in e.line]
-    assert gbk, "the GBK line of the log file was not decoded"
+    # Icraft writes each line to stdout (UTF-8) and to its log file (GBK here): passed on once.
+    done = [e for e in logs if e.line.endswith("[I] parse 完成")]
+    assert len(done) == 1, [e.line for e in logs]
+    assert not any("\ufffd" in e.line for e in logs)
+    log_file = paths.icraft_logs / "parse" / "tiny_net_parse.log"
+    assert "parse 完成".encode("gbk") in log_file.read_bytes()
 
     section = read_section(paths.compile_log, "parse")
     assert "## parse — ok" in section and f"- working directory: `{out}`" in section
@@ -216,7 +219,11 @@ def test_missing_argument_is_error_26000(tmp_path, fake_path):
     assert res.reason().startswith("Icraft error 26000: 缺少必须参数")
     assert res.returncode == 26000 & 0xFF
     # The default log folder (no --log_path given) is followed too.
-    assert any(src.endswith("n_parse.log") for _, _, src in lines)
+    assert [f.name for f in res.log_files] == ["n_parse.log"]
+    assert res.log_files[0].parent == tmp_path / ".icraft" / "logs"
+    # Each line Icraft printed and logged is passed on once.
+    said = [line for line, _, _ in lines if line.strip()]
+    assert len(said) == len(set(said)), said
 
 
 def test_exit_status_without_a_code_still_fails(tmp_path, fake_path):

@@ -41,9 +41,11 @@ from tdpu_tui.engine.events import (
     Status,
 )
 from tdpu_tui.engine.pipeline import Pipeline, Stage
-from tdpu_tui.engine.tail import Tailer
+from tdpu_tui.engine.icraft import LEVEL_RE
+from tdpu_tui.engine.tail import EchoFilter, Tailer
 
 StageSource = Iterable[Stage] | Callable[[], Iterable[Stage]] | None
+_EVENTS = "events"  # the EchoFilter channel of the run's own stage lines
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,10 @@ class TdpuApp(App[int]):
         self._closing = False
         self._stopping = False
         self.tailer = Tailer()
+        # Icraft's lines come as stage output and again from its log files: shown once.
+        self._echo = EchoFilter()
+        # Failures this app drafted into the bug book (run thread), shared with the Bugs tab.
+        self._own_signatures: set[str] = set()
         self._follow = [Path(p) for p in follow]
         self._sources: dict[str, bool] = {}
         self._reopened_seen = 0
@@ -119,7 +125,7 @@ class TdpuApp(App[int]):
             with TabPane("3 Nodes", id="nodes"):
                 yield NodesPanel(self.config, id="nodes-panel")
             with TabPane("4 Bugs", id="bugs"):
-                yield BugsPanel(self.config, id="bugs-panel")
+                yield BugsPanel(self.config, own_signatures=self._own_signatures, id="bugs-panel")
         yield Footer(show_command_palette=False, compact=True)
 
     @property
@@ -203,7 +209,9 @@ class TdpuApp(App[int]):
     # -- engine events (worker thread) -> inbox -> pump (UI thread) ---------------------------
     def _record_failure(self, result: StageResult, config: Config) -> None:
         """Draft the failed stage's bug record (worker thread), as `--batch` does."""
-        from tdpu_tui.engine.bugbook import record_failure
+        from tdpu_tui.engine.bugbook import failure_signature, record_failure
+        # Before the write, so the Bugs tab never reports this draft as someone else's.
+        self._own_signatures.add(failure_signature(result.name, result.message))
         record, created = record_failure(self.paths.bugs, result.name, result.message, result.log_tail)
         if record is not None:
             self._post_event(BugRecorded(result.name, record.number, created))
@@ -240,8 +248,12 @@ class TdpuApp(App[int]):
                 panel.logged(stage, ev.line)
                 if ev.source and self._is_followed_file(ev.source):
                     continue  # the tailer shows that file's lines (once, with rotation handled)
+                if not self._echo.fresh(_EVENTS, [ev.line]):
+                    continue  # already shown from Icraft's log file
                 label = stage
-                line = ev.line if ev.level == "info" else f"[{ev.level}] {ev.line}"
+                line = ev.line
+                if ev.level != "info" and not LEVEL_RE.match(line):
+                    line = f"[{ev.level}] {line}"
                 if label != pending_label:
                     flush_lines()
                     pending_label = label
@@ -256,9 +268,11 @@ class TdpuApp(App[int]):
         self._apply_progress(progressed)
 
         got_tail = False
-        for label, lines in self.tailer.drain(self.MAX_LINES_PER_PUMP):
-            log.add_lines(label, lines)
-            got_tail = True
+        for label, path, lines in self.tailer.drain_files(self.MAX_LINES_PER_PUMP):
+            lines = self._echo.fresh(path, lines)
+            if lines:
+                log.add_lines(label, lines)
+                got_tail = True
         if self.tailer.reopened != self._reopened_seen:
             self._reopened_seen = self.tailer.reopened
             while self.tailer.events:

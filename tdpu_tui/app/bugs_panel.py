@@ -45,12 +45,14 @@ class BugsTable(DataTable):
 class BugsPanel(Vertical):
     """Lists the records; the app opens the form. Polls the file so outside edits show up."""
 
-    def __init__(self, config: Config, **kwargs):
+    def __init__(self, config: Config, own_signatures: set[str] | None = None, **kwargs):
         super().__init__(**kwargs)
         self.config = config
         self.path: Path = Artifacts.of(config).bugs
         self.book = None
         self.error = ""
+        # Signatures of the failures the app's run thread drafted (shared with the book).
+        self.own_signatures = own_signatures if own_signatures is not None else set()
 
     def compose(self) -> ComposeResult:
         yield Static("", id="bugs-status")
@@ -72,8 +74,10 @@ class BugsPanel(Vertical):
     def open_book(self) -> None:
         try:
             from tdpu_tui.engine.bugbook import BugBook
-            self.book = BugBook(self.path)
-            self.book.load()
+            book = BugBook(self.path)
+            book.own_signatures = self.own_signatures
+            book.load()
+            self.book = book
             self.error = ""
         except Exception as exc:
             self.error = f"cannot read the bug records: {exc}"
@@ -93,7 +97,7 @@ class BugsPanel(Vertical):
             self.rebuild()
             return
         self.error = ""
-        for line in messages or ["bugs_found.md changed on disk: reloaded"]:
+        for line in messages:  # none when the change was this session's own draft
             self.app.say(str(line), title="bug records")
         self.rebuild()
 

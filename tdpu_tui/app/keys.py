@@ -22,7 +22,7 @@ KEY_MAP: list[tuple[str, list[tuple[str, str]]]] = [
     ]),
     ("Nodes", [
         ("space", "toggle replacement of the highlighted node"),
-        ("a / n", "select all / none of the ternary nodes"),
+        ("a / n", "select all / none of the ternary nodes shown"),
         ("/", "filter nodes (escape clears)"),
     ]),
     ("Bugs", [

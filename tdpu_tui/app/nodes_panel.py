@@ -203,7 +203,7 @@ class NodesPanel(Vertical):
         shape = f"{node.k}×{node.n}" if node.k and node.n else ""
         zeros = f"{node.zeros * 100:.1f}%" if node.zeros is not None else ""
         status = Text(node.status, style="green" if node.ternary else "yellow")
-        cells = {"replace": mark, "node": self._shown_name(node),
+        cells = {"replace": mark, "node": Text(self._shown_name(node)),
                  "layer": "" if node.layer is None else str(node.layer),
                  "proj": node.projection or "", "shape": shape, "zeros": zeros, "status": status}
         return [cells[key] for key, _, _ in self._columns]
@@ -282,7 +282,12 @@ class NodesPanel(Vertical):
                 return
             self.set_selected([node.name], not self.selection.get(node.name, False))
         else:
-            names = [n.name for n in self.nodes if n.ternary]
+            # With a filter on, all / none act on the nodes shown, as the status line counts them.
+            names = [n.name for n in self.visible() if n.ternary]
+            if not names:
+                self.app.say(f"no ternary node matches the filter {self.filter_text!r}",
+                             severity="warning")
+                return
             self.set_selected(names, msg.what == "all")
 
     def set_selected(self, names: list[str], value: bool) -> None:

@@ -207,7 +207,8 @@ class PipelinePanel(Vertical):
             Text(f"{mark} {word}", style=style),
             format_seconds(row.elapsed()),
             progress_bar(row.done, row.total),
-            row.result_line(),
+            # Text, not str: a str cell is markup, and results hold keys like [icraft].bin.
+            Text(row.result_line(), no_wrap=True, overflow="ellipsis"),
         ]
 
     def update_row(self, name: str) -> None:

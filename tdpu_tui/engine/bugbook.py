@@ -46,7 +46,7 @@ import re
 import textwrap
 import threading
 import time as _time
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -650,12 +650,15 @@ class _Txn:
     messages: list[str] = field(default_factory=list)
 
 
-def _diff_messages(old: list[BugRecord], new: list[BugRecord], where: str) -> list[str]:
+def _diff_messages(old: list[BugRecord], new: list[BugRecord], where: str,
+                   own: Container[str] = ()) -> list[str]:
     before = {r.number: r for r in reversed(old)}
     after = {r.number: r for r in reversed(new)}
     msgs = []
     for n, r in after.items():
         if n not in before:
+            if r.signature and r.signature in own:
+                continue
             msgs.append(f"Bug #{n} ({r.title}) was added to {where} outside this session")
         elif _content(r) != _content(before[n]):
             msgs.append(f"Bug #{n} was changed in {where} outside this session; kept that version")
@@ -682,6 +685,9 @@ class BugBook:
         self._digest: str | None = None
         self._seen = 0
         self._mutex = threading.Lock()
+        # Failure signatures this session drafted through another BugBook (the app drafts from
+        # its run thread): those records are not reported as added outside this session.
+        self.own_signatures: set[str] = set()
 
     @property
     def lock_path(self) -> Path:
@@ -744,11 +750,17 @@ class BugBook:
         self._adopt(doc, stamp, digest)
         if not changed:
             return []
-        msgs = _diff_messages(old, doc.records if doc else [], self.path.name)
-        if not msgs:
+        msgs = _diff_messages(old, doc.records if doc else [], self.path.name, self.own_signatures)
+        if not msgs and not self._only_own_drafts(old, doc):
             msgs = [f"{self.path.name} was edited outside this session (no bug record changed)"]
         self.messages.extend(msgs)
         return msgs
+
+    def _only_own_drafts(self, old: list[BugRecord], doc: BugDocument | None) -> bool:
+        """True when the only difference is records this session drafted (nothing to report)."""
+        numbers = {r.number for r in old}
+        added = [r for r in (doc.records if doc else []) if r.number not in numbers]
+        return bool(added) and all(r.signature in self.own_signatures for r in added)
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -761,7 +773,8 @@ class BugBook:
             merged: list[str] = []
             if digest != self._digest:
                 old = self._doc.records if self._doc is not None else []
-                merged = _diff_messages(old, doc.records if doc else [], self.path.name)
+                merged = _diff_messages(old, doc.records if doc else [], self.path.name,
+                                        self.own_signatures)
             original = doc.to_bytes() if doc is not None else None
             if doc is None or not original:
                 doc = BugDocument(TEMPLATE_HEADER)

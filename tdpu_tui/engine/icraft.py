@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tdpu_tui.engine.config import Config
+from tdpu_tui.engine.tail import EchoFilter
 from tdpu_tui.engine.tail import decode_line as _decode
 
 # Icraft's error codes, as the manuals document them. Only icraft-run (XRun) publishes a table
@@ -436,12 +437,16 @@ def run_icraft(argv: Sequence[str], *, cwd: Path, log_dirs: Sequence[Path], time
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     failures: list[str] = []
 
+    echo = EchoFilter()
+
     def take(line: str, source: str) -> None:
+        # Icraft prints each line to stdout and to its log file: pass one copy on.
+        if not echo.fresh("output" if source.startswith("icraft ") else source, [line]):
+            return
         level = line_level(line)
         result.error.feed(line)
         if is_failure_line(line) or level == "error":
             failures.append(line)
-        # Icraft prints each line to stdout and to its log file: keep one copy.
         if line.strip() and line not in tail:
             tail.append(line)
         on_line(line, level, source)

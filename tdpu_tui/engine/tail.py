@@ -74,7 +74,7 @@ class Tailer:
         self.on_ready = on_ready
         self._files: dict[Path, _Followed] = {}
         self._dirs: dict[Path, tuple[str, bool, Callable[[Path], str] | None]] = {}
-        self._pending: collections.deque[tuple[str, list[str]]] = collections.deque()
+        self._pending: collections.deque[tuple[str, Path, list[str]]] = collections.deque()
         self._pending_lines = 0
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -155,16 +155,20 @@ class Tailer:
 
     def drain(self, max_lines: int | None = None) -> list[tuple[str, list[str]]]:
         """Take queued lines (at most about `max_lines`), oldest first; never blocks."""
-        out: list[tuple[str, list[str]]] = []
+        return [(label, lines) for label, _path, lines in self.drain_files(max_lines)]
+
+    def drain_files(self, max_lines: int | None = None) -> list[tuple[str, Path, list[str]]]:
+        """`drain`, with the file each batch of lines came from."""
+        out: list[tuple[str, Path, list[str]]] = []
         taken = 0
         with self._cond:
             while self._pending and (max_lines is None or taken < max_lines):
-                label, lines = self._pending.popleft()
+                label, path, lines = self._pending.popleft()
                 if max_lines is not None and taken + len(lines) > max_lines:
                     keep = max_lines - taken
-                    self._pending.appendleft((label, lines[keep:]))
+                    self._pending.appendleft((label, path, lines[keep:]))
                     lines = lines[:keep]
-                out.append((label, lines))
+                out.append((label, path, lines))
                 taken += len(lines)
             self._pending_lines -= taken
             self._cond.notify_all()
@@ -298,13 +302,13 @@ class Tailer:
             parts = buf.split(b"\n")
             f.partial = parts.pop()
             if parts:
-                self._push(f.label, [decode_line(p.rstrip(b"\r")) for p in parts])
+                self._push(f, [decode_line(p.rstrip(b"\r")) for p in parts])
                 lines_total += len(parts)
         return lines_total
 
     def _flush_partial(self, f: _Followed) -> None:
         if f.partial:
-            self._push(f.label, [decode_line(f.partial.rstrip(b"\r"))])
+            self._push(f, [decode_line(f.partial.rstrip(b"\r"))])
             f.partial = b""
 
     def _wait_for_room(self) -> bool:
@@ -313,14 +317,45 @@ class Tailer:
                 self._cond.wait(0.1)
         return not self._stop.is_set()
 
-    def _push(self, label: str, lines: list[str]) -> None:
+    def _push(self, f: _Followed, lines: list[str]) -> None:
         with self._cond:
             was_empty = not self._pending_lines
-            if self._pending and self._pending[-1][0] == label:
-                self._pending[-1][1].extend(lines)
+            if self._pending and self._pending[-1][1] == f.path:
+                self._pending[-1][2].extend(lines)
             else:
-                self._pending.append((label, lines))
+                self._pending.append((f.label, f.path, lines))
             self._pending_lines += len(lines)
             self.lines_read += len(lines)
         if was_empty and self.on_ready is not None:
             self.on_ready()
+
+
+class EchoFilter:
+    """Shows a line once when it arrives by two roads.
+
+    Icraft writes each log line to its stdout and to its log file, so the same line reaches a
+    reader twice: as the child's output and from the followed file (in either order).
+    `fresh(channel, lines)` drops a line whose exact text came from another channel recently,
+    once; repeats from the same channel are kept (a log may say the same thing twice).
+    """
+
+    def __init__(self, window: int = 4096):
+        self.window = window
+        self._recent: collections.OrderedDict[str, object] = collections.OrderedDict()
+
+    def fresh(self, channel: object, lines: list[str]) -> list[str]:
+        out = []
+        for line in lines:
+            if not line.strip():
+                out.append(line)
+                continue
+            seen_on = self._recent.get(line)
+            if seen_on is not None and seen_on != channel:
+                del self._recent[line]
+                continue
+            self._recent[line] = channel
+            self._recent.move_to_end(line)
+            if len(self._recent) > self.window:
+                self._recent.popitem(last=False)
+            out.append(line)
+        return out

@@ -358,3 +358,14 @@ def test_imports_neither_textual_nor_rich(module):
     code = (f"import importlib, sys; importlib.import_module({module!r}); "
             "sys.exit(any(m in sys.modules for m in ('textual', 'rich')))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_embed_reads_only_the_asked_rows_and_widens_bf16_exactly(tiny):
+    with open_checkpoint(tiny) as ckpt:
+        ids = np.array([[3, 255, 3], [0, 17, 128]])
+        full = ckpt.embedding()
+        got = ckpt.embed(ids)
+        assert got.dtype == np.float32 and got.shape == (2, 3, 64)
+        np.testing.assert_array_equal(got, full[ids])
+        cols = ckpt.read("model.embed_tokens.weight", (slice(None), slice(8, 24)))
+        np.testing.assert_array_equal(cols, full[:, 8:24])

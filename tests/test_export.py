@@ -157,3 +157,37 @@ def test_icraft_graph_shortened_to_one_token_matches_the_first_position(tmp_path
         np.testing.assert_allclose(got, want[:, :n], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="outside"):
         with_sequence_length(model, 13, paths.output)
+
+
+def _untied_checkpoint(directory):
+    """The tiny synthetic checkpoint with its own lm_head.weight (tie_word_embeddings = false)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tdpu_tui.engine.synthetic import write_synthetic
+
+    src = write_synthetic(directory / "tied", "tiny", 0)
+    dst = directory / "untied"
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    emb = tensors["model.embed_tokens.weight"]
+    gen = torch.Generator().manual_seed(1)
+    tensors["lm_head.weight"] = (torch.randn(emb.shape, generator=gen) * emb.float().std()).to(emb.dtype)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("profile", ["reference", "icraft"])
+def test_untied_lm_head_is_exported_from_its_own_weight(tmp_path, profile):
+    ckpt_dir = _untied_checkpoint(tmp_path)
+    cfg = load_config(write_config(tmp_path, profile=profile))
+    cfg.model.source = str(ckpt_dir)
+    r = Pipeline(cfg, [ExportStage()]).run().results[0]
+    assert r.status is Status.OK, r.message
+    assert r.metrics["argmax_agreement"] >= 0.99
+    model = onnx.load(Artifacts.of(cfg).full_onnx, load_external_data=False)
+    head = next(n for n in model.graph.node if n.name.startswith("/lm_head/") and n.op_type in ("Gemm", "MatMul"))
+    assert head.input[1] == "lm_head.weight"

@@ -163,3 +163,15 @@ def test_bad_selection_file_is_an_error_naming_the_file(tmp_path):
     path.write_text('{"a": "yes"}')
     with pytest.raises(InventoryError, match="sel.json"):
         load_selection(path)
+
+
+def test_external_data_that_does_not_fit_its_tensor_names_file_and_tensor(tmp_path):
+    path = bg.save(bg.build("icraft", layers=1), tmp_path / "g.onnx")
+    model = onnx.load(str(path), load_external_data=False)
+    name = "model.layers.0.mlp.up_proj.weight"
+    t = next(t for t in model.graph.initializer if t.name == name)
+    entry = next(e for e in t.external_data if e.key == "length")
+    entry.value = str(int(entry.value) - 4)
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(InventoryError, match=rf"g\.onnx\.data: tensor '{name}'.*length"):
+        inventory(path)

@@ -140,3 +140,41 @@ def test_matmulnbits_codes_are_w_plus_two_four_per_byte_low_bits_first():
     b = nbits_pack(w, 16)
     assert b.shape == (1, 1, 4)
     assert b[0, 0, 0] == 1 | (2 << 2) | (3 << 4) | (1 << 6)
+
+
+def test_interrupted_step_copies_are_removed(tmp_path, monkeypatch):
+    """Ctrl-C while the length-1 copies are being written leaves none of them behind."""
+    from tdpu_tui.engine import validate
+    from tdpu_tui.engine.artifacts import Artifacts
+
+    cfg = _config(tmp_path, profile="icraft")
+    paths = Artifacts.of(cfg)
+    paths.output.mkdir(parents=True)
+    made = []
+
+    def copy(path):
+        if made:
+            raise KeyboardInterrupt
+        p = paths.output / ".validate-step1-test.onnx"
+        p.write_bytes(b"copy")
+        made.append(p)
+        return p
+
+    class Ctx:
+        config = cfg
+
+        def __init__(self):
+            self.paths = paths
+
+        def log(self, *a, **k):
+            pass
+
+    monkeypatch.setattr(validate, "_length_one_copy", copy)
+    monkeypatch.setattr(validate, "lower_to_matmulnbits", lambda src, dst: 0)
+    v = object.__new__(validate.Validation)
+    v.ctx, v.cfg, v.paths, v.notes = Ctx(), cfg, paths, []
+    v.meta, v.report, v.replaced = {"input_name": "inputs_embeds", "profile": "icraft"}, {}, []
+    x = {"inputs_embeds": np.zeros((1, 4, 64), np.float32)}
+    with pytest.raises(KeyboardInterrupt):
+        v.measure(4, x)
+    assert made and list(paths.output.iterdir()) == []

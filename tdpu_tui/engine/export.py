@@ -19,7 +19,7 @@ from tdpu_tui.engine.config import Config
 from tdpu_tui.engine.errors import StageFailed
 from tdpu_tui.engine.fsutil import atomic_write_text, commit_files, human_bytes, staging_dir
 from tdpu_tui.engine.pipeline import Stage, StageContext
-from tdpu_tui.engine.verify import compare_logits, format_comparison, make_input_ids
+from tdpu_tui.engine.verify import compare_logits, format_comparison, make_input_ids, ort_session
 
 MIN_ARGMAX_AGREEMENT = 0.99
 RAW_ALIGN = 64
@@ -52,7 +52,7 @@ def verification_inputs(cfg: Config, ckpt: Checkpoint, profile: str) -> dict[str
     c = ckpt.config
     if profile == "icraft":
         ids = make_input_ids(c.vocab_size, 1, cfg.export.seq_len, cfg.export.verify_seed)
-        return {"input_ids": ids, "inputs_embeds": ckpt.embedding()[ids].astype(np.float32)}
+        return {"input_ids": ids, "inputs_embeds": ckpt.embed(ids)}
     tokens = min(cfg.export.verify_tokens, c.max_position_embeddings)
     ids = make_input_ids(c.vocab_size, cfg.export.verify_batch, tokens, cfg.export.verify_seed)
     return {"input_ids": ids}
@@ -74,11 +74,7 @@ def reference_logits(ckpt: Checkpoint, inputs: dict[str, np.ndarray], quantize: 
 
 
 def run_onnx(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(path)
     names = {i.name for i in sess.get_inputs()}
     return sess.run(["logits"], {k: v for k, v in inputs.items() if k in names})[0]
 
@@ -108,7 +104,10 @@ def write_raw(ckpt: Checkpoint, raw_path: Path, ctx: StageContext) -> list[dict[
 def parameter_counts(ckpt: Checkpoint) -> dict[str, int]:
     c = ckpt.config
     counts: collections.Counter[str] = collections.Counter()
-    counts["embedding (tied lm_head)"] = c.vocab_size * c.hidden_size
+    if c.tie_word_embeddings:
+        counts["embedding (tied lm_head)"] = c.vocab_size * c.hidden_size
+    else:
+        counts["embedding"] = counts["lm_head"] = c.vocab_size * c.hidden_size
     attn = c.num_attention_heads * c.head_dim
     kv = c.num_key_value_heads * c.head_dim
     per_layer_attn = c.hidden_size * attn + 2 * c.hidden_size * kv + attn * c.hidden_size
@@ -187,16 +186,16 @@ class ExportStage(Stage):
             for k, v in m.items():
                 ctx.metric(k, v)
 
-            t = time.perf_counter()
-            ctx.progress(0, None, "writing .raw weights (tdpu packing)")
-            index = write_raw(ckpt, raw_tmp, ctx)
-            timings["raw weights"] = time.perf_counter() - t
-
             if not m["finite"]:
                 raise StageFailed("the exported graph produced non-finite logits")
             if m["argmax_agreement"] < MIN_ARGMAX_AGREEMENT:
                 raise StageFailed(f"exported graph disagrees with the PyTorch reference: "
                                   f"{format_comparison(m)} (needs ≥ {MIN_ARGMAX_AGREEMENT:.0%})")
+
+            t = time.perf_counter()
+            ctx.progress(0, None, "writing .raw weights (tdpu packing)")
+            index = write_raw(ckpt, raw_tmp, ctx)
+            timings["raw weights"] = time.perf_counter() - t
 
             raw_index = {
                 "format": "tdpu-raw/1", "layout": RAW_LAYOUT, "alignment": RAW_ALIGN,

@@ -122,8 +122,7 @@ class GraphIndex:
 
     def array(self, name: str) -> np.ndarray:
         """The initializer's values: a read-only memory map for external data, else in memory."""
-        t = self.inits[name]
-        return tensor_array(t, self.base_dir)
+        return tensor_array(self.inits[name], self.base_dir)
 
     def scalar(self, name: str) -> float | None:
         """The value of a constant scalar (initializer or Constant node), else None."""
@@ -142,13 +141,22 @@ class GraphIndex:
 
 
 def tensor_array(t: onnx.TensorProto, base_dir: Path) -> np.ndarray:
-    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    """An initializer's values: a read-only memory map for external data, else in memory.
+
+    This is the one reader of external data for inventory, replace and validate.
+    """
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
     shape = tuple(int(d) for d in t.dims)
     if t.data_location == onnx.TensorProto.EXTERNAL:
         info = {e.key: e.value for e in t.external_data}
+        if "location" not in info:
+            raise InventoryError(f"tensor {t.name!r}: external data without a 'location'")
         path = base_dir / info["location"]
         offset = int(info.get("offset", 0))
         count = int(np.prod(shape, dtype=np.int64))
+        if "length" in info and int(info["length"]) != count * dtype.itemsize:
+            raise InventoryError(f"{path}: tensor {t.name!r} {dtype} {list(shape)} needs "
+                                 f"{count * dtype.itemsize} bytes, its external data gives length {info['length']}")
         if count == 0:
             return np.zeros(shape, dtype)
         try:
@@ -157,6 +165,11 @@ def tensor_array(t: onnx.TensorProto, base_dir: Path) -> np.ndarray:
             raise InventoryError(f"{path}: cannot read tensor {t.name!r} at offset {offset}: {exc}") from None
         return flat.reshape(shape)
     return numpy_helper.to_array(t)
+
+
+def tensor_bytes(t: onnx.TensorProto, base_dir: Path) -> np.ndarray:
+    """The tensor's stored little-endian bytes, flat uint8 (memory-mapped when external)."""
+    return np.ascontiguousarray(tensor_array(t, base_dir)).reshape(-1).view(np.uint8)
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
@@ -169,6 +182,14 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
 def _str_attr(node: onnx.NodeProto, name: str, default: str) -> str:
     value = _attr(node, name, default)
     return value.decode() if isinstance(value, bytes) else value
+
+
+def bitlinear_attrs(node: onnx.NodeProto) -> tuple[int, int, str]:
+    """(in_features K, out_features N, layout) of a BitLinear node; layout defaults to tdpu."""
+    k, n = _attr(node, "in_features"), _attr(node, "out_features")
+    if k is None or n is None:
+        raise InventoryError(f"BitLinear node {node.name!r}: missing in_features or out_features")
+    return int(k), int(n), _str_attr(node, "layout", "tdpu")
 
 
 def _parse_module(node_name: str, weight: str | None) -> tuple[int | None, str | None, str | None]:

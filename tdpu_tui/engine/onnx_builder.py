@@ -19,7 +19,8 @@ find it: [act_quant] -> MatMul(x, W[K, N] in {-1, 0, 1}) -> [Div(s)] -> Mul(weig
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,8 @@ PROJECTIONS = {
 EXTERNAL_THRESHOLD = 1024
 # Page-aligned offsets let ONNX Runtime memory-map the external data.
 ALIGN = 4096
+# Elements of a large float tensor converted and written at once (64 MiB of float32).
+STREAM_ELEMENTS = 1 << 24
 MASK_VALUE = -1e9
 
 
@@ -62,28 +65,36 @@ def causal_mask(n: int) -> np.ndarray:
     return np.triu(np.full((n, n), MASK_VALUE, dtype=np.float32), k=1)
 
 
-@dataclass
+def set_external(t: TensorProto, location: str, offset: int, length: int) -> None:
+    """Point `t` at `length` bytes at `offset` of the external-data file `location`."""
+    t.data_location = TensorProto.EXTERNAL
+    del t.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+
+
 class ExternalData:
-    """The external-data file being written, with page-aligned offsets."""
+    """The external-data file being written; every tensor starts at a page-aligned offset."""
 
-    path: Path
-    location: str
-    _fh: object = None
-    offset: int = 0
+    def __init__(self, path: Path, location: str):
+        self.path = Path(path)
+        self.location = location
+        self.offset = 0
+        self._fh = open(self.path, "wb")  # noqa: SIM115 (closed by close())
 
-    def __post_init__(self) -> None:
-        self._fh = open(self.path, "wb")  # noqa: SIM115
-
-    def write(self, array: np.ndarray) -> tuple[int, int]:
+    def write(self, chunks: Iterable[np.ndarray]) -> tuple[int, int]:
+        """Append one tensor, given as consecutive pieces; returns (offset, length) of its bytes."""
         pad = (-self.offset) % ALIGN
         if pad:
             self._fh.write(b"\0" * pad)
             self.offset += pad
-        array = np.ascontiguousarray(array)
         start = self.offset
-        self._fh.write(memoryview(array.reshape(-1)).cast("B"))
-        self.offset += array.nbytes
-        return start, array.nbytes
+        for chunk in chunks:
+            chunk = np.ascontiguousarray(chunk)
+            self._fh.write(memoryview(chunk.reshape(-1)).cast("B"))
+            self.offset += chunk.nbytes
+        return start, self.offset - start
 
     def close(self) -> None:
         if self._fh is not None:
@@ -100,28 +111,34 @@ class GraphBuilder:
     op_counts: collections.Counter = field(default_factory=collections.Counter)
     _names: set = field(default_factory=set)
 
-    def initializer(self, name: str, array: np.ndarray, doc: str = "") -> str:
-        array = np.asarray(array)
-        if name in self._names:
-            raise ValueError(f"duplicate initializer {name}")
-        self._names.add(name)
-        if array.nbytes <= EXTERNAL_THRESHOLD:
-            t = numpy_helper.from_array(array, name)
-        else:
-            t = TensorProto()
-            t.name = name
-            t.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
-            t.dims.extend(array.shape)
-            offset, length = self.data.write(array)
-            t.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", self.data.location), ("offset", str(offset)),
-                               ("length", str(length))):
-                entry = t.external_data.add()
-                entry.key, entry.value = key, value
+    def _add(self, t: TensorProto, doc: str) -> str:
+        if t.name in self._names:
+            raise ValueError(f"duplicate initializer {t.name}")
+        self._names.add(t.name)
         if doc:
             t.doc_string = doc
         self.initializers.append(t)
-        return name
+        return t.name
+
+    def initializer(self, name: str, array: np.ndarray, doc: str = "") -> str:
+        array = np.asarray(array)
+        if array.nbytes <= EXTERNAL_THRESHOLD:
+            return self._add(numpy_helper.from_array(array, name), doc)
+        return self.streamed(name, array.dtype, array.shape, [array], doc)
+
+    def streamed(self, name: str, dtype: np.dtype, shape: tuple[int, ...], chunks: Iterable[np.ndarray],
+                 doc: str = "") -> str:
+        """An external initializer whose bytes come in consecutive `chunks` (never all in memory)."""
+        t = TensorProto()
+        t.name = name
+        t.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        t.dims.extend(shape)
+        offset, length = self.data.write(chunks)
+        expected = math.prod(shape) * np.dtype(dtype).itemsize
+        if length != expected:
+            raise ValueError(f"initializer {name}: wrote {length} bytes, {list(shape)} {np.dtype(dtype)} needs {expected}")
+        set_external(t, self.data.location, offset, length)
+        return self._add(t, doc)
 
     def const(self, name: str, value, dtype=np.float32) -> str:
         if name in self._names:
@@ -181,7 +198,7 @@ class BitNetOnnx:
         w, scale = self.ckpt.ternary(module)
         n, k = w.shape
         w_name = g.initializer(
-            f"{module}.weight", np.ascontiguousarray(w.T.astype(np.float32)),
+            f"{module}.weight", np.ascontiguousarray(w.T, dtype=np.float32),
             doc=f"ternary {{-1,0,1}} weight of {module}, transposed to [in={k}, out={n}]")
         ws = g.initializer(f"{module}.weight_scale", np.array([scale], np.float32),
                            doc="per-tensor scale, multiply convention: y = acc / s * weight_scale")
@@ -260,6 +277,20 @@ class BitNetOnnx:
         normed = self.rms_norm(h, f"{m}.ffn_sub_norm.weight", f"{scope}/ffn_sub_norm")
         return self.bitlinear(normed, f"{m}.down_proj")
 
+    def rows(self, name: str) -> Iterator[np.ndarray]:
+        """Checkpoint tensor `name` [R, C] as float32, a block of rows at a time."""
+        r, c = self.ckpt.shape(name)
+        step = max(1, STREAM_ELEMENTS // c)
+        for start in range(0, r, step):
+            yield self.ckpt.read(name, slice(start, start + step))
+
+    def transposed_rows(self, name: str) -> Iterator[np.ndarray]:
+        """Checkpoint tensor `name` [R, C] transposed to [C, R] as float32, a block of rows at a time."""
+        r, c = self.ckpt.shape(name)
+        step = max(1, STREAM_ELEMENTS // r)
+        for start in range(0, c, step):
+            yield self.ckpt.read(name, (slice(None), slice(start, start + step))).T
+
     # -- the model --------------------------------------------------------------------------
     def build(self) -> onnx.ModelProto:
         g, c = self.g, self.c
@@ -274,7 +305,8 @@ class BitNetOnnx:
             mask = g.initializer("attention.causal_mask", causal_mask(self.seq_len))
         else:
             inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
-            emb = g.initializer("model.embed_tokens.weight", self.ckpt.embedding())
+            emb = g.streamed("model.embed_tokens.weight", np.float32, (c.vocab_size, c.hidden_size),
+                             self.rows("model.embed_tokens.weight"))
             x = g.op("Gather", [emb, "input_ids"], "/model/embed_tokens/Gather", axis=0)
             shape = g.op("Shape", ["input_ids"], "/model/rotary/Shape")
             seq = g.op("Slice", [shape, g.const("const_1", [1], np.int64), g.const("const_2", [2], np.int64)],
@@ -299,15 +331,19 @@ class BitNetOnnx:
             x = g.op("Add", [x, d], f"{scope}/mlp_residual/Add")
             self.on_layer(i + 1, n)
         x = self.rms_norm(x, "model.norm.weight", "/model/norm")
+        head_src = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
         if self.icraft:
-            head = g.initializer("lm_head.weight", np.ascontiguousarray(self.ckpt.embedding().T),
-                                 doc="lm_head (tied to model.embed_tokens.weight), transposed to [hidden, vocab]")
+            head = g.streamed("lm_head.weight", np.float32, (c.hidden_size, c.vocab_size),
+                              self.transposed_rows(head_src),
+                              doc=f"lm_head ({head_src}), transposed to [hidden, vocab]")
             logits = g.op("MatMul", [x, head], "/lm_head/MatMul")
             out_shape = [1, self.seq_len, c.vocab_size]
         else:
+            if not c.tie_word_embeddings:
+                g.streamed(head_src, np.float32, (c.vocab_size, c.hidden_size), self.rows(head_src))
             flat = g.op("Reshape", [x, g.const("const_shape_rows", [-1, c.hidden_size], np.int64)],
                         "/lm_head/Reshape")
-            gemm = g.op("Gemm", [flat, "model.embed_tokens.weight"], "/lm_head/Gemm", transB=1)
+            gemm = g.op("Gemm", [flat, head_src], "/lm_head/Gemm", transB=1)
             out = g.op("Concat", [shape, g.const("const_vocab", [c.vocab_size], np.int64)],
                        "/lm_head/OutShape", axis=0)
             logits = g.op("Reshape", [gemm, out], "/lm_head/Unflatten")

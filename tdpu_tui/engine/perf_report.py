@@ -21,8 +21,8 @@ from onnx import helper
 
 from kernels.packing import unpack
 from tdpu_tui.engine.fsutil import human_bytes
-from tdpu_tui.engine.inventory import BITLINEAR_DOMAIN, GraphIndex
-from tdpu_tui.engine.replace import tensor_bytes, placeholder_tensor, save_streamed
+from tdpu_tui.engine.inventory import BITLINEAR_DOMAIN, GraphIndex, bitlinear_attrs, tensor_bytes
+from tdpu_tui.engine.replace import placeholder_tensor, save_streamed
 
 NBITS_DOMAIN = "com.microsoft"
 NBITS_BLOCK = 128
@@ -59,10 +59,7 @@ def lower_to_matmulnbits(src: Path, dst: Path) -> int:
             nodes.append(node)
             continue
         x, wname, sname = node.input
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        k, n = int(attrs["in_features"]), int(attrs["out_features"])
-        layout = attrs.get("layout", b"tdpu")
-        layout = layout.decode() if isinstance(layout, bytes) else layout
+        k, n, layout = bitlinear_attrs(node)
         block = nbits_block_size(k)
         blocks = -(-k // block)
         bname, cname = f"{wname}.nbits", f"{wname}.nbits_scales"
@@ -94,7 +91,7 @@ def lower_to_matmulnbits(src: Path, dst: Path) -> int:
         model.opset_import.append(helper.make_opsetid(NBITS_DOMAIN, 1))
 
     def source(t: onnx.TensorProto) -> np.ndarray:
-        return lazy[t.name]() if t.name in lazy else tensor_bytes(g, t)
+        return lazy[t.name]() if t.name in lazy else tensor_bytes(t, g.base_dir)
 
     save_streamed(model, source, dst, dst.with_name(dst.name + ".data"))
     return total
@@ -132,10 +129,7 @@ def projection_graphs(bitlinear_path: Path, act_quant: bool, layer: int | None =
     parts: dict[str, tuple[list, list]] = {k: ([], []) for k in ("float", "bitlinear", "matmulnbits")}
     inputs, outputs = [], []
     for i, node in enumerate(mine):
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        k, n = int(attrs["in_features"]), int(attrs["out_features"])
-        layout = attrs.get("layout", b"tdpu")
-        layout = layout.decode() if isinstance(layout, bytes) else layout
+        k, n, layout = bitlinear_attrs(node)
         p = np.asarray(g.array(node.input[1]))
         ws = np.array([g.scalar(node.input[2])], np.float32)
         w = unpack(p, layout)
@@ -143,7 +137,7 @@ def projection_graphs(bitlinear_path: Path, act_quant: bool, layer: int | None =
         inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, "seq", k]))
         outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, "seq", n]))
         fn, fi = parts["float"]
-        fi += [numpy_helper.from_array(np.ascontiguousarray(w.T.astype(np.float32)), f"w{i}"),
+        fi += [numpy_helper.from_array(np.ascontiguousarray(w.T, dtype=np.float32), f"w{i}"),
                numpy_helper.from_array(ws, f"ws{i}")]
         a = x
         if act_quant:

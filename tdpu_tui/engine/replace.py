@@ -37,15 +37,10 @@ from tdpu_tui.engine.errors import StageFailed
 from tdpu_tui.engine.fsutil import commit_files, human_bytes, staging_dir
 from tdpu_tui.engine.inventory import (
     ALREADY, BITLINEAR_DOMAIN, GraphIndex, InventoryError, Projection, iter_nodes, load_selection,
-    resolve_selection, selection_reason,
+    resolve_selection, selection_reason, tensor_bytes,
 )
+from tdpu_tui.engine.onnx_builder import EXTERNAL_THRESHOLD, ExternalData, set_external
 from tdpu_tui.engine.pipeline import Stage, StageContext
-
-# Tensors smaller than this stay inside the .onnx file; larger ones go to external data.
-INLINE_BYTES = 1024
-# External tensors start on page boundaries so ONNX Runtime can map them.
-ALIGN = 4096
-COPY_CHUNK = 64 << 20
 
 
 @dataclass
@@ -225,7 +220,7 @@ def replace_model(src: str | Path, dst: str | Path, *, layout: str = "tdpu",
     def source(t: onnx.TensorProto) -> np.ndarray:
         if t.name in lazy:
             return lazy[t.name]()
-        return tensor_bytes(g, t)
+        return tensor_bytes(t, g.base_dir)
 
     with staging_dir(dst.parent) as stage:
         onnx_tmp, data_tmp = stage / dst.name, stage / f"{dst.name}.data"
@@ -248,22 +243,6 @@ def placeholder_tensor(name: str, data_type: int, dims: list[int]) -> onnx.Tenso
     return t
 
 
-def tensor_bytes(g: GraphIndex, t: onnx.TensorProto) -> np.ndarray:
-    """The tensor's stored bytes (little-endian raw), memory-mapped when external."""
-    if t.data_location == onnx.TensorProto.EXTERNAL:
-        info = {e.key: e.value for e in t.external_data}
-        path = g.base_dir / info["location"]
-        offset = int(info.get("offset", 0))
-        length = int(info["length"]) if "length" in info else _dtype_bytes(t)
-        if length == 0:
-            return np.zeros(0, np.uint8)
-        return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(length,))
-    if t.HasField("raw_data"):
-        return np.frombuffer(t.raw_data, dtype=np.uint8)
-    return np.frombuffer(onnx.numpy_helper.to_array(t).astype(
-        onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).tobytes(), dtype=np.uint8)
-
-
 def save_streamed(model: onnx.ModelProto, source: Callable[[onnx.TensorProto], np.ndarray],
                   onnx_path: Path, data_path: Path,
                   on_progress: Callable[[int, int, str], None] | None = None) -> None:
@@ -272,30 +251,25 @@ def save_streamed(model: onnx.ModelProto, source: Callable[[onnx.TensorProto], n
     Small tensors are stored inline; the rest go to `data_path` at page-aligned offsets.
     """
     inits = model.graph.initializer
-    with open(data_path, "wb") as fh:
+    data = ExternalData(data_path, data_path.name)
+    try:
         for i, t in enumerate(inits):
             if on_progress is not None:
                 on_progress(i, len(inits), t.name)
-            data = source(t)
-            raw = data.reshape(-1).view(np.uint8) if data.dtype != np.uint8 else data.reshape(-1)
+            array = np.asarray(source(t))
+            raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
             del t.external_data[:]
             for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
                       "uint64_data", "string_data"):
                 t.ClearField(f)
-            if raw.size < INLINE_BYTES:
+            if raw.size <= EXTERNAL_THRESHOLD:
                 t.data_location = onnx.TensorProto.DEFAULT
                 t.raw_data = raw.tobytes()
                 continue
-            pad = -fh.tell() % ALIGN
-            fh.write(b"\0" * pad)
-            offset = fh.tell()
-            for start in range(0, raw.size, COPY_CHUNK):
-                fh.write(memoryview(np.ascontiguousarray(raw[start:start + COPY_CHUNK])))
-            t.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", data_path.name), ("offset", str(offset)),
-                               ("length", str(raw.size))):
-                entry = t.external_data.add()
-                entry.key, entry.value = key, value
+            offset, length = data.write([raw])
+            set_external(t, data.location, offset, length)
+    finally:
+        data.close()
     onnx_path.write_bytes(model.SerializeToString())
 
 

@@ -31,13 +31,13 @@ import onnx
 from kernels.packing import LAYOUTS, unpack
 from tdpu_tui.engine.errors import StageFailed
 from tdpu_tui.engine.fsutil import atomic_write_text, human_bytes
-from tdpu_tui.engine.inventory import BITLINEAR_DOMAIN, GraphIndex
+from tdpu_tui.engine.inventory import BITLINEAR_DOMAIN, GraphIndex, bitlinear_attrs
 from tdpu_tui.engine.perf_report import (
     GraphTiming, PerfResult, ProjectionTiming, interleaved_medians, lower_to_matmulnbits, projection_graphs,
     render_report,
 )
 from tdpu_tui.engine.pipeline import Stage, StageContext
-from tdpu_tui.engine.verify import compare_logits, format_comparison, make_input_ids
+from tdpu_tui.engine.verify import compare_logits, format_comparison, make_input_ids, ort_session
 
 MIN_ARGMAX_AGREEMENT = 0.99
 # A node whose output is this far off (relative RMS) is wrong, whatever the elementwise bound says.
@@ -71,27 +71,19 @@ def _length_one_copy(path: Path) -> Path:
 
     model = with_sequence_length(onnx.load(str(path), load_external_data=False), 1, path.parent)
     fd, name = tempfile.mkstemp(prefix=".validate-step1-", suffix=".onnx", dir=path.parent)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(model.SerializeToString())
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(model.SerializeToString())
+    except BaseException:
+        os.unlink(name)
+        raise
     return Path(name)
 
 
-def _ort_session(path: Path | bytes, external_dir: Path | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if external_dir is not None:
-        so.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                    str(external_dir))
-    model = path if isinstance(path, bytes) else str(path)
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-
-
 def _bitlinear_session(path: Path):
-    from kernels.ort import create_session
+    from kernels.ort import create_session  # numba and onnxruntime-extensions: only when needed
 
-    return create_session(str(path))
+    return create_session(path)
 
 
 def _check_against(q: np.ndarray, s: np.ndarray, w: np.ndarray, ws: float, y: np.ndarray
@@ -188,8 +180,7 @@ class Validation:
 
             ids = make_input_ids(int(self.meta["vocab_size"]), 1, tokens, v.seed)
             with open_checkpoint(self.meta["checkpoint"]) as ckpt:
-                embeds = np.asarray(ckpt.embedding()[ids], dtype=np.float32)
-            return {"input_ids": ids, "inputs_embeds": embeds}
+                return {"input_ids": ids, "inputs_embeds": ckpt.embed(ids)}
         return {"input_ids": make_input_ids(int(self.meta["vocab_size"]), v.batch, tokens, v.seed)}
 
     def feed(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -212,7 +203,7 @@ class Validation:
         wanted = [t for t in dict.fromkeys(extra) if t not in have and t not in feed]
         for name in wanted:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-        sess = _ort_session(model.SerializeToString(), src.parent)
+        sess = ort_session(model.SerializeToString(), src.parent)
         names = ["logits", *wanted]
         out = dict(zip(names, sess.run(names, feed), strict=True))
         out.update({k: v for k, v in feed.items() if k in extra})
@@ -231,9 +222,7 @@ class Validation:
         checks = []
         for d in sample:
             node = by_name[d["bitlinear"]]
-            layout = next((onnx.helper.get_attribute_value(a) for a in node.attribute
-                           if a.name == "layout"), b"tdpu")
-            layout = layout.decode() if isinstance(layout, bytes) else layout
+            _, _, layout = bitlinear_attrs(node)
             p = np.asarray(g.array(node.input[1]))
             c = check_node(d["name"], captured[node.input[0]], captured[node.output[0]], p,
                            float(g.scalar(node.input[2])), layout)
@@ -264,13 +253,14 @@ class Validation:
             nbits_path = Path(tmp) / "bitnet_b1.58_matmulnbits.onnx"
             self.ctx.log("lowering the BitLinear graph to com.microsoft::MatMulNBits (bits=2) for the peer")
             nbits_bytes = lower_to_matmulnbits(self.paths.bitlinear_onnx, nbits_path)
-            graphs = [("float", self.paths.full_onnx, before, _ort_session),
+            graphs = [("float", self.paths.full_onnx, before, ort_session),
                       ("bitlinear", self.paths.bitlinear_onnx, after, _bitlinear_session),
-                      ("matmulnbits", nbits_path, nbits_bytes, _ort_session)]
+                      ("matmulnbits", nbits_path, nbits_bytes, ort_session)]
             step_paths: dict[str, Path] = {}
             try:
                 if fixed:
-                    step_paths = {label: _length_one_copy(path) for label, path, _, _ in graphs}
+                    for label, path, _, _ in graphs:  # one at a time, so `finally` sees each copy
+                        step_paths[label] = _length_one_copy(path)
                     perf.notes.append(f"icraft profile (fixed length {tokens}): the single-token step "
                                       "runs on copies of the three graphs rebuilt for length 1")
                 prefill_ms, step_ms = self._time_graphs(graphs, step_paths, prefill, step, perf, tokens)
@@ -352,7 +342,7 @@ class Validation:
         step, prefill = feed(1), feed(tokens)
         repeats = self.cfg.validate.repeats
         sessions = {label: create_session(model) if label == "bitlinear"
-                    else _ort_session(model.SerializeToString()) for label, model in models.items()}
+                    else ort_session(model.SerializeToString()) for label, model in models.items()}
         pt.prefill_ms = interleaved_medians(
             {k: (lambda s=s: s.run(None, prefill)) for k, s in sessions.items()}, repeats)
         if with_step:

@@ -1,8 +1,29 @@
-"""Numerical comparison shared by export verification, simulation and validation."""
+"""Inputs, ONNX Runtime sessions and numerical comparison shared by export verification,
+simulation and validation."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+
+def ort_session(model: str | Path | bytes, external_dir: str | Path | None = None):
+    """A quiet CPU InferenceSession for a graph without custom operators.
+
+    `model` is a path or serialized bytes; for bytes whose initializers are external data,
+    `external_dir` is the directory that data is read from. Graphs holding `ai.tdpu::BitLinear`
+    need `kernels.ort.create_session` instead.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if external_dir is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                    str(external_dir))
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
 
 
 def make_input_ids(vocab_size: int, batch: int, tokens: int, seed: int) -> np.ndarray:

@@ -191,3 +191,36 @@ def test_untied_lm_head_is_exported_from_its_own_weight(tmp_path, profile):
     model = onnx.load(Artifacts.of(cfg).full_onnx, load_external_data=False)
     head = next(n for n in model.graph.node if n.name.startswith("/lm_head/") and n.op_type in ("Gemm", "MatMul"))
     assert head.input[1] == "lm_head.weight"
+
+
+@pytest.mark.parametrize("profile", ["reference", "icraft"])
+def test_graph_builder_never_holds_the_whole_embedding(tmp_path, monkeypatch, profile):
+    """The embedding (and the icraft profile's transposed lm_head) is written a block at a time."""
+    import tracemalloc
+
+    from tdpu_tui.engine import onnx_builder
+    from tdpu_tui.engine.synthetic import write_synthetic
+
+    ckpt_dir = write_synthetic(tmp_path / "ckpt", "tiny", 0, {"vocab_size": 32768, "layers": 1})
+    monkeypatch.setattr(onnx_builder, "STREAM_ELEMENTS", 1 << 16)
+    with open_checkpoint(ckpt_dir) as ckpt:
+        data = onnx_builder.ExternalData(tmp_path / "g.onnx.data", "g.onnx.data")
+        tracemalloc.start()
+        try:
+            model = onnx_builder.BitNetOnnx(ckpt, profile, 8, 17, data).build()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+            data.close()
+    embedding = 32768 * 64 * 4
+    assert peak < embedding // 4, f"peak {peak} bytes traced for an embedding of {embedding}"
+    onnx.save(model, tmp_path / "g.onnx")
+    names = {t.name for t in model.graph.initializer}
+    assert ("lm_head.weight" in names) is (profile == "icraft")
+    sess = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
+    with open_checkpoint(ckpt_dir) as ckpt:
+        emb = ckpt.embedding()
+        ids = np.array([[5, 32767, 100, 7, 0, 1, 2, 3]])
+        feed = {"input_ids": ids} if profile == "reference" else {"inputs_embeds": emb[ids]}
+    (logits,) = sess.run(["logits"], feed)
+    assert logits.shape == (1, 8, 32768) and np.isfinite(logits).all()

@@ -138,7 +138,7 @@ def test_ensure_synthetic_places_it_under_the_output_dir(tmp_path):
     assert ensure_synthetic(cfg) == d
 
 
-def test_2b4t_preset_has_the_real_shapes(tmp_path, monkeypatch):
+def test_2b4t_preset_has_the_real_shapes():
     """The header only: the 1.2 GB write itself is measured in benchmarks/bench_synthetic.py."""
     from tdpu_tui.engine import synthetic
     shapes = synthetic.resolve_shapes("2b4t")

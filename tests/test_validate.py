@@ -178,3 +178,12 @@ def test_interrupted_step_copies_are_removed(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         v.measure(4, x)
     assert made and list(paths.output.iterdir()) == []
+
+
+def test_unreadable_replace_report_fails_naming_the_file(replaced, tmp_path):
+    root = _copy(replaced, tmp_path)
+    report = root / "models" / "output" / "replace_report.json"
+    report.write_text("{truncated", encoding="utf-8")
+    result = _run(root, ["validate"])["validate"]
+    assert result.status is Status.FAILED
+    assert str(report) in result.message and "Traceback" not in "\n".join(result.log_tail)

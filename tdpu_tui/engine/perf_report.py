@@ -208,7 +208,6 @@ class GraphTiming:
     weight_bytes: int
     prefill_ms: float | None = None
     step_ms: float | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -301,9 +300,6 @@ def render_report(meta: dict, accuracy: dict, perf: PerfResult | None, nodes: li
                       f"| prefill: BitLinear / float | {_x(pt.ratio('prefill', 'bitlinear', 'float'))} |",
                       f"| prefill: BitLinear / MatMulNBits | "
                       f"{_x(pt.ratio('prefill', 'bitlinear', 'matmulnbits'))} |", ""]
-        for gt in perf.graphs:
-            for note in gt.notes:
-                lines.append(f"- {gt.label}: {note}")
         for note in perf.notes:
             lines.append(f"- {note}")
     if notes:

@@ -146,6 +146,15 @@ def explain_disagreement(got: np.ndarray, want: np.ndarray, max_abs: float) -> s
     return text + f" {where.size - ties} are not near-ties: the graphs compute different things there."
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StageFailed(f"{path}: not found; run the export and replace stages first") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StageFailed(f"{path}: unreadable ({exc}); run the export and replace stages again") from None
+
+
 class Validation:
     """One validation run (kept as an object so the benchmark can reuse its pieces)."""
 
@@ -154,11 +163,8 @@ class Validation:
         self.cfg = ctx.config
         self.paths = ctx.paths
         self.notes: list[str] = []
-        try:
-            self.meta = json.loads(self.paths.export_meta.read_text(encoding="utf-8"))
-            self.report = json.loads(self.paths.replace_report.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise StageFailed(f"{exc.filename}: not found; run the export and replace stages first") from None
+        self.meta = _read_json(self.paths.export_meta)
+        self.report = _read_json(self.paths.replace_report)
         self.profile = self.meta.get("profile", "reference")
         self.replaced = [d for d in self.report["nodes"] if d["action"] == "replaced"]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -19,6 +20,7 @@ from tdpu_tui.engine.fsutil import atomic_write_text
 from tdpu_tui.engine.pipeline import Pipeline
 
 PLAIN_PROGRESS_INTERVAL_S = 2.0
+BAR_WIDTH = 28
 _COLORS = {Status.OK: "32", Status.FAILED: "31", Status.SKIPPED: "33"}
 
 
@@ -64,12 +66,13 @@ class ProgressPrinter:
                 if now - self._last_live < 0.1:
                     return
                 self._last_live = now
-                width = 28
                 if event.total:
-                    filled = int(width * frac)
-                    bar = "#" * filled + "-" * (width - filled)
+                    filled = int(BAR_WIDTH * frac)
+                    bar = "#" * filled + "-" * (BAR_WIDTH - filled)
                     text = f"[{event.stage}] [{bar}] {frac:6.1%}{note}"
-                self.stream.write("\r\x1b[2K" + text[:200])
+                # One terminal row: a wrapped line would not be erased by the next update.
+                columns = shutil.get_terminal_size().columns - 1
+                self.stream.write("\r\x1b[2K" + text[:columns])
                 self._live_shown = True
             elif note:
                 # Plain lines (logs, CI): at most one progress line per stage every 2 s.
@@ -135,5 +138,10 @@ def run_batch(cfg: Config, stages: list[str] | None, *, json_path: str | None = 
     if summary is not None:
         print(summary_table(summary.results))
         if json_path:
-            atomic_write_text(Path(json_path), json.dumps(summary.as_json(), indent=2, ensure_ascii=False) + "\n")
+            try:
+                atomic_write_text(Path(json_path),
+                                  json.dumps(summary.as_json(), indent=2, ensure_ascii=False) + "\n")
+            except OSError as exc:
+                print(f"tdpu: error: --json {json_path}: {exc}", file=sys.stderr)
+                code = max(code, ExitCode.FAILURE)
     return int(code)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _writable_dir(directory: Path) -> bool:
+    """True when `directory` exists and is writable, or could be created (checked before a
+    long run rather than after it)."""
+    while not directory.exists():
+        if directory.parent == directory:
+            return False
+        directory = directory.parent
+    return directory.is_dir() and os.access(directory, os.W_OK | os.X_OK)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bugs":
@@ -44,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
                 parser.print_usage(sys.stderr)
                 print(f"tdpu: error: --{flag} needs --batch", file=sys.stderr)
                 return ExitCode.USAGE
+    if args.model and args.model != "synthetic" and not Path(args.model).is_dir():
+        print(f"tdpu: error: --model {args.model}: no such checkpoint directory "
+              f"(expected config.json + model.safetensors, or 'synthetic')", file=sys.stderr)
+        return ExitCode.USAGE
+    if args.json and not _writable_dir(Path(args.json).resolve().parent):
+        print(f"tdpu: error: --json {args.json}: cannot write in {Path(args.json).resolve().parent}",
+              file=sys.stderr)
+        return ExitCode.USAGE
     try:
         from tdpu_tui.engine.config import load_config
         cfg = load_config(args.config)

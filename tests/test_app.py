@@ -196,6 +196,8 @@ async def test_keys_answer_while_a_stage_runs_and_c_cancels_it(cfg):
             assert "cancelled" in app.pipeline_panel.rows["export"].message
             await wait_for(pilot, lambda: statuses(app)["validate"] == "skipped")
             assert app.pipeline_panel.rows["precheck"].message == "not run: cancelled"
+            assert not _bugs(cfg).exists()  # a cancel drafts no bug record
+            assert not any(n.title == "stage failed" for n in app._notifications)
     finally:
         hold.set()
 

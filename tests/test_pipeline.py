@@ -67,9 +67,12 @@ def test_cancel_skips_the_remaining_stages(tmp_config):
             cancel.set()
             ctx.check_cancelled()
 
-    summary = Pipeline(cfg, [Cancelling("a"), Fake("b")], cancel=cancel).run()
+    drafted = []
+    summary = Pipeline(cfg, [Cancelling("a"), Fake("b")], cancel=cancel,
+                       on_failure=lambda r, c: drafted.append(r)).run()
     assert [r.status for r in summary.results] == [Status.FAILED, Status.SKIPPED]
     assert "cancelled" in summary.results[0].message
+    assert drafted == []  # the user's cancel is not a bug to record
 
 
 def test_failure_hook_gets_the_failed_result(tmp_config):
@@ -117,3 +120,28 @@ def test_batch_drafts_one_bug_record_per_distinct_failure(tmp_config, monkeypatc
     assert "boom: it broke" in records[0].error and "export running" in records[0].error
     assert run_batch(cfg, None, bug_drafts=False) == 1
     assert "Bug #" not in capsys.readouterr().err
+
+
+def test_cli_rejects_a_missing_model_dir_and_an_unwritable_json_before_running(tmp_config, tmp_path,
+                                                                                capsys):
+    from tdpu_tui.cli import main
+    assert main(["--batch", "--config", str(tmp_config), "--model", str(tmp_path / "nope")]) == 2
+    assert f"--model {tmp_path / 'nope'}: no such checkpoint directory" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["--batch", "--config", str(tmp_config), "--json", str(blocker / "run.json")]) == 2
+    assert f"--json {blocker / 'run.json'}: cannot write" in capsys.readouterr().err
+
+
+def test_batch_reports_a_json_summary_it_cannot_write(tmp_config, monkeypatch, capsys):
+    cfg = load_config(tmp_config)
+    import tdpu_tui.batch as batch
+    import tdpu_tui.engine.stages as registry
+    monkeypatch.setattr(registry, "all_stages", lambda: [Fake("a")])
+
+    def disk_full(path, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(batch, "atomic_write_text", disk_full)
+    assert run_batch(cfg, None, json_path="run.json") == 1
+    assert "--json run.json: [Errno 28] No space left on device" in capsys.readouterr().err

@@ -305,7 +305,8 @@ class TdpuApp(App[int]):
         elif isinstance(ev, StageFinished):
             result = ev.result
             panel.finished(result)
-            if result.status is Status.FAILED:
+            cancelled = self.pipeline is not None and self.pipeline.cancel.is_set()
+            if result.status is Status.FAILED and not cancelled:  # a cancel says so at the end
                 first = result.message.splitlines()[0] if result.message else ""
                 self.say(f"{result.name} failed: {first}\nPipeline tab, d drafts a bug record",
                          severity="error", title="stage failed", timeout=8)

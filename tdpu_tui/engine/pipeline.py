@@ -161,7 +161,9 @@ class Pipeline:
                 self.emit(StageFinished(stage.name, result))
                 if self._interrupted:
                     raise KeyboardInterrupt
-                if result.status is Status.FAILED and self.on_failure is not None:
+                # A stage stopped by a cancel (c, quit, Ctrl-C) is not a bug to record.
+                if (result.status is Status.FAILED and self.on_failure is not None
+                        and not self.cancel.is_set()):
                     try:
                         self.on_failure(result, self.config)
                     except Exception as exc:  # a bug draft must never mask the stage's failure

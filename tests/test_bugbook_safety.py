@@ -140,6 +140,35 @@ def test_same_record_changed_on_both_sides_keeps_both(tmp_path):
     assert any("Bug #1" in m and "Bug #2" in m and "same time" in m for m in book.messages)
 
 
+def test_different_fields_changed_on_both_sides_are_merged(tmp_path):
+    path = tmp_path / "bugs_found.md"
+    path.write_bytes((FIXTURES / "template.md").read_bytes())
+    book = BugBook(path)
+    book.load()
+    BugBook(path).update(1, cause="shell 里写的原因")
+    saved = book.update(1, status="已解决")
+    records = BugBook(path).load()
+    assert [r.number for r in records] == [1] and saved == records[0]
+    assert (saved.status, saved.cause) == ("已解决", "shell 里写的原因")
+    assert any("Bug #1" in m and "kept both" in m for m in book.messages)
+
+
+def test_an_edit_is_merged_against_the_record_the_editor_showed(tmp_path):
+    """A form opened before a hand edit, saved after the book reloaded the file: the hand edit
+    of the same field is not overwritten by the form's stale value."""
+    path = tmp_path / "bugs_found.md"
+    path.write_bytes((FIXTURES / "template.md").read_bytes())
+    book = BugBook(path)
+    shown = book.load()[0]
+    BugBook(path).update(1, cause="手写的原因")
+    book.reload()
+    fields = {"title": shown.title, "cause": "表单里的原因", "status": shown.status}
+    saved = book.update(1, base=shown, **fields)
+    records = BugBook(path).load()
+    assert [(r.number, r.cause) for r in records] == [(1, "手写的原因"), (2, "表单里的原因")]
+    assert saved.number == 2 and saved.extra[-1][0] == CONFLICT_KEY
+
+
 def test_same_change_on_both_sides_is_not_a_conflict(tmp_path):
     path = tmp_path / "bugs_found.md"
     path.write_bytes((FIXTURES / "template.md").read_bytes())

@@ -400,20 +400,17 @@ class TdpuApp(App[int]):
         self.start_run([msg.name])
 
     # -- bugs ---------------------------------------------------------------------------------
-    def _bug_choices(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        from tdpu_tui.engine.bugbook import STAGE_VALUES, STATUS_VALUES
-        return tuple(STAGE_VALUES), tuple(STATUS_VALUES)
+    def open_bug_form(self, heading: str, values: dict[str, str], number: int | None,
+                      base=None) -> None:
+        """The form; `base` is the record being edited as shown (changes made to the file while
+        the form is open are merged against it, not overwritten)."""
+        from tdpu_tui.engine.bugbook import STAGE_VALUES, STATUS_VALUES, field_problems
+        form = BugForm(heading, values, STAGE_VALUES, STATUS_VALUES,
+                       partial(field_problems, base=base))
+        self.push_screen(form, partial(self._bug_saved, number, heading, base))
 
-    def open_bug_form(self, heading: str, values: dict[str, str], number: int | None) -> None:
-        try:
-            stages, statuses = self._bug_choices()
-        except Exception as exc:
-            self.say(f"bug records unavailable: {exc}", severity="error")
-            return
-        form = BugForm(heading, values, stages, statuses)
-        self.push_screen(form, partial(self._bug_saved, number, heading))
-
-    def _bug_saved(self, number: int | None, heading: str, values: dict[str, str] | None) -> None:
+    def _bug_saved(self, number: int | None, heading: str, base,
+                   values: dict[str, str] | None) -> None:
         if values is None:
             return
         panel = self.bugs_panel
@@ -426,11 +423,11 @@ class TdpuApp(App[int]):
                 record = book.add(values["title"], values["stage"], values["error"], values["cause"],
                                   values["fix"], values["status"], values["time"])
             else:
-                record = book.update(number, **values)
+                record = book.update(number, base=base, **values)
         except Exception as exc:
             self.say(f"not saved: {exc}", severity="error", title="bug record")
             # Reopen with what was typed so nothing is lost.
-            self.call_later(self.open_bug_form, heading, values, number)
+            self.call_later(self.open_bug_form, heading, values, number, base)
             return
         for message in book.messages[seen:]:
             self.say(message, title="bug records", severity="warning", timeout=10)
@@ -447,7 +444,7 @@ class TdpuApp(App[int]):
             return
         values = {f: getattr(record, f, "") or "" for f in
                   ("title", "time", "stage", "status", "error", "cause", "fix")}
-        self.open_bug_form(f"Edit Bug #{msg.number}", values, msg.number)
+        self.open_bug_form(f"Edit Bug #{msg.number}", values, msg.number, record)
 
     def on_stages_table_draft_bug(self, msg: StagesTable.DraftBug) -> None:
         row = self.pipeline_panel.rows.get(msg.name)

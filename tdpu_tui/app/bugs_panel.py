@@ -124,9 +124,11 @@ class BugsPanel(Vertical):
         table.clear()
         records = list(self.book.records) if self.book is not None else []
         for r in records:
-            table.add_row(str(r.number), r.time or "", r.stage or "",
+            # Text cells: a str cell is markup, and titles hold [brackets] ("[icraft].bin").
+            table.add_row(str(r.number), Text(r.time or ""), Text(r.stage or ""),
                           Text(r.status or "", style=_STATUS_STYLE.get(r.status, "")),
-                          r.title or "", key=str(r.number))
+                          Text(r.title or "", no_wrap=True, overflow="ellipsis"),
+                          key=str(r.number))
         if table.row_count:
             table.move_cursor(row=min(keep, table.row_count - 1))
         base = self.config.base_dir

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
 from datetime import datetime
 
 from rich.markup import escape
@@ -13,9 +13,8 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static, TextArea
 
 from tdpu_tui.app.keys import KEY_MAP
+from tdpu_tui.engine.bugbook import TIME_FORMAT
 
-TIME_FORMAT = "%Y-%m-%d %H:%M"
-_TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}$")
 FIELDS = ("title", "time", "stage", "status", "error", "cause", "fix")
 
 
@@ -62,32 +61,6 @@ class HelpScreen(ModalScreen[None]):
         self.dismiss(None)
 
 
-def validate_bug(values: dict[str, str], stages: tuple[str, ...], statuses: tuple[str, ...]
-                 ) -> dict[str, str]:
-    """Field -> what is wrong with it (empty when the record can be saved)."""
-    problems: dict[str, str] = {}
-    title = values.get("title", "").strip()
-    if not title:
-        problems["title"] = "the title is required"
-    elif "\n" in title:
-        problems["title"] = "the title must be one line"
-    when = values.get("time", "").strip()
-    if not _TIME_RE.match(when):
-        problems["time"] = f"expected YYYY-MM-DD HH:MM, found {when!r}"
-    else:
-        try:
-            datetime.strptime(when, TIME_FORMAT)
-        except ValueError:
-            problems["time"] = f"{when!r} is not a real date and time"
-    if values.get("stage") not in stages:
-        problems["stage"] = f"choose one of {', '.join(stages)}"
-    if values.get("status") not in statuses:
-        problems["status"] = f"choose one of {', '.join(statuses)}"
-    if not values.get("error", "").strip():
-        problems["error"] = "the error message is required (paste the log lines)"
-    return problems
-
-
 class BugForm(ModalScreen[dict | None]):
     """Every field of the bugs_found.md template. Dismisses with the values, or None."""
 
@@ -97,12 +70,14 @@ class BugForm(ModalScreen[dict | None]):
     ]
 
     def __init__(self, heading: str, values: dict[str, str], stages: tuple[str, ...],
-                 statuses: tuple[str, ...]):
+                 statuses: tuple[str, ...], check: Callable[[dict[str, str]], dict[str, str]]):
+        """`check(values)` -> field: what is wrong (the bug book's own rules)."""
         super().__init__()
         self.heading = heading
         self.values = {f: values.get(f, "") or "" for f in FIELDS}
         self.stages = stages
         self.statuses = statuses
+        self.check = check
 
     def compose(self) -> ComposeResult:
         v = self.values
@@ -159,7 +134,7 @@ class BugForm(ModalScreen[dict | None]):
 
     def action_save(self) -> None:
         values = self.current()
-        problems = validate_bug(values, self.stages, self.statuses)
+        problems = self.check(values)
         out = self.query_one("#bug-form-problems", Static)
         if problems:
             out.update("\n".join(f"[b]{k}[/b]: {escape(why)}" for k, why in problems.items()))

@@ -98,6 +98,7 @@ class BugValidationError(TdpuError):
 
     def __init__(self, field: str, message: str):
         self.field = field
+        self.reason = message
         label = FIELD_KEYS.get(field)
         super().__init__(f"{label} ({field}): {message}" if label else f"{field}: {message}")
 
@@ -222,6 +223,21 @@ def _validate(field_name: str, value: Any) -> Any:
     if field_name == "extra":
         return _extra(value)
     return _text(field_name, value)
+
+
+def field_problems(values: dict[str, Any], base: BugRecord | None = None) -> dict[str, str]:
+    """Field -> what is wrong with its value, by the rules `add` (no `base`) and `update`
+    (`base`: the record edited; a value it already holds passes) apply. The form lists them all."""
+    problems = {}
+    for name, value in values.items():
+        try:
+            if base is None:
+                _validate(name, value)
+            else:
+                _changed_value(base, name, value)
+        except BugValidationError as exc:
+            problems[name] = exc.reason
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -824,19 +840,22 @@ class BugBook:
         with self._transaction() as txn:
             return self._append(txn.doc, rec)
 
-    def update(self, number: int, **fields: Any) -> BugRecord:
+    def update(self, number: int, *, base: BugRecord | None = None, **fields: Any) -> BugRecord:
         """Change fields of record `number` (None means "leave as is") and write the file.
 
-        If the file's record `number` was also changed since this book read it, both are kept:
-        the file's version stays, ours is appended under a new number (returned) with a `冲突`
-        bullet, and `messages` says so.
+        `base` is the record as the editor showed it (a form opened a while ago); by default,
+        the record as this book last read it. If the file's record was changed since then in
+        other fields only, both changes are kept in it. If the same field was changed in both,
+        both versions are kept: the file's stays, ours is appended under a new number
+        (returned) with a `冲突` bullet, and `messages` says so.
         """
         unknown = sorted(set(fields) - set(_EDITABLE))
         if unknown:
             raise BugValidationError(unknown[0], f"not an editable field (editable: {', '.join(_EDITABLE)})")
         with self._transaction() as txn:
             doc = txn.doc
-            base = self._doc.record(number) if self._doc is not None else None
+            if base is None and self._doc is not None:
+                base = self._doc.record(number)
             theirs = doc.record(number)
             if base is None and theirs is None:
                 raise BugValidationError("number", f"no Bug #{number} in {self.path}")
@@ -849,6 +868,12 @@ class BugBook:
             if theirs is not None and _content(theirs) == _content(ours):
                 return theirs
             name = self.path.name
+            mine = {k: v for k, v in changes.items() if v != getattr(base, k)}
+            if theirs is not None and all(getattr(theirs, k) == getattr(base, k) for k in mine):
+                doc.update_record(number, mine)
+                txn.messages.append(f"Bug #{number} was also changed in {name} meanwhile, in other "
+                                    f"fields: kept both changes")
+                return doc.record(number)
             if theirs is None:
                 doc.append_record(ours)
                 txn.messages.append(f"Bug #{number} was removed from {name} while it was being "

@@ -19,9 +19,10 @@ from tdpu_tui.engine.config import Config
 from tdpu_tui.engine.errors import StageFailed
 from tdpu_tui.engine.fsutil import atomic_write_text, commit_files, human_bytes, staging_dir
 from tdpu_tui.engine.pipeline import Stage, StageContext
-from tdpu_tui.engine.verify import compare_logits, format_comparison, make_input_ids, ort_session
+from tdpu_tui.engine.verify import (
+    MIN_ARGMAX_AGREEMENT, compare_logits, format_comparison, make_input_ids, ort_session,
+)
 
-MIN_ARGMAX_AGREEMENT = 0.99
 RAW_ALIGN = 64
 RAW_LAYOUT = "tdpu"
 

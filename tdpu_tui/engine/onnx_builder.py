@@ -30,10 +30,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tdpu_tui.engine.checkpoint import Checkpoint
 
-PROJECTIONS = {
-    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
-}
 # Tensors above this size go to the external-data file; smaller ones stay in the .onnx.
 EXTERNAL_THRESHOLD = 1024
 # Page-aligned offsets let ONNX Runtime memory-map the external data.

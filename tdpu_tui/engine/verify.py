@@ -7,6 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+# Share of positions whose argmax must agree for export verification and validation to pass.
+MIN_ARGMAX_AGREEMENT = 0.99
+
 
 def ort_session(model: str | Path | bytes, external_dir: str | Path | None = None):
     """A quiet CPU InferenceSession for a graph without custom operators.

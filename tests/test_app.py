@@ -595,7 +595,13 @@ async def test_the_form_validates_and_escape_cancels(cfg):
         await pilot.press("tab", "tab", "enter")  # the stage list opens; escape closes only it
         await pilot.press("escape")
         assert app.screen is form
-        await pilot.press("escape")
+        await pilot.press("escape")  # something was typed: asks before throwing it away
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("n")
+        assert app.screen is form and form.query_one("#f-time").value == "2026-13-40 25:00"
+        await pilot.press("escape", "y")
+        await wait_for(pilot, lambda: not isinstance(app.screen, (BugForm, ConfirmScreen)))
+        await pilot.press("b", "escape")  # nothing typed: closes at once
         assert not isinstance(app.screen, BugForm)
     assert not path.exists()
 

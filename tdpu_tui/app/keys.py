@@ -33,6 +33,6 @@ KEY_MAP: list[tuple[str, list[tuple[str, str]]]] = [
     ("Bug form", [
         ("tab", "next field"),
         ("ctrl+s", "save"),
-        ("escape", "cancel"),
+        ("escape", "cancel (asks first if you typed something)"),
     ]),
 ]

@@ -116,6 +116,7 @@ class BugForm(ModalScreen[dict | None]):
                     yield Button("Cancel", id="cancel", compact=True)
 
     def on_mount(self) -> None:
+        self.current_at_open = self.current()
         self.query_one("#f-title", Input).focus()
 
     def current(self) -> dict[str, str]:
@@ -144,7 +145,12 @@ class BugForm(ModalScreen[dict | None]):
         self.dismiss(values)
 
     def action_cancel(self) -> None:
-        self.dismiss(None)
+        """Leave the form; what was typed is only thrown away after a yes."""
+        if self.current() == self.current_at_open:
+            self.dismiss(None)
+            return
+        self.app.push_screen(ConfirmScreen("Discard what you typed in this bug record?"),
+                             lambda yes: self.dismiss(None) if yes else None)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "save":

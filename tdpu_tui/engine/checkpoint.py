@@ -383,7 +383,7 @@ class Checkpoint:
     def _check_reserved(self, name: str, p: np.ndarray) -> None:
         hit = packing.find_reserved(p)
         if hit is not None:
-            count = int((packing.codes_of(p) == 3).sum())
+            count = packing.count_reserved(p)
             r, c, i = hit
             raise CheckpointError(
                 f"{self._entry(name + '.weight').file}: tensor '{name}.weight': reserved 2-bit code 3 in {count} "

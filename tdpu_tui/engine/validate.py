@@ -43,7 +43,7 @@ from tdpu_tui.engine.verify import (
 
 # A node whose output is this far off (relative RMS) is wrong, whatever the elementwise bound says.
 MAX_NODE_REL_RMS = 0.25
-# Graphs whose external data together stay below this are loaded at once and timed in turns.
+# A float graph (with its external data) below this is loaded beside the other two and timed in turns.
 TOGETHER_LIMIT = 6 << 30
 
 

@@ -82,8 +82,7 @@ class ProgressPrinter:
                     self.stream.write(text + "\n")
         elif isinstance(event, StageLog):
             self._clear_live()
-            level = "" if event.level == "info" else f"{event.level}: "
-            self.stream.write(f"[{event.stage}] {level}{event.line}\n")
+            self.stream.write(f"[{event.stage}] {event.text}\n")
         elif isinstance(event, StageFinished):
             self._clear_live()
             r = event.result

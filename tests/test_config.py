@@ -20,6 +20,7 @@ def test_shipped_config_loads_with_the_synthetic_model():
     ("[export]\nseq_len = 0\n", "export.seq_len", "positive"),
     ("[model.synthetic]\npreset = 'huge'\n", "model.synthetic.preset", "expected one of"),
     ("[nonsense]\n", "nonsense", "unknown key"),
+    ("[validate]\nseed = -1\n", "validate.seed", "expected 0 or more"),
 ])
 def test_bad_config_names_the_key_and_the_file(tmp_path, text, key, expected):
     path = tmp_path / "tdpu.toml"

@@ -140,6 +140,17 @@ def test_compile_log_sections_are_rewritten_in_place(tmp_path):
     assert "failed" not in text and text.endswith("my own note 手写\n")
 
 
+def test_compile_log_keeps_crlf_and_gbk_notes_outside_the_sections_byte_for_byte(tmp_path):
+    path = tmp_path / "icraft_compile_log.md"
+    update_section(path, "parse", "## parse — failed")
+    note = "\r\n板子上的笔记\r\n".encode("gbk")
+    with open(path, "ab") as fh:
+        fh.write(note)
+    update_section(path, "parse", "## parse — ok")
+    data = path.read_bytes()
+    assert data.endswith(note) and b"## parse \xe2\x80\x94 ok" in data
+
+
 # --- stages with the fake CLI ---------------------------------------------------------------
 
 def test_parse_and_optimize_succeed_and_record_everything(tmp_path, fake_path):

@@ -41,7 +41,6 @@ from tdpu_tui.engine.events import (
     Status,
 )
 from tdpu_tui.engine.pipeline import Pipeline, Stage
-from tdpu_tui.engine.icraft import LEVEL_RE
 from tdpu_tui.engine.tail import EchoFilter, Tailer
 
 StageSource = Iterable[Stage] | Callable[[], Iterable[Stage]] | None
@@ -250,14 +249,10 @@ class TdpuApp(App[int]):
                     continue  # the tailer shows that file's lines (once, with rotation handled)
                 if not self._echo.fresh(_EVENTS, [ev.line]):
                     continue  # already shown from Icraft's log file
-                label = stage
-                line = ev.line
-                if ev.level != "info" and not LEVEL_RE.match(line):
-                    line = f"[{ev.level}] {line}"
-                if label != pending_label:
+                if stage != pending_label:
                     flush_lines()
-                    pending_label = label
-                pending_lines.append(line)
+                    pending_label = stage
+                pending_lines.append(ev.text)
             elif isinstance(ev, StageProgress):
                 progressed[ev.stage] = ev
             else:

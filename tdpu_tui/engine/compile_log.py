@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tdpu_tui.engine.fsutil import atomic_write_text, human_bytes
+from tdpu_tui.engine.fsutil import atomic_write_bytes, human_bytes
 
 TITLE = "# Icraft 编译记录 (icraft compile log)"
 INTRO = ("Written by `tdpu`: each stage rewrites its own section (between the `tdpu:section` "
@@ -39,7 +39,9 @@ def update_section(path: str | Path, name: str, body: str) -> None:
     path = Path(path)
     block = f"{_begin(name)}\n{body.rstrip()}\n{_end(name)}"
     try:
-        text = path.read_text(encoding="utf-8")
+        # Bytes, not read_text: CRLF line ends and bytes that are not UTF-8 in the user's
+        # text outside the sections come back out unchanged.
+        text = path.read_bytes().decode("utf-8", "surrogateescape")
     except FileNotFoundError:
         text = f"{TITLE}\n\n{INTRO}\n"
     pattern = _section_re(name)
@@ -47,7 +49,7 @@ def update_section(path: str | Path, name: str, body: str) -> None:
         text = pattern.sub(lambda _m: block, text, count=1)
     else:
         text = _insert(text, name, block)
-    atomic_write_text(path, text)
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def _insert(text: str, name: str, block: str) -> str:

@@ -136,6 +136,11 @@ _POSITIVE = {
 }
 
 
+# Seeds (NumPy's generators reject negative ones) and counts that may be zero.
+_NON_NEGATIVE = {"model.synthetic.seed", "export.verify_seed", "validate.seed",
+                 "validate.sample_nodes"}
+
+
 def _type_name(t: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(t, str(t))
 
@@ -183,6 +188,8 @@ def _build(cls: type, table: dict, prefix: str, file: Path | None) -> Any:
             )
         if key in _POSITIVE and value is not None and value <= 0:
             raise ConfigError(f"expected a positive value, found {value!r}", file=file, key=key)
+        if key in _NON_NEGATIVE and value < 0:
+            raise ConfigError(f"expected 0 or more, found {value!r}", file=file, key=key)
         kwargs[name] = value
     return cls(**kwargs)
 

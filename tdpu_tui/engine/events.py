@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -70,12 +71,26 @@ class StageProgress(Event):
     note: str = ""
 
 
+# A line that states its own level: Icraft's `[MM/DD/YY hh:mm:ss.ms] [L] msg` and
+# `[YYYY-MM-DD hh:mm:ss.ms] [info] msg` (3_Component_Utils.md §3.1.2, icraft-run).
+LEVEL_MARK_RE = re.compile(r"^\s*\[[\d/:. -]+\]\s*\[(?P<level>[DIWEF]|debug|info|warning|warn|"
+                           r"error|critical|fatal)\]", re.I)
+
+
 @dataclass(frozen=True)
 class StageLog(Event):
     line: str
     level: str = "info"          # debug | info | warning | error
     # Where the line comes from: "" for the stage itself, else a file path (Icraft logs).
     source: str = ""
+
+    @property
+    def text(self) -> str:
+        """The line as the faces show it: `[level] ` in front unless it is info or the line
+        already says its level (an Icraft log line)."""
+        if self.level == "info" or LEVEL_MARK_RE.match(self.line):
+            return self.line
+        return f"[{self.level}] {self.line}"
 
 
 @dataclass(frozen=True)

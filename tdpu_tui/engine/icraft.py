@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tdpu_tui.engine.config import Config
+from tdpu_tui.engine.events import LEVEL_MARK_RE
 from tdpu_tui.engine.tail import EchoFilter
 from tdpu_tui.engine.tail import decode_line as _decode
 
@@ -67,10 +68,7 @@ def explain_code(code: int | None) -> str:
     return "not in the Icraft manuals' error tables; see the log lines"
 
 
-# `[MM/DD/YY hh:mm:ss.ms] [L] msg` (icraft-utils, 3_Component_Utils.md §3.1.2) and
-# `[YYYY-MM-DD hh:mm:ss.ms] [info] msg` (icraft-run).
-LEVEL_RE = re.compile(r"^\s*\[[\d/:. -]+\]\s*\[(?P<level>[DIWEF]|debug|info|warning|warn|error|"
-                      r"critical|fatal)\]", re.I)
+# Levels as LEVEL_MARK_RE finds them in Icraft's log lines.
 FATAL_CODE_RE = re.compile(r"\[F\]\s*(\d{5})\b")
 CAUGHT_CODE_RE = re.compile(r"错误码\s*(\d+)")
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -89,7 +87,7 @@ def decode_line(raw: bytes) -> str:
 
 
 def line_level(line: str) -> str:
-    m = LEVEL_RE.match(line)
+    m = LEVEL_MARK_RE.match(line)
     if m:
         return _LEVELS.get(m.group("level").lower(), "info")
     if "错误码" in line or line.lstrip().startswith(("Exception", "Error", "error:")):
@@ -98,7 +96,7 @@ def line_level(line: str) -> str:
 
 
 def is_failure_line(line: str) -> bool:
-    m = LEVEL_RE.match(line)
+    m = LEVEL_MARK_RE.match(line)
     return bool(m and m.group("level").upper() == "F") or "错误码" in line
 
 

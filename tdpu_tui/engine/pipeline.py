@@ -61,10 +61,10 @@ class StageContext:
     def log(self, line: str, level: str = "info", source: str = "") -> None:
         for part in str(line).splitlines() or [""]:
             self._tail.append(part)
+            event = StageLog(self.stage, part, level, source)
             if self._log_fh is not None:
-                prefix = "" if level == "info" else f"[{level}] "
-                self._log_fh.write(f"{prefix}{part}\n")
-            self._emit(StageLog(self.stage, part, level, source))
+                self._log_fh.write(f"{event.text}\n")
+            self._emit(event)
 
     def artifact(self, name: str, path: str | Path) -> None:
         self.artifacts[name] = str(path)

@@ -18,6 +18,7 @@ from tdpu_tui.engine.bugbook import (
 )
 from tdpu_tui.engine.config import load_config
 from tdpu_tui.engine.errors import ConfigError, ExitCode, TdpuError
+from tdpu_tui.engine.tail import decode_line
 
 DEFAULT_CONFIG = Path("tdpu.toml")
 DEFAULT_BUGS = Path("phase3_logs") / "bugs_found.md"
@@ -100,9 +101,11 @@ def _read_error(args: argparse.Namespace) -> str | None:
         text = sys.stdin.read()
     else:
         try:
-            text = Path(args.error_file).read_text(encoding="utf-8", errors="replace")
+            data = Path(args.error_file).read_bytes()
         except OSError as exc:
             raise _UsageError(f"tdpu bugs: --error-file: cannot read {args.error_file}: {exc.strerror}") from None
+        # Icraft logs from the Windows host are GBK, in part: decoded line by line as the app does.
+        text = "\n".join(decode_line(line.rstrip(b"\r")) for line in data.split(b"\n"))
     return text.strip("\r\n")
 
 

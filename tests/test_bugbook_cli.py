@@ -93,6 +93,14 @@ def test_error_file_from_a_file(project, tmp_path):
     assert BugBook(project / "logs" / "bugs_found.md").load()[0].error == "line 1\nline 2"
 
 
+def test_error_file_with_gbk_lines_from_icraft_is_decoded(project, tmp_path):
+    f = tmp_path / "bitnet_b158_optimize.log"
+    f.write_bytes("[I] 开始执行 optimize 组件\r\n".encode("gbk") + "[F] 21002 错误\n".encode("utf-8"))
+    assert main(["add", "--title", "t", "--stage", "编译", "--error-file", str(f)]) == 0
+    error = BugBook(project / "logs" / "bugs_found.md").load()[0].error
+    assert error == "[I] 开始执行 optimize 组件\n[F] 21002 错误"
+
+
 @pytest.mark.parametrize(("argv", "needles"), [
     (["add", "--title", "t", "--stage", "部署"], ["发现阶段", "--stage", "'部署'", "导出, 编译, 仿真, 替换"]),
     (["add", "--title", "t", "--stage", "导出", "--status", "done"], ["状态", "--status", "'done'"]),

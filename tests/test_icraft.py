@@ -112,20 +112,25 @@ def test_log_lines_decode_utf8_gbk_and_garbage():
     assert ic.line_level("[2026-11-26 09:00:00.002] [info] x") == "info"
 
 
-def test_log_tailer_follows_growth_partial_lines_and_rewrites(tmp_path):
-    log = tmp_path / "logs" / "n_parse.log"
-    log.parent.mkdir()
-    tailer = ic.LogTailer([tmp_path / "logs"])
-    log.write_bytes(b"one\ntw")
-    assert [line for _, line in tailer.poll()] == ["one"]
-    with open(log, "ab") as fh:
-        fh.write("o\n三\n".encode("gbk"))
-    assert [line for _, line in tailer.poll()] == ["two", "三"]
-    log.write_bytes(b"new\n")          # Icraft rewrote the file
-    assert [line for _, line in tailer.poll()] == ["new"]
-    with open(log, "ab") as fh:
-        fh.write(b"tail without newline")
-    assert [line for _, line in tailer.poll(final=True)] == ["tail without newline"]
+def test_icraft_log_files_are_read_whole_including_a_last_line_without_newline(tmp_path):
+    """run_icraft follows its log folder with engine.tail.Tailer, read synchronously."""
+    script = tmp_path / "fake.py"
+    script.write_text(
+        "import pathlib, time\n"
+        "log = pathlib.Path('logs/n_parse.log')\n"
+        "log.parent.mkdir(exist_ok=True)\n"
+        "log.write_bytes('[I] 开始\\n'.encode('gbk'))\n"
+        "time.sleep(0.3)\n"
+        "with open(log, 'ab') as fh:\n"
+        "    fh.write(b'tail without newline')\n")
+    lines = []
+    res = ic.run_icraft([sys.executable, str(script)], cwd=tmp_path, log_dirs=[tmp_path / "logs"],
+                        timeout_s=30, on_line=lambda *a: lines.append(a))
+    assert res.ok, res.reason()
+    assert [(line, src) for line, _, src in lines] == [
+        ("[I] 开始", str(tmp_path / "logs" / "n_parse.log")),
+        ("tail without newline", str(tmp_path / "logs" / "n_parse.log"))]
+    assert res.log_files == [tmp_path / "logs" / "n_parse.log"]
 
 
 def test_compile_log_sections_are_rewritten_in_place(tmp_path):

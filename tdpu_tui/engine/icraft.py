@@ -25,6 +25,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from tdpu_tui.engine.config import Config
 from tdpu_tui.engine.events import LEVEL_MARK_RE
-from tdpu_tui.engine.tail import EchoFilter
+from tdpu_tui.engine.tail import EchoFilter, Tailer
 from tdpu_tui.engine.tail import decode_line as _decode
 
 # Icraft's error codes, as the manuals document them. Only icraft-run (XRun) publishes a table
@@ -80,7 +81,11 @@ _LEVELS = {"d": "debug", "debug": "debug", "i": "info", "info": "info", "w": "wa
 def decode_line(raw: bytes) -> str:
     """UTF-8, else GBK (logs written on Windows), else UTF-8 with replacement characters;
     without terminal colour codes."""
-    text = ANSI_RE.sub("", _decode(raw.rstrip(b"\r\n")))
+    return _clean(_decode(raw.rstrip(b"\r\n")))
+
+
+def _clean(text: str) -> str:
+    text = ANSI_RE.sub("", text)
     if "\r" in text:   # a progress bar redrawn in place: keep what the terminal would show
         text = next((part for part in reversed(text.split("\r")) if part.strip()), "")
     return text
@@ -275,75 +280,6 @@ def compile_toml(cfg: Config, base: Path, network: Path, inputs: Sequence[Sequen
 
 # --- running ---------------------------------------------------------------------------------
 
-class LogTailer:
-    """Follows the `*.log` files under some directories while Icraft writes them.
-
-    Reads new bytes by offset, keeps partial lines until their newline arrives, starts a file
-    over when it shrinks (Icraft rewrites its logs), and decodes line by line.
-    """
-
-    CHUNK = 64 * 1024
-
-    def __init__(self, dirs: Sequence[Path], skip_existing: Sequence[Path] = ()):
-        self.dirs = list(dirs)
-        self.offsets: dict[Path, int] = {}
-        self.partial: dict[Path, bytes] = {}
-        # Files already present in a directory we do not own: only their new bytes count.
-        for d in skip_existing:
-            for f in self._files_in(d):
-                self.offsets[f] = f.stat().st_size
-
-    @staticmethod
-    def _files_in(d: Path) -> list[Path]:
-        if not d.is_dir():
-            return []
-        return sorted(p for p in d.rglob("*.log") if p.is_file())
-
-    @property
-    def files(self) -> list[Path]:
-        return sorted(self.offsets)
-
-    def poll(self, final: bool = False) -> list[tuple[Path, str]]:
-        out: list[tuple[Path, str]] = []
-        for d in self.dirs:
-            for f in self._files_in(d):
-                out += self._read(f, final)
-        return out
-
-    def _read(self, f: Path, final: bool) -> list[tuple[Path, str]]:
-        try:
-            size = f.stat().st_size
-        except OSError:
-            return []
-        offset = self.offsets.get(f, 0)
-        if size < offset:           # rewritten: start over
-            offset = 0
-            self.partial.pop(f, None)
-        self.offsets[f] = offset
-        if size == offset and not (final and self.partial.get(f)):
-            return []
-        data = b""
-        try:
-            with open(f, "rb") as fh:
-                fh.seek(offset)
-                while True:
-                    chunk = fh.read(self.CHUNK)
-                    if not chunk:
-                        break
-                    data += chunk
-        except OSError:
-            return []
-        self.offsets[f] = offset + len(data)
-        data = self.partial.pop(f, b"") + data
-        lines = data.split(b"\n")
-        rest = lines.pop()
-        if rest and not final:
-            self.partial[f] = rest
-        elif rest:
-            lines.append(rest)
-        return [(f, decode_line(line)) for line in lines]
-
-
 @dataclass
 class RunResult:
     argv: list[str]
@@ -428,9 +364,14 @@ def run_icraft(argv: Sequence[str], *, cwd: Path, log_dirs: Sequence[Path], time
     """Run one Icraft command to completion, streaming its output and its log files."""
     cwd = Path(cwd)
     cwd.mkdir(parents=True, exist_ok=True)
-    owned = [Path(d) for d in log_dirs]
-    default_logs = cwd / ".icraft" / "logs"      # where Icraft logs when --log_path is ignored
-    tailer = LogTailer(owned + [default_logs], skip_existing=[default_logs])
+    # Read synchronously (poll, then drain) between reads of the child's output; nothing is
+    # held back (no queue limit: this loop is the only consumer, and a last line without its
+    # newline is handed over when Icraft has finished).
+    tailer = Tailer(max_pending=sys.maxsize, partial_flush_s=float("inf"))
+    for d in log_dirs:
+        tailer.follow_dir(Path(d), "*.log")
+    # Where Icraft logs when --log_path is ignored; the logs of earlier runs there do not count.
+    tailer.follow_dir(cwd / ".icraft" / "logs", "*.log", history=False)
     result = RunResult([str(a) for a in argv], cwd)
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     failures: list[str] = []
@@ -474,8 +415,12 @@ def run_icraft(argv: Sequence[str], *, cwd: Path, log_dirs: Sequence[Path], time
             take(decode_line(raw), source)
 
     def follow_logs(final: bool = False) -> None:
-        for path, line in tailer.poll(final):
-            take(line, str(path))
+        tailer.poll()
+        if final:
+            tailer.flush()
+        for _label, path, lines in tailer.drain_files():
+            for line in lines:
+                take(_clean(line), str(path))
 
     try:
         while proc.poll() is None:
@@ -506,9 +451,12 @@ def run_icraft(argv: Sequence[str], *, cwd: Path, log_dirs: Sequence[Path], time
             for t in readers:
                 t.join(timeout=2.0)
         drain(0)
-        follow_logs(final=True)
+        try:
+            follow_logs(final=True)
+        finally:
+            tailer.stop()
         result.seconds = time.monotonic() - start
-        result.log_files = tailer.files
+        result.log_files = sorted(tailer.paths)
     seen = set(tail)
     result.tail = [f for f in failures[-10:] if f not in seen] + list(tail)
     return result

@@ -195,8 +195,16 @@ class Tailer:
                     f.fh.close()
                     f.fh = None
 
+    def flush(self) -> None:
+        """Hand over each file's last line that has no newline yet (its writer has finished)."""
+        with self._cond:
+            files = list(self._files.values())
+        for f in files:
+            self._flush_partial(f)
+
     def poll(self) -> int:
-        """One pass over every file (the thread's body; callable directly in tests)."""
+        """One pass over every file (the thread's body; or called directly, without the thread,
+        by a consumer that drains after each pass)."""
         self._discover()
         with self._cond:
             files = list(self._files.values())

@@ -15,13 +15,12 @@ layout, a wrong op) is far below the floor, and its values are far off too.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from tdpu_tui.engine.verify import compare_logits
-
-MIN_ARGMAX_AGREEMENT = 0.99
+from tdpu_tui.engine.verify import MIN_ARGMAX_AGREEMENT, compare_logits
 
 
 def one_ulp_perturbation(x: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -31,13 +30,54 @@ def one_ulp_perturbation(x: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.where(up, np.nextafter(x, np.float32(np.inf)), np.nextafter(x, np.float32(-np.inf)))
 
 
-def reference_floor(model: Any, embeds: np.ndarray, want: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """How far the PyTorch reference moves from `want` when its input embeddings move one ulp."""
+def reference_model(ckpt: Any, quantize: bool) -> Any:
+    from tdpu_tui.engine.reference import BitNetForCausalLM
+
+    model = BitNetForCausalLM.from_checkpoint(ckpt)
+    model.quantize_activations = quantize
+    return model
+
+
+def run_reference(model: Any, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """Logits of the PyTorch reference on `inputs_embeds` if given, else on `input_ids`."""
     import torch
 
     with torch.inference_mode():
-        moved = model(inputs_embeds=torch.from_numpy(one_ulp_perturbation(embeds, seed)))
-    return compare_logits(moved.float().numpy(), want)
+        if "inputs_embeds" in inputs:
+            out = model(inputs_embeds=torch.from_numpy(inputs["inputs_embeds"]))
+        else:
+            out = model(input_ids=torch.from_numpy(inputs["input_ids"]))
+    return out.float().numpy()
+
+
+def reference_logits(ckpt: Any, inputs: dict[str, np.ndarray], quantize: bool) -> np.ndarray:
+    return run_reference(reference_model(ckpt, quantize), inputs)
+
+
+@dataclass
+class Verdict:
+    metrics: dict[str, float]          # the graph against the reference
+    floor: dict[str, float] | None     # the reference against itself, input moved one ulp
+    ok: bool
+    why: str                           # why it passes below the bar, or why it fails
+    want: np.ndarray                   # the reference's logits
+
+
+def versus_reference(ckpt: Any, inputs: dict[str, np.ndarray], got: np.ndarray, quantize: bool,
+                     minimum: float = MIN_ARGMAX_AGREEMENT, seed: int = 0) -> Verdict:
+    """Compare a graph's logits with the PyTorch reference; below the bar, measure the floor."""
+    model = reference_model(ckpt, quantize)
+    want = run_reference(model, inputs)
+    m = compare_logits(got, want)
+    floor = None
+    if quantize and m["finite"] and m["argmax_agreement"] < minimum:
+        embeds = inputs.get("inputs_embeds")
+        if embeds is None:
+            embeds = ckpt.embed(inputs["input_ids"])
+        moved = run_reference(model, {"inputs_embeds": one_ulp_perturbation(embeds, seed)})
+        floor = compare_logits(moved, want)
+    ok, why = judge(m, floor, minimum)
+    return Verdict(m, floor, ok, why, want)
 
 
 def judge(m: dict[str, float], floor: dict[str, float] | None,

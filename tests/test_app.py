@@ -165,6 +165,23 @@ async def test_enter_runs_the_highlighted_stage_only(cfg):
 
 
 @aio
+async def test_results_of_stages_downstream_of_a_rerun_stage_are_marked_old(cfg):
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await run_and_wait(pilot, app)
+        app.last_summary = None
+        await run_and_wait(pilot, app, "enter")  # export only
+        table = app.pipeline_panel.table
+        assert table.get_cell("validate", "result").plain == \
+            "old (export ran since): validate finished"
+        assert table.get_cell("parse", "result").plain.startswith("old (export ran since)")
+        assert not table.get_cell("export", "result").plain.startswith("old")
+        app.last_summary = None
+        await run_and_wait(pilot, app)
+        assert table.get_cell("validate", "result").plain == "validate finished"
+
+
+@aio
 async def test_f_reruns_failed_stages_and_those_they_blocked(cfg):
     stages = fake_stages()
     app = TdpuApp(cfg, stages=stages)

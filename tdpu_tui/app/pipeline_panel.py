@@ -60,6 +60,7 @@ class StageRow:
     note: str = ""
     message: str = ""
     bug_number: int | None = None  # the record drafted for this stage's failure
+    stale_after: str = ""  # a stage this one needs ran again after it: its result is old
     log_tail: collections.deque[str] = field(
         default_factory=lambda: collections.deque(maxlen=LOG_TAIL_LINES))
 
@@ -153,7 +154,7 @@ class PipelinePanel(Vertical):
             return
         row.status, row.started, row.seconds = Status.RUNNING, time.monotonic(), None
         row.done = row.total = None
-        row.note = row.message = ""
+        row.note = row.message = row.stale_after = ""
         row.log_tail.clear()
         self.update_row(name)
 
@@ -190,8 +191,23 @@ class PipelinePanel(Vertical):
             if row is not None:
                 row.status, row.seconds, row.started, row.message = Status.PENDING, None, None, ""
                 row.done = row.total = None
-                row.note = ""
+                row.note = row.stale_after = ""
                 self.update_row(name)
+        self._mark_stale(names)
+
+    def _mark_stale(self, rerun: list[str]) -> None:
+        """Results of stages that need a stage run again (and are not run with it) are old."""
+        changed = {n: n for n in rerun}
+        for row in self.rows.values():  # registry order: a stage comes after what it needs
+            if row.name in changed:
+                continue
+            cause = next((changed[d] for d in row.needs if d in changed), None)
+            if cause is None:
+                continue
+            changed[row.name] = cause
+            if row.status is not Status.PENDING:
+                row.stale_after = cause
+                self.update_row(row.name)
 
     def tick(self) -> None:
         """Refresh the elapsed time of running stages (once a second)."""
@@ -207,9 +223,19 @@ class PipelinePanel(Vertical):
             Text(f"{mark} {word}", style=style),
             format_seconds(row.elapsed()),
             progress_bar(row.done, row.total),
-            # Text, not str: a str cell is markup, and results hold keys like [icraft].bin.
-            Text(row.result_line(), no_wrap=True, overflow="ellipsis"),
+            self._result_cell(row),
         ]
+
+    @staticmethod
+    def _result_cell(row: StageRow) -> Text:
+        # Text, not str: a str cell is markup, and results hold keys like [icraft].bin.
+        text = Text(no_wrap=True, overflow="ellipsis")
+        if row.stale_after:
+            text.append(f"old ({row.stale_after} ran since): ", style="italic")
+            text.append(row.result_line(), style="dim")
+        else:
+            text.append(row.result_line())
+        return text
 
     def update_row(self, name: str) -> None:
         row = self.rows[name]
@@ -252,6 +278,9 @@ class PipelinePanel(Vertical):
         if self.run_logs and row.status is not Status.PENDING:
             text.append(f"   log: {self.run_logs}/{row.name}.log", style="dim")
         text.append("\n")
+        if row.stale_after:
+            text.append(f"result of an earlier run: {row.stale_after} ran again since "
+                        "(enter runs this stage on its new output)\n", style="italic")
         if row.status is Status.RUNNING and row.note:
             text.append(row.note + "\n")
         if row.message:

@@ -247,8 +247,8 @@ class TdpuApp(App[int]):
                 panel.logged(stage, ev.line)
                 if ev.source and self._is_followed_file(ev.source):
                     continue  # the tailer shows that file's lines (once, with rotation handled)
-                if not self._echo.fresh(_EVENTS, [ev.line]):
-                    continue  # already shown from Icraft's log file
+                if ev.source and not self._echo.fresh(_EVENTS, [ev.line]):
+                    continue  # Icraft's output, already shown from its log file
                 if stage != pending_label:
                     flush_lines()
                     pending_label = stage

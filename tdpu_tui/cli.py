@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code or 0)
     if not args.batch:
-        for flag in ("stage", "json"):
+        for flag in ("stage", "json", "no_bug_drafts"):
             if getattr(args, flag):
                 parser.print_usage(sys.stderr)
-                print(f"tdpu: error: --{flag} needs --batch", file=sys.stderr)
+                print(f"tdpu: error: --{flag.replace('_', '-')} needs --batch", file=sys.stderr)
                 return ExitCode.USAGE
     if args.model and args.model != "synthetic" and not Path(args.model).is_dir():
         print(f"tdpu: error: --model {args.model}: no such checkpoint directory "

@@ -145,3 +145,10 @@ def test_batch_reports_a_json_summary_it_cannot_write(tmp_config, monkeypatch, c
     monkeypatch.setattr(batch, "atomic_write_text", disk_full)
     assert run_batch(cfg, None, json_path="run.json") == 1
     assert "--json run.json: [Errno 28] No space left on device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--stage", "export"], ["--json", "x.json"], ["--no-bug-drafts"]])
+def test_batch_only_options_without_batch_are_usage_errors(tmp_config, flags, capsys):
+    from tdpu_tui.cli import main
+    assert main(["--config", str(tmp_config), *flags]) == 2
+    assert f"{flags[0]} needs --batch" in capsys.readouterr().err

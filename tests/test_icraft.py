@@ -361,3 +361,16 @@ def test_a_failed_parse_leaves_no_stale_graph_for_later_stages(tmp_path, fake_pa
     assert results["optimize"].status is Status.SKIPPED
     assert not list(paths.icraft_dir.glob("tiny_net_parsed.*"))
     assert not list(paths.icraft_dir.glob("tiny_net_optimized.*"))
+
+
+def test_an_icraft_cli_that_cannot_start_fails_the_stage_naming_the_key(tmp_path):
+    broken = tmp_path / "icraft"
+    broken.write_text("#!/nonexistent/interpreter\n")
+    broken.chmod(0o755)
+    cfg, paths = project(tmp_path, bin=str(broken))
+    results, _ = run(cfg, ["parse"])
+    r = results["parse"]
+    assert r.status is Status.FAILED
+    assert r.message.startswith(f"cannot start the Icraft CLI {broken} ([icraft].bin in ")
+    assert "Traceback" not in "\n".join(r.log_tail)
+    assert "## parse — failed" in read_section(paths.compile_log, "parse")

@@ -172,6 +172,12 @@ def run_component(ctx: StageContext, exe: Path, argv: list[str], outputs: list[P
         record.seconds = time.time() - record.started
         record.write(ctx.paths.compile_log)
         raise
+    except OSError as exc:  # found but cannot be started (bad interpreter line, no permission)
+        record.status, record.summary = "failed", f"cannot start {argv[0]}: {exc}"
+        record.write(ctx.paths.compile_log)
+        where = cfg.file or "the configuration"
+        raise StageFailed(f"cannot start the Icraft CLI {argv[0]} ([icraft].bin in {where}): "
+                          f"{exc}") from None
     copied = ic.copy_logs(res.log_files, log_dir)
     copied += sorted(log_dir.rglob("*_precheck.csv"))   # icraft parse's own precheck
     if res.stray_killed:

@@ -141,7 +141,8 @@ class BugsPanel(Vertical):
             status.append(f": {self.error}", style="yellow")
         else:
             open_count = sum(1 for r in records if r.status != "已解决")
-            status.append(f" · {len(records)} records, {open_count} open")
+            noun = "record" if len(records) == 1 else "records"
+            status.append(f" · {len(records)} {noun}, {open_count} open")
         self.query_one("#bugs-status", Static).update(status)
         self.refresh_detail()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_config
+from textual import events
 
 from tdpu_tui.app.app import TdpuApp
 from tdpu_tui.app.log_panel import LevelHighlighter
@@ -653,6 +654,20 @@ async def test_edit_a_bug_through_the_form(cfg):
     text = path.read_text(encoding="utf-8")
     assert "- **状态**: 待验证" in text and "用 Mul 替代，并重新导出" in text
     assert "用户自己写的备注" in text and text.count("## Bug #") == 1
+
+
+@aio
+async def test_a_key_typed_right_after_a_tab_digit_goes_to_that_tab(cfg):
+    path = _bugs(cfg)
+    path.write_text(BUG_FILE, encoding="utf-8")
+    stages = fake_stages()
+    app = TdpuApp(cfg, stages=stages)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        app.post_message(events.Key("4", "4"))
+        app.post_message(events.Key("enter", "\r"))
+        await wait_for(pilot, lambda: isinstance(app.screen, BugForm), timeout=5)
+        assert all(s.runs == 0 for s in stages)  # enter did not run the highlighted stage
 
 
 @aio

@@ -470,8 +470,11 @@ class TdpuApp(App[int]):
         return not (action in _GUARDED and len(self.screen_stack) > 1)
 
     def action_show_tab(self, tab: str) -> None:
-        self.main.query_one(TabbedContent).active = tab
-        self.main.query_one(_FOCUS[tab]).focus()
+        main = self.main
+        main.query_one(TabbedContent).active = tab
+        # At once, not as widget.focus() does (later): a key typed right after the digit
+        # ("4" then enter) must reach the new tab, not run the highlighted stage.
+        main.set_focus(main.query_one(_FOCUS[tab]))
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())

@@ -377,6 +377,14 @@ async def test_an_icraft_line_seen_on_stdout_and_in_its_log_file_is_shown_once(c
 
 
 @aio
+async def test_a_file_the_tailer_cannot_read_is_said_in_the_log_panel(cfg):
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test() as pilot:
+        app.tailer.events.append("tail error: [Errno 13] Permission denied: 'x.log'")
+        await wait_for(pilot, lambda: any("Permission denied" in x for x in app.log_panel.ring))
+
+
+@aio
 async def test_icraft_logs_under_the_output_directory_are_tailed(cfg):
     app = TdpuApp(cfg, stages=fake_stages())
     async with app.run_test() as pilot:

@@ -99,13 +99,11 @@ class TdpuApp(App[int]):
         self._own_signatures: set[str] = set()
         self._follow = [Path(p) for p in follow]
         self._sources: dict[str, bool] = {}
-        self._reopened_seen = 0
         self.pipeline: Pipeline | None = None
         self.worker: Worker | None = None
         self.last_summary = None
         # Set when the run's thread is over (it may outlive the worker if the app quits at once).
         self.run_done: threading.Event | None = None
-        self.exit_status = 0
         self.sub_title = self._config_name()
 
     def say(self, message: str, *, title: str = "", severity: str = "information",
@@ -268,10 +266,8 @@ class TdpuApp(App[int]):
             if lines:
                 log.add_lines(label, lines)
                 got_tail = True
-        if self.tailer.reopened != self._reopened_seen:
-            self._reopened_seen = self.tailer.reopened
-            while self.tailer.events:
-                log.add_marker("tail", self.tailer.events.popleft())
+        while self.tailer.events:  # truncations, rotations, and files it could not read
+            log.add_marker("tail", self.tailer.events.popleft())
         if events or got_tail:
             log.update_status()
 
@@ -481,7 +477,7 @@ class TdpuApp(App[int]):
 
     async def action_quit(self) -> None:
         if self._stopping or not self.running:
-            self.exit(self.exit_status)
+            self.exit(0)
             return
         stage = next((n for n, r in self.pipeline_panel.rows.items() if r.status is Status.RUNNING),
                      "a stage")
@@ -502,4 +498,4 @@ class TdpuApp(App[int]):
             # The run's own error is already reported; we are leaving.
             with contextlib.suppress(Exception):
                 await self.worker.wait()
-        self.exit(self.exit_status)
+        self.exit(0)

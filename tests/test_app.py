@@ -355,25 +355,46 @@ async def test_a_batch_run_elsewhere_shows_and_our_own_run_is_not_shown_twice(cf
 
 
 @aio
-async def test_an_icraft_line_seen_on_stdout_and_in_its_log_file_is_shown_once(cfg):
+async def test_our_runs_icraft_lines_are_shown_once_in_the_order_the_stage_saw_them(cfg):
     logs = Artifacts.of(cfg).icraft_logs / "parse"
-    line = "[11/26/26 09:59:35.527] [F] 21002"
+    log_file = logs / "bitnet_b158_parse.log"
+    said = [("[11/26/26 09:59:35.500] [W] 正在检查输入文件", "warning", str(log_file)),
+            ("[11/26/26 09:59:35.527] [F] 21002", "error", str(log_file)),
+            ("[11/26/26 09:59:35.539] [E] 执行以下命令时捕获到错误码10:", "error", "icraft stdout")]
 
     class Icraft(FakeStage):
         def run(self, ctx) -> str:
-            ctx.log(line, "error", "icraft stdout")
             logs.mkdir(parents=True, exist_ok=True)
-            (logs / "bitnet_b158_parse.log").write_text(line + "\n[I] only in the file\n")
-            time.sleep(0.5)  # the tailer reads the file while the stage still runs
+            log_file.write_text("".join(line + "\n" for line, _, src in said if src != "icraft stdout"))
+            for line, level, source in said:  # as run_icraft passes them on: each once
+                ctx.log(line, level, source)
+            time.sleep(0.3)  # a tailer on the log folder would have read the file by now
             raise StageFailed("Icraft error 21002")
 
     app = TdpuApp(cfg, stages=[Icraft("parse")])
     async with app.run_test() as pilot:
         await run_and_wait(pilot, app)
-        ring = app.log_panel.ring
-        await wait_for(pilot, lambda: any("only in the file" in x for x in ring))
-        assert sum(line in x for x in ring) == 1, list(ring)
+        await pilot.pause(0.5)
+        ring = list(app.log_panel.ring)
+        shown = [x for x in ring if "[11/26/26" in x]
+        assert [x.split("│ ", 1)[1] for x in shown] == [line for line, _, _ in said], ring
         assert not any("[error] [11/26/26" in x for x in ring)  # no level tag on Icraft's own
+
+
+@aio
+async def test_a_run_elsewhere_shows_an_icraft_line_once_from_its_stage_log_and_icraft_log(cfg):
+    paths = Artifacts.of(cfg)
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test() as pilot:
+        line = "[11/26/26 09:59:35.527] [F] 21002"
+        (paths.icraft_logs / "optimize").mkdir(parents=True)
+        (paths.icraft_logs / "optimize" / "bitnet_b158_optimize.log").write_text(line + "\n")
+        paths.run_logs.mkdir(parents=True)
+        (paths.run_logs / "optimize.log").write_text(f"{line}\n[error] icraft optimize failed\n")
+        ring = app.log_panel.ring
+        await wait_for(pilot, lambda: any("icraft optimize failed" in x for x in ring))
+        await pilot.pause(0.3)
+        assert sum(line in x for x in ring) == 1, list(ring)
 
 
 @aio

@@ -44,7 +44,6 @@ from tdpu_tui.engine.pipeline import Pipeline, Stage
 from tdpu_tui.engine.tail import EchoFilter, Tailer
 
 StageSource = Iterable[Stage] | Callable[[], Iterable[Stage]] | None
-_EVENTS = "events"  # the EchoFilter channel of the run's own stage lines
 
 
 @dataclass(frozen=True)
@@ -93,12 +92,11 @@ class TdpuApp(App[int]):
         self._closing = False
         self._stopping = False
         self.tailer = Tailer()
-        # Icraft's lines come as stage output and again from its log files: shown once.
+        # A run elsewhere writes Icraft's lines to its stage log and Icraft to its own: shown once.
         self._echo = EchoFilter()
         # Failures this app drafted into the bug book (run thread), shared with the Bugs tab.
         self._own_signatures: set[str] = set()
         self._follow = [Path(p) for p in follow]
-        self._sources: dict[str, bool] = {}
         self.pipeline: Pipeline | None = None
         self.worker: Worker | None = None
         self.last_summary = None
@@ -155,8 +153,7 @@ class TdpuApp(App[int]):
         except Exception as exc:  # a broken stage module must not take the app down
             stages, problem = [], f"cannot load the stages: {type(exc).__name__}: {exc}"
         self.pipeline_panel.set_stages(stages, problem)
-        self._follow_run_logs(history=True)
-        self.tailer.follow_dir(self.paths.icraft_dir.resolve(), "*.log", label=self.file_label)
+        self._follow_other_runs(history=True)
         for p in self._follow:
             self.follow_file(p)
         self.tailer.start()
@@ -194,10 +191,13 @@ class TdpuApp(App[int]):
         name = path.name.removesuffix(".log")
         return name.removeprefix(f"{self.config.icraft.net_name}_") or name
 
-    def _follow_run_logs(self, history: bool) -> None:
-        """Stage logs of runs this app did not start (`tdpu --batch` in another shell)."""
+    def _follow_other_runs(self, history: bool) -> None:
+        """The stage logs of runs this app did not start (`tdpu --batch` in another shell) and
+        Icraft's log files. While a run started here goes on, its events carry both, in order."""
         self.tailer.follow_dir(self.paths.run_logs.resolve(), "*.log", recursive=False,
                                label=lambda p: p.stem, history=history)
+        self.tailer.follow_dir(self.paths.icraft_dir.resolve(), "*.log", label=self.file_label,
+                               history=history)
 
     def follow_file(self, path: str | Path, label: str | None = None) -> None:
         """Show the lines of `path` in the log panel as it grows (Icraft logs, any log)."""
@@ -243,10 +243,6 @@ class TdpuApp(App[int]):
             if isinstance(ev, StageLog):
                 stage = ev.stage or ""
                 panel.logged(stage, ev.line)
-                if ev.source and self._is_followed_file(ev.source):
-                    continue  # the tailer shows that file's lines (once, with rotation handled)
-                if ev.source and not self._echo.fresh(_EVENTS, [ev.line]):
-                    continue  # Icraft's output, already shown from its log file
                 if stage != pending_label:
                     flush_lines()
                     pending_label = stage
@@ -276,18 +272,6 @@ class TdpuApp(App[int]):
             self.pipeline_panel.progress(ev.stage, ev.done, ev.total, ev.note)
         progressed.clear()
 
-    def _is_followed_file(self, source: str) -> bool:
-        known = self._sources.get(source)
-        if known is None:
-            path = Path(source)
-            known = path.is_absolute() and path.is_file()
-            if known:
-                resolved = path.resolve()
-                if resolved not in self.tailer.paths:
-                    self.tailer.follow(resolved, self.file_label(resolved))
-            self._sources[source] = known
-        return known
-
     def _handle(self, ev: Event) -> None:
         panel = self.pipeline_panel
         if isinstance(ev, StageStarted):
@@ -312,7 +296,7 @@ class TdpuApp(App[int]):
                      title="bug records")
             self.bugs_panel.check_disk()
         elif isinstance(ev, RunFinished):
-            self._follow_run_logs(history=False)
+            self._follow_other_runs(history=False)
             self.last_summary = ev.summary
             counts = collections.Counter(r.status.value for r in ev.summary.results)
             text = ", ".join(f"{n} {s}" for s, n in counts.items()) or "nothing run"
@@ -346,8 +330,10 @@ class TdpuApp(App[int]):
             self.say(str(exc.args[0]), severity="error")
             return False
         self.pipeline_panel.mark_pending([s.name for s in selected])
-        # This run's stage lines come as events; its run log files are skipped until it ends.
+        # This run's lines (its stages' and Icraft's) come as events; the files they also go
+        # to are not followed until it ends, and then only for what others add.
         self.tailer.unfollow_dir(self.paths.run_logs.resolve())
+        self.tailer.unfollow_dir(self.paths.icraft_dir.resolve())
         self.pipeline = pipeline
         self.run_done = done = threading.Event()
         self.worker = self.run_worker(partial(self._run_pipeline, pipeline, names, done),

@@ -26,7 +26,6 @@ from tdpu_tui.engine.errors import Cancelled, StageFailed
 from tdpu_tui.engine.fsutil import atomic_write_bytes
 from tdpu_tui.engine.pipeline import Skip, Stage, StageContext
 
-ARGMAX_THRESHOLD = 0.99
 ELEM_DTYPES = {1: np.float32, 6: np.int32, 7: np.int64, 10: np.float16, 11: np.float64}
 
 
@@ -86,7 +85,11 @@ class PrecheckStage(Stage):
 
     def run(self, ctx: StageContext) -> str:
         from tdpu_tui.engine.opsupport import table_for
-        from tdpu_tui.engine.precheck import precheck_model, summary_markdown, write_precheck_csv
+        from tdpu_tui.engine.precheck import (
+            precheck_model,
+            summary_markdown,
+            write_precheck_csv,
+        )
 
         started = time.time()
         onnx_path = exported_graph(ctx)
@@ -296,8 +299,7 @@ def validation_inputs(ctx: StageContext, meta: dict[str, Any], onnx_path: Path, 
     vocab = int(meta.get("vocab_size") or ckpt.config.vocab_size)
     ids = make_input_ids(vocab, shape[0], shape[1], cfg.validate.seed)
     if meta.get("profile") == "icraft":
-        table = ckpt.tensor("model.embed_tokens.weight")
-        feed = np.ascontiguousarray(table[ids], dtype=np.float32)
+        feed = np.ascontiguousarray(ckpt.embed(ids), dtype=np.float32)
     else:
         feed = ids.astype(dtype)   # Icraft's .ftmp inputs carry these ids as float32
     if list(feed.shape) != shape:
@@ -306,31 +308,10 @@ def validation_inputs(ctx: StageContext, meta: dict[str, Any], onnx_path: Path, 
     return ids, name, feed
 
 
-def reference_logits(ckpt, ids: np.ndarray, feed: np.ndarray, profile: str) -> np.ndarray:
-    import torch
-
-    from tdpu_tui.engine.reference import BitNetForCausalLM
-
-    model = BitNetForCausalLM.from_checkpoint(ckpt)
-    # The reference profile quantizes activations inside the graph; the icraft one is float.
-    model.quantize_activations = profile != "icraft"
-    with torch.no_grad():
-        if profile == "icraft":
-            out = model.forward(inputs_embeds=torch.from_numpy(feed))
-        else:
-            out = model.forward(input_ids=torch.from_numpy(ids.astype(np.int64)))
-    if hasattr(out, "detach"):
-        out = out.detach().cpu().numpy()
-    return np.asarray(out, dtype=np.float32)
-
-
 def onnxruntime_logits(onnx_path: Path, name: str, feed: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
+    from tdpu_tui.engine.verify import ort_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-    return np.asarray(sess.run(None, {name: feed})[0], dtype=np.float32)
+    return np.asarray(ort_session(onnx_path).run(None, {name: feed})[0], dtype=np.float32)
 
 
 def find_output_ftmp(log_dir: Path, cwd: Path, nbytes: int) -> Path | None:
@@ -353,8 +334,8 @@ class SimulateStage(Stage):
     needs = ("export",)
 
     def run(self, ctx: StageContext) -> str:
+        from tdpu_tui.engine.agreement import versus_reference
         from tdpu_tui.engine.checkpoint import open_checkpoint
-        from tdpu_tui.engine.verify import compare_logits
 
         started = time.time()
         cfg = ctx.config
@@ -391,19 +372,26 @@ class SimulateStage(Stage):
             record.notes.append(f"why not Icraft: {fallback}")
 
         ctx.progress(2, 3, "running the PyTorch reference")
-        ref = reference_logits(ckpt, ids, feed, profile)
-        cmp = compare_logits(logits, ref)
+        # The reference profile quantizes activations inside the graph; the icraft one is float.
+        reference_inputs = ({"inputs_embeds": feed} if profile == "icraft"
+                            else {"input_ids": ids.astype(np.int64)})
+        verdict = versus_reference(ckpt, reference_inputs, logits, quantize=profile != "icraft")
+        cmp = verdict.metrics
         agreement = float(cmp["argmax_agreement"])
         for key in ("max_abs", "mean_abs", "argmax_agreement"):
             ctx.metric(key, float(cmp[key]))
         if "cosine" in cmp:
             ctx.metric("cosine", float(cmp["cosine"]))
         ctx.metric("backend", backend)
-        ok = agreement >= ARGMAX_THRESHOLD
+        ok = verdict.ok
         summary = (f"simulated on {backend}: argmax agreement {agreement:.2%}, "
                    f"max |Δ| {float(cmp['max_abs']):.3g}, mean |Δ| {float(cmp['mean_abs']):.3g} "
                    f"vs the PyTorch reference")
         ctx.log(summary)
+        if verdict.floor is not None:
+            ctx.metric("reference_floor", verdict.floor)
+        if verdict.why:
+            ctx.log(verdict.why, "info" if ok else "error")
         record.status = "ok" if ok else "failed"
         record.summary = summary
         record.seconds = time.time() - started
@@ -411,6 +399,8 @@ class SimulateStage(Stage):
                         f"{profile != 'icraft'})",
                         f"input: `{name}` {list(feed.shape)} {feed.dtype}, token ids seeded "
                         f"with [validate].seed = {cfg.validate.seed}"] + record.notes
+        if verdict.why:
+            record.notes.append(verdict.why)
         record.extra = "\n".join(["| metric | value |", "|---|---|"]
                                  + [f"| {k} | {float(cmp[k]):.6g} |"
                                     for k in ("max_abs", "mean_abs", "cosine", "argmax_agreement")
@@ -419,7 +409,7 @@ class SimulateStage(Stage):
         ctx.artifact("icraft_compile_log", ctx.paths.compile_log)
         ctx.progress(3, 3, "done")
         if not ok:
-            raise StageFailed(f"{summary}: below the {ARGMAX_THRESHOLD:.0%} threshold")
+            raise StageFailed(f"{summary}: {verdict.why}")
         return summary
 
     def _icraft_run(self, ctx, exe, oj, orw, name, feed, ids, meta, ckpt, record) -> np.ndarray:

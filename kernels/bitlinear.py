@@ -77,7 +77,10 @@ if not os.environ.get("NUMBA_CACHE_DIR"):
 # graph on a 2-core host they then compete with the operators that follow: BitLinear nodes took
 # ~17 ms instead of ~0.15 ms each in a whole-model step (ORT profiler). Passive waiting has to
 # be chosen before the OpenMP runtime starts (first parallel call); an explicit setting wins.
+# A short spin before sleeping keeps back-to-back BitLinear calls (the seven projections of a
+# layer) from paying a futex wake-up each: 7 nodes 1.06 -> 0.54 ms, whole graph unchanged.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import numba  # noqa: E402  (the cache directory must be chosen before numba reads its config)
 from numba import njit, prange  # noqa: E402

@@ -28,8 +28,8 @@ from tdpu_tui.engine.pipeline import Stage, StageContext
 from tdpu_tui.engine.verify import (
     MIN_ARGMAX_AGREEMENT,
     format_comparison,
-    make_input_ids,
-    ort_session,
+    onnx_logits,
+    seeded_inputs,
 )
 
 RAW_ALIGN = 64
@@ -59,19 +59,11 @@ def resolve_checkpoint(cfg: Config, ctx: StageContext | None = None) -> Path:
 
 def verification_inputs(cfg: Config, ckpt: Checkpoint, profile: str) -> dict[str, np.ndarray]:
     """Seeded inputs for the exported graph: token ids, or their embeddings (icraft profile)."""
-    c = ckpt.config
+    e = cfg.export
     if profile == "icraft":
-        ids = make_input_ids(c.vocab_size, 1, cfg.export.seq_len, cfg.export.verify_seed)
-        return {"input_ids": ids, "inputs_embeds": ckpt.embed(ids)}
-    tokens = min(cfg.export.verify_tokens, c.max_position_embeddings)
-    ids = make_input_ids(c.vocab_size, cfg.export.verify_batch, tokens, cfg.export.verify_seed)
-    return {"input_ids": ids}
-
-
-def run_onnx(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    sess = ort_session(path)
-    names = {i.name for i in sess.get_inputs()}
-    return sess.run(["logits"], {k: v for k, v in inputs.items() if k in names})[0]
+        return seeded_inputs(ckpt, profile, 1, e.seq_len, e.verify_seed)
+    tokens = min(e.verify_tokens, ckpt.config.max_position_embeddings)
+    return seeded_inputs(ckpt, profile, e.verify_batch, tokens, e.verify_seed)
 
 
 def write_raw(ckpt: Checkpoint, raw_path: Path, ctx: StageContext) -> list[dict[str, Any]]:
@@ -173,7 +165,7 @@ class ExportStage(Stage):
             t = time.perf_counter()
             ctx.progress(0, None, "verifying against the PyTorch reference")
             inputs = verification_inputs(cfg, ckpt, profile)
-            got = run_onnx(onnx_tmp, inputs)
+            got = onnx_logits(onnx_tmp, inputs)
             verdict = versus_reference(ckpt, inputs, got, quantize=profile == "reference")
             m = verdict.metrics
             timings["verification"] = time.perf_counter() - t

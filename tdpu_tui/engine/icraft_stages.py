@@ -289,29 +289,26 @@ class OptimizeStage(Stage):
 
 def validation_inputs(ctx: StageContext, meta: dict[str, Any], onnx_path: Path, ckpt):
     """Seeded token ids, and the graph's inputs built from them (embeddings for `icraft`)."""
-    from tdpu_tui.engine.verify import make_input_ids
+    from tdpu_tui.engine.verify import seeded_inputs
 
-    cfg = ctx.config
-    inputs = graph_inputs(onnx_path, cfg.export.seq_len)
+    inputs = graph_inputs(onnx_path, ctx.config.export.seq_len)
     if len(inputs) != 1:
         raise StageFailed(f"{onnx_path}: expected one graph input, found {len(inputs)}")
     name, shape, dtype = inputs[0]
-    vocab = int(meta.get("vocab_size") or ckpt.config.vocab_size)
-    ids = make_input_ids(vocab, shape[0], shape[1], cfg.validate.seed)
-    if meta.get("profile") == "icraft":
-        feed = np.ascontiguousarray(ckpt.embed(ids), dtype=np.float32)
-    else:
-        feed = ids.astype(dtype)   # Icraft's .ftmp inputs carry these ids as float32
+    seeded = seeded_inputs(ckpt, meta.get("profile", "reference"), shape[0], shape[1],
+                           ctx.config.validate.seed)
+    # Icraft's .ftmp inputs carry token ids as float32 too.
+    feed = seeded.get("inputs_embeds", seeded["input_ids"]).astype(dtype, copy=False)
     if list(feed.shape) != shape:
         raise StageFailed(f"{onnx_path}: input '{name}' expects shape {shape}, "
                           f"the validation input has {list(feed.shape)}")
-    return ids, name, feed
+    return seeded["input_ids"], name, feed
 
 
 def onnxruntime_logits(onnx_path: Path, name: str, feed: np.ndarray) -> np.ndarray:
-    from tdpu_tui.engine.verify import ort_session
+    from tdpu_tui.engine.verify import onnx_logits
 
-    return np.asarray(ort_session(onnx_path).run(None, {name: feed})[0], dtype=np.float32)
+    return np.asarray(onnx_logits(onnx_path, {name: feed}), dtype=np.float32)
 
 
 def find_output_ftmp(log_dir: Path, cwd: Path, nbytes: int) -> Path | None:

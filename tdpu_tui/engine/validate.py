@@ -47,8 +47,8 @@ from tdpu_tui.engine.verify import (
     MIN_ARGMAX_AGREEMENT,
     compare_logits,
     format_comparison,
-    make_input_ids,
     ort_session,
+    seeded_inputs,
 )
 
 # A node whose output is this far off (relative RMS) is wrong, whatever the elementwise bound says.
@@ -199,14 +199,11 @@ class Validation:
         return seq
 
     def inputs(self, tokens: int) -> dict[str, np.ndarray]:
-        v = self.cfg.validate
-        if self.profile == "icraft":
-            from tdpu_tui.engine.checkpoint import open_checkpoint
+        from tdpu_tui.engine.checkpoint import open_checkpoint
 
-            ids = make_input_ids(int(self.meta["vocab_size"]), 1, tokens, v.seed)
-            with open_checkpoint(self.meta["checkpoint"]) as ckpt:
-                return {"input_ids": ids, "inputs_embeds": ckpt.embed(ids)}
-        return {"input_ids": make_input_ids(int(self.meta["vocab_size"]), v.batch, tokens, v.seed)}
+        batch = 1 if self.profile == "icraft" else self.cfg.validate.batch
+        with open_checkpoint(self.meta["checkpoint"]) as ckpt:
+            return seeded_inputs(ckpt, self.profile, batch, tokens, self.cfg.validate.seed)
 
     def feed(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {self.meta.get("input_name", "input_ids"): inputs[self.meta.get("input_name", "input_ids")]}

@@ -29,10 +29,25 @@ def ort_session(model: str | Path | bytes, external_dir: str | Path | None = Non
     return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
 
 
+def onnx_logits(model: str | Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The `logits` of a graph, fed those of `inputs` that it takes."""
+    sess = ort_session(model)
+    names = {i.name for i in sess.get_inputs()}
+    return sess.run(["logits"], {k: v for k, v in inputs.items() if k in names})[0]
+
+
 def make_input_ids(vocab_size: int, batch: int, tokens: int, seed: int) -> np.ndarray:
     """Seeded token ids, int64 [batch, tokens]."""
     rng = np.random.default_rng(seed)
     return rng.integers(0, vocab_size, size=(batch, tokens), dtype=np.int64)
+
+
+def seeded_inputs(ckpt, profile: str, batch: int, tokens: int, seed: int) -> dict[str, np.ndarray]:
+    """Seeded `input_ids` and, for the icraft profile, their embeddings (the graph's input)."""
+    ids = make_input_ids(ckpt.config.vocab_size, batch, tokens, seed)
+    if profile == "icraft":
+        return {"input_ids": ids, "inputs_embeds": np.ascontiguousarray(ckpt.embed(ids), dtype=np.float32)}
+    return {"input_ids": ids}
 
 
 def compare_logits(got: np.ndarray, want: np.ndarray) -> dict[str, float]:

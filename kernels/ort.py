@@ -31,6 +31,11 @@ across the C API), so the operators never raise: they record the error and retur
 and `BitLinearSession.run` (what `create_session` returns) raises it as BitLinearError
 naming the node. Plain sessions only get the NaNs and a log record.
 
+The same goes for `ai.tdpu::LinearBF16` (X float32 [..., K], W bfloat16 [N, K] initializer,
+attributes in_features, out_features; Y = X @ W.T in float32, `kernels.bf16`): the tied lm_head
+kept at the checkpoint's precision. `create_session` moves its W (0.66 GB at 2B4T shapes)
+into the registry and rewrites the node into `ai.tdpu::LinearBF16Prepacked`.
+
 `session_options()` alone also runs BitLinear graphs (W then travels through the
 per-call copy). Python operators are registered once per process; importing or
 calling this module again does not register them twice.
@@ -51,11 +56,14 @@ import onnxruntime
 from onnx import TensorProto, numpy_helper
 
 from kernels import packing
+from kernels.bf16 import linear_bf16
 from kernels.bitlinear import bitlinear, check_packed
 
 DOMAIN = "ai.tdpu"
 OP_TYPE = "BitLinear"
 PREPACKED_OP_TYPE = "BitLinearPrepacked"
+BF16_OP_TYPE = "LinearBF16"
+BF16_PREPACKED_OP_TYPE = "LinearBF16Prepacked"
 KEY_SUFFIX = "/tdpu_weight_key"
 
 
@@ -83,7 +91,7 @@ _next_key = 1
 def _acquire(packed: np.ndarray) -> int:
     global _next_key
     packed = np.ascontiguousarray(packed)
-    h = hashlib.blake2b(repr(packed.shape).encode(), digest_size=16)
+    h = hashlib.blake2b(repr((packed.dtype.str, packed.shape)).encode(), digest_size=16)
     h.update(packed)
     digest = h.hexdigest()
     with _lock:
@@ -168,6 +176,35 @@ def _prepacked_op(x, key, weight_scale, in_features, out_features, layout, node_
         return _failed(where, exc, x, out_features)
 
 
+def _bf16_where(in_features, out_features, node_name: str | None = None) -> str:
+    if node_name:
+        return f"LinearBF16 node {node_name!r}"
+    return f"LinearBF16 node (in_features={in_features}, out_features={out_features})"
+
+
+def _check_bf16_call(where: str, x: np.ndarray, k: int, n: int, w_shape) -> None:
+    if x.ndim == 0 or x.shape[-1] != k:
+        raise BitLinearError(f"{where}: X has shape {list(x.shape)}, its last dimension must equal "
+                             f"in_features = {k}")
+    if tuple(w_shape) != (n, k):
+        raise BitLinearError(f"{where}: W has shape {list(w_shape)}, expected [out_features, "
+                             f"in_features] = [{n}, {k}]")
+
+
+def _prepacked_bf16_op(x, key, in_features, out_features, node_name):
+    where = _bf16_where(in_features, out_features, node_name)
+    try:
+        entry = _entries.get(int(key.reshape(-1)[0])) if key.size == 1 else None
+        if entry is None:
+            raise BitLinearError(f"{where}: no weight under key {key.tolist()}; graphs holding "
+                                 "LinearBF16Prepacked must run in a session made by "
+                                 "kernels.ort.create_session in this process")
+        _check_bf16_call(where, x, in_features, out_features, entry.packed.shape)
+        return linear_bf16(x, entry.packed)
+    except Exception as exc:
+        return _failed(where, exc, x, out_features)
+
+
 _registered = False
 
 
@@ -191,6 +228,13 @@ def _register() -> None:
             onnx_op(op_type=f"{DOMAIN}::{PREPACKED_OP_TYPE}",
                     inputs=[dt.dt_float, dt.dt_int64, dt.dt_float], outputs=[dt.dt_float],
                     attrs={**attrs, "node_name": dt.dt_string})(_prepacked_op)
+        bf16_attrs = {"in_features": dt.dt_int64, "out_features": dt.dt_int64}
+        # LinearBF16 itself is not registered: the bridge aborts the process on a bfloat16
+        # input. It runs only as LinearBF16Prepacked, its W moved out by create_session.
+        if f"{DOMAIN}::{BF16_PREPACKED_OP_TYPE}" not in known:
+            onnx_op(op_type=f"{DOMAIN}::{BF16_PREPACKED_OP_TYPE}",
+                    inputs=[dt.dt_float, dt.dt_int64], outputs=[dt.dt_float],
+                    attrs={**bf16_attrs, "node_name": dt.dt_string})(_prepacked_bf16_op)
         ours = {k: od for k, od in _ocos.Opdef._odlist.items() if od.op_type.startswith(f"{DOMAIN}::")}
         default = _ocos._on_pyop_invocation
         # The bridge passes attributes as strings on every call; casting them took 4 us of a
@@ -258,19 +302,87 @@ def _static_last_dims(graph: onnx.GraphProto) -> dict[str, int]:
     return dims
 
 
-def _rewrite(model: onnx.ModelProto, base_dir: str | None) -> list[int]:
-    """Check every BitLinear node, prepack W, rewrite in place; return the registry keys taken."""
+def _rewrite_bf16(node: onnx.NodeProto, index: int, inits: dict, last_dims: dict,
+                  base_dir: str | None, keys: list[int], graph: onnx.GraphProto) -> str:
+    """Check one LinearBF16 node and move its W into the registry; return W's name if moved."""
+    where = f"LinearBF16 node {node.name or f'#{index}'!r}"
+    k = _attr(node, "in_features", "int", where)
+    n = _attr(node, "out_features", "int", where)
+    if len(node.input) != 2:
+        raise BitLinearError(f"{where}: expected 2 inputs (X, W), found {len(node.input)}")
+    x_name, w_name = node.input
+    last = last_dims.get(x_name)
+    if last is not None and last != k:
+        raise BitLinearError(f"{where}: X {x_name!r} has last dimension {last}, in_features is {k}")
+    w_init = inits.get(w_name)
+    if w_init is None:
+        raise BitLinearError(f"{where}: W {w_name!r} must be an initializer (a bfloat16 weight "
+                             "cannot be passed through the Python operator bridge)")
+    if w_init.data_type != TensorProto.BFLOAT16:
+        raise BitLinearError(f"{where}: W {w_name!r} is {_DTYPE_NAMES.get(w_init.data_type)}, "
+                             "expected BFLOAT16")
+    if tuple(w_init.dims) != (n, k):
+        raise BitLinearError(f"{where}: W {w_name!r} has shape {list(w_init.dims)}, expected "
+                             f"[out_features, in_features] = [{n}, {k}]")
+    w = np.ascontiguousarray(numpy_helper.to_array(w_init, base_dir or "")).view(np.uint16)
+    key = _acquire(w)
+    keys.append(key)
+    _use_key(graph, node, index, w_name, key, BF16_PREPACKED_OP_TYPE)
+    return w_name
+
+
+def _use_key(graph: onnx.GraphProto, node: onnx.NodeProto, index: int, w_name: str, key: int,
+             op_type: str) -> None:
+    """Point `node` at registry entry `key` instead of initializer `w_name`."""
+    key_name = f"{w_name}{KEY_SUFFIX}/{index}"
+    graph.initializer.append(numpy_helper.from_array(np.array([key], np.int64), key_name))
+    node.op_type = op_type
+    node.input[1] = key_name
+    node.attribute.append(onnx.helper.make_attribute("node_name", node.name or f"#{index}"))
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names the subgraphs of `node` (If/Loop/Scan bodies) read from the outer scope."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for inner in sub.node:
+                names.update(i for i in inner.input if i)
+                names |= _subgraph_reads(inner)
+    return names
+
+
+def _rewrite(model: onnx.ModelProto, base_dir: str | None,
+             shared: dict[str, np.ndarray] | None = None) -> list[int]:
+    """Check every BitLinear node, prepack W, rewrite in place; return the registry keys taken.
+
+    `shared` (when given) receives the external-data weights that other nodes still read (a
+    tied bf16 table: LinearBF16 and the embedding Gather): the caller hands ONNX Runtime the
+    registry's array for them instead of a second copy read from disk.
+    """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     uses: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
+        for name in _subgraph_reads(node):     # an If/Loop body reading W keeps it alive
+            uses[name] = uses.get(name, 0) + 1
+    for out in graph.output:
+        uses[out.name] = uses.get(out.name, 0) + 1
     last_dims = _static_last_dims(graph)
     keys: list[int] = []
     drop: set[str] = set()
     try:
         for index, node in enumerate(graph.node):
+            if node.domain == DOMAIN and node.op_type == BF16_OP_TYPE:
+                w_name = _rewrite_bf16(node, index, inits, last_dims, base_dir, keys, graph)
+                uses[w_name] -= 1
+                if uses[w_name] == 0:
+                    drop.add(w_name)
+                elif shared is not None and inits[w_name].data_location == TensorProto.EXTERNAL:
+                    shared[w_name] = _entries[keys[-1]].packed
+                continue
             if node.domain != DOMAIN or node.op_type != OP_TYPE:
                 continue
             where = f"BitLinear node {node.name or f'#{index}'!r}"
@@ -308,11 +420,7 @@ def _rewrite(model: onnx.ModelProto, base_dir: str | None) -> list[int]:
                 raise BitLinearError(str(exc)) from exc
             key = _acquire(w)
             keys.append(key)
-            key_name = f"{w_name}{KEY_SUFFIX}/{index}"
-            graph.initializer.append(numpy_helper.from_array(np.array([key], np.int64), key_name))
-            node.op_type = PREPACKED_OP_TYPE
-            node.input[1] = key_name
-            node.attribute.append(onnx.helper.make_attribute("node_name", node.name or f"#{index}"))
+            _use_key(graph, node, index, w_name, key, PREPACKED_OP_TYPE)
             uses[w_name] -= 1
             if uses[w_name] == 0:
                 drop.add(w_name)
@@ -323,6 +431,13 @@ def _rewrite(model: onnx.ModelProto, base_dir: str | None) -> list[int]:
         kept = [t for t in graph.initializer if t.name not in drop]
         del graph.initializer[:]
         graph.initializer.extend(kept)
+        # An initializer may also be listed as a graph input (keep_initializers_as_inputs).
+        inputs = [v for v in graph.input if v.name not in drop]
+        del graph.input[:]
+        graph.input.extend(inputs)
+    if shared:
+        for name in [n for n in shared if n in drop]:
+            del shared[name]
     return keys
 
 
@@ -371,8 +486,15 @@ def create_session(model_or_path, providers=None, threads: int | None = None
         path = Path(model_or_path)
         model = onnx.load(str(path), load_external_data=False)
         base_dir = str(path.resolve().parent)
-    keys = _rewrite(model, base_dir)
+    shared: dict[str, np.ndarray] = {}
+    keys = _rewrite(model, base_dir, shared)
     so = session_options(threads)
+    # A tied bf16 table read by LinearBF16 and by a Gather: ONNX Runtime uses the registry's
+    # array for the Gather instead of loading a second copy (0.66 GB at 2B4T shapes).
+    values = [onnxruntime.OrtValue.ortvalue_from_numpy_with_onnx_type(a, TensorProto.BFLOAT16)
+              for a in shared.values()]
+    for name, value in zip(shared, values, strict=True):
+        so.add_initializer(name, value)   # used in place (add_external_initializers copies)
     if base_dir:
         # Initializers still stored as external data are read from the model's directory.
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", base_dir)
@@ -382,5 +504,6 @@ def create_session(model_or_path, providers=None, threads: int | None = None
     except BaseException:
         _release(keys)
         raise
+    session._tdpu_shared = values   # ONNX Runtime does not own that memory: keep it alive
     weakref.finalize(session, _release, keys)
     return session

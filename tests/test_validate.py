@@ -173,7 +173,7 @@ def test_interrupted_step_copies_are_removed(tmp_path, monkeypatch):
     monkeypatch.setattr(validate, "lower_to_matmulnbits", lambda src, dst: 0)
     v = object.__new__(validate.Validation)
     v.ctx, v.cfg, v.paths, v.notes = Ctx(), cfg, paths, []
-    v.meta, v.report, v.replaced = {"input_name": "inputs_embeds", "profile": "icraft"}, {}, []
+    v.meta, v.report, v.replaced, v.bf16 = {"input_name": "inputs_embeds", "profile": "icraft"}, {}, [], []
     x = {"inputs_embeds": np.zeros((1, 4, 64), np.float32)}
     with pytest.raises(KeyboardInterrupt):
         v.measure(4, x)

@@ -22,6 +22,10 @@ from tdpu_tui.engine.errors import ConfigError
 PRESETS = ("tiny", "2b4t")
 PROFILES = ("reference", "icraft")
 LAYOUTS = ("tdpu", "hf")
+# How the replaced graph holds the (tied) lm_head, which is never ternary: "float" keeps the
+# exported float32 MatMul/Gemm; "bf16" stores the weights at the checkpoint's bf16 precision
+# (exact, half the bytes) behind ai.tdpu::LinearBF16.
+LM_HEAD_MODES = ("float", "bf16")
 
 
 @dataclass
@@ -70,6 +74,7 @@ class ReplaceConfig:
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=lambda: ["*lm_head*"])
     layout: str = "tdpu"
+    lm_head: str = "float"
 
 
 @dataclass
@@ -127,6 +132,7 @@ _CHOICES = {
     "model.synthetic.preset": PRESETS,
     "export.profile": PROFILES,
     "replace.layout": LAYOUTS,
+    "replace.lm_head": LM_HEAD_MODES,
 }
 _POSITIVE = {
     "export.opset", "export.seq_len", "export.verify_batch", "export.verify_tokens",

@@ -267,7 +267,11 @@ def render_report(meta: dict, accuracy: dict, perf: PerfResult | None, nodes: li
               "| 节点 Node | K | N | 整数核 int core | max \\|Δ\\| vs MatMul | bound | 结果 Result |",
               "|---|---|---|---|---|---|---|"]
     for n in nodes:
-        lines.append(f"| `{n['name']}` | {n['k']} | {n['n']} | {'exact' if n['int_exact'] else 'MISMATCH'} | "
+        if n.get("layout") == "bf16":
+            core = "bf16 weights exact" if n["int_exact"] else "bf16 weights DIFFER"
+        else:
+            core = "exact" if n["int_exact"] else "MISMATCH"
+        lines.append(f"| `{n['name']}` | {n['k']} | {n['n']} | {core} | "
                      f"{n['max_err']:.3g} | {n['bound']:.3g} | {n['result']} |")
     if perf is not None:
         ratios = perf.ratios()

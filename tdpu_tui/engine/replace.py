@@ -32,13 +32,14 @@ import onnx
 from onnx import helper
 
 from kernels.packing import pack
-from tdpu_tui.engine.config import ReplaceConfig
+from tdpu_tui.engine.config import LM_HEAD_MODES, ReplaceConfig
 from tdpu_tui.engine.errors import StageFailed
 from tdpu_tui.engine.fsutil import commit_files, human_bytes, staging_dir
 from tdpu_tui.engine.inventory import (
-    ALREADY, BITLINEAR_DOMAIN, GraphIndex, InventoryError, Projection, iter_nodes, load_selection,
-    resolve_selection, selection_reason, tensor_bytes,
+    ALREADY, BITLINEAR_DOMAIN, GraphIndex, InventoryError, MatMulNode, Projection, iter_nodes,
+    load_selection, resolve_selection, selection_reason, tensor_bytes,
 )
+from tdpu_tui.engine.lm_head import bf16_source, plan_bf16
 from tdpu_tui.engine.onnx_builder import EXTERNAL_THRESHOLD, ExternalData, set_external
 from tdpu_tui.engine.pipeline import Stage, StageContext
 
@@ -47,7 +48,7 @@ from tdpu_tui.engine.pipeline import Stage, StageContext
 class Decision:
     name: str
     op_type: str
-    action: str                      # "replaced" | "kept"
+    action: str                      # "replaced" | "kept" | "bf16" (lm_head, [replace].lm_head)
     reason: str
     layer: int | None = None
     projection: str | None = None
@@ -58,7 +59,7 @@ class Decision:
     zeros: float | None = None
     scale: float | None = None
     act_quant: bool = False
-    bitlinear: str | None = None     # name of the emitted BitLinear node
+    bitlinear: str | None = None     # name of the emitted BitLinear (or LinearBF16) node
     bytes_before: int = 0            # projection weight bytes (weight + scale) before / after
     bytes_after: int = 0
 
@@ -69,6 +70,7 @@ class ReplaceReport:
     output: str
     layout: str
     decisions: list[Decision] = field(default_factory=list)
+    lm_head: str = "float"
 
     @property
     def replaced(self) -> list[Decision]:
@@ -77,6 +79,10 @@ class ReplaceReport:
     @property
     def kept(self) -> list[Decision]:
         return [d for d in self.decisions if d.action == "kept"]
+
+    @property
+    def bf16(self) -> list[Decision]:
+        return [d for d in self.decisions if d.action == "bf16"]
 
     @property
     def bytes_before(self) -> int:
@@ -88,7 +94,8 @@ class ReplaceReport:
 
     def as_json(self) -> dict:
         return {"source": self.source, "output": self.output, "layout": self.layout,
-                "replaced": len(self.replaced), "kept": len(self.kept),
+                "lm_head": self.lm_head, "replaced": len(self.replaced), "kept": len(self.kept),
+                "bf16": len(self.bf16),
                 "weight_bytes_before": self.bytes_before, "weight_bytes_after": self.bytes_after,
                 "nodes": [asdict(d) for d in self.decisions]}
 
@@ -134,9 +141,16 @@ def _live(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> tuple[list[onn
 def replace_model(src: str | Path, dst: str | Path, *, layout: str = "tdpu",
                   include: list[str] | tuple[str, ...] = ("*",), exclude: list[str] | tuple[str, ...] = (),
                   overrides: Mapping[str, bool] | None = None, report_path: str | Path | None = None,
+                  lm_head: str = "float",
                   on_decision: Callable[[Decision], None] | None = None,
                   on_progress: Callable[[int, int, str], None] | None = None) -> ReplaceReport:
-    """Replace the selected ternary MatMuls of `src`, writing `dst` (+ `dst.data`) atomically."""
+    """Replace the selected ternary MatMuls of `src`, writing `dst` (+ `dst.data`) atomically.
+
+    `lm_head`: "float" keeps the lm_head as exported; "bf16" holds it (and a tied embedding
+    table) in bfloat16 behind ai.tdpu::LinearBF16 (`tdpu_tui.engine.lm_head`).
+    """
+    if lm_head not in LM_HEAD_MODES:
+        raise InventoryError(f"[replace].lm_head: expected one of {LM_HEAD_MODES}, found {lm_head!r}")
     src, dst = Path(src), Path(dst)
     g = GraphIndex.load(src)
     items = list(iter_nodes(g))
@@ -144,8 +158,9 @@ def replace_model(src: str | Path, dst: str | Path, *, layout: str = "tdpu",
     rcfg = ReplaceConfig(include=list(include), exclude=list(exclude), layout=layout)
     selected = resolve_selection(entries, rcfg, overrides)
 
-    report = ReplaceReport(str(src), str(dst), layout)
+    report = ReplaceReport(str(src), str(dst), layout, lm_head=lm_head)
     chosen: list[tuple[Projection, Decision]] = []
+    head_nodes: list[tuple[MatMulNode, Decision]] = []
     for entry, proj in items:
         d = Decision(entry.name, entry.op_type, "kept", "", entry.layer, entry.projection, entry.k,
                      entry.n, entry.weight, entry.status, entry.zeros, entry.scale, entry.act_quant)
@@ -157,9 +172,11 @@ def replace_model(src: str | Path, dst: str | Path, *, layout: str = "tdpu",
             chosen.append((proj, d))
         else:
             d.reason = selection_reason(entry, rcfg, overrides)
+            if lm_head == "bf16" and entry.projection == "lm_head":
+                head_nodes.append((entry, d))
         report.decisions.append(d)
-        if on_decision is not None:
-            on_decision(d)
+        if on_decision is not None and not (head_nodes and head_nodes[-1][1] is d):
+            on_decision(d)   # an lm_head to hold in bf16 is reported once its plan is made
 
     graph = g.graph
     removed = {id(n) for proj, _ in chosen for n in (proj.node, *proj.absorbed)}
@@ -190,7 +207,23 @@ def replace_model(src: str | Path, dst: str | Path, *, layout: str = "tdpu",
         d.bytes_before = _dtype_bytes(w_t) + sum(_dtype_bytes(g.inits[i]) for i in folded)
         d.bytes_after = d.n // 4 * d.k + 4
 
-    nodes = [by_matmul.get(id(n), n) for n in graph.node if id(n) not in removed or id(n) in by_matmul]
+    swaps: dict[int, list[onnx.NodeProto]] = {k: [v] for k, v in by_matmul.items()}
+    swaps.update({i: [] for i in removed if i not in by_matmul})
+    for entry, d in head_nodes:
+        node = next(n for n in graph.node if n.name == entry.name)
+        plan = plan_bf16(g, node, taken)
+        swaps.update(plan.replacements())
+        lazy[plan.new_weight] = bf16_source(g, plan)
+        new_inits[plan.new_weight] = plan.placeholder()
+        placement[plan.weight] = (*placement.get(plan.weight, ()), plan.new_weight)
+        d.action, d.bitlinear = "bf16", plan.new_node.name
+        d.reason = (f"[replace].lm_head = \"bf16\": {plan.weight} held as bfloat16 "
+                    f"({human_bytes(plan.bytes_before)} → {human_bytes(plan.bytes_after)}, exact)")
+        d.bytes_before, d.bytes_after = plan.bytes_before, plan.bytes_after
+        if on_decision is not None:
+            on_decision(d)
+
+    nodes = [m for n in graph.node for m in swaps.get(id(n), [n])]
     nodes, live = _live(graph, nodes)
 
     model = onnx.ModelProto()
@@ -214,7 +247,7 @@ def replace_model(src: str | Path, dst: str | Path, *, layout: str = "tdpu",
     keep_vi = [v for v in model.graph.value_info if v.name in produced]
     del model.graph.value_info[:]
     model.graph.value_info.extend(keep_vi)
-    if chosen and not any(o.domain == BITLINEAR_DOMAIN for o in model.opset_import):
+    if (chosen or report.bf16) and not any(o.domain == BITLINEAR_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(BITLINEAR_DOMAIN, 1))
 
     def source(t: onnx.TensorProto) -> np.ndarray:
@@ -294,6 +327,8 @@ class ReplaceStage(Stage):
             if d.action == "replaced":
                 ctx.log(f"replace {d.name} -> {d.bitlinear}  K={d.k} N={d.n} scale={d.scale:.6g} "
                         f"zeros={d.zeros:.1%}  ({d.reason})")
+            elif d.action == "bf16":
+                ctx.log(f"bf16    {d.name} -> {d.bitlinear}  K={d.k} N={d.n}  ({d.reason})")
             else:
                 ctx.log(f"keep    {d.name}  ({d.reason})")
 
@@ -310,7 +345,8 @@ class ReplaceStage(Stage):
         try:
             report = replace_model(paths.full_onnx, paths.bitlinear_onnx, layout=rc.layout,
                                    include=rc.include, exclude=rc.exclude, overrides=overrides,
-                                   report_path=paths.replace_report, on_decision=decided,
+                                   report_path=paths.replace_report, lm_head=rc.lm_head,
+                                   on_decision=decided,
                                    on_progress=progress)
         except InventoryError as exc:
             raise StageFailed(str(exc)) from None
@@ -325,10 +361,13 @@ class ReplaceStage(Stage):
         ctx.metric("weight_bytes_before", report.bytes_before)
         ctx.metric("weight_bytes_after", report.bytes_after)
         ctx.metric("layout", rc.layout)
+        ctx.metric("lm_head", rc.lm_head)
         if not report.replaced and not any(d.reason == ALREADY for d in report.decisions):
             raise StageFailed("no MatMul was replaced: every node was kept (see "
                               f"{paths.replace_report} for the reasons)")
         ratio = report.bytes_before / report.bytes_after if report.bytes_after else 0.0
         return (f"{len(report.replaced)} MatMul → BitLinear ({rc.layout} layout), {len(report.kept)} kept; "
                 f"projection weights {human_bytes(report.bytes_before)} → {human_bytes(report.bytes_after)}"
-                + (f" ({ratio:.1f}× smaller)" if ratio else ""))
+                + (f" ({ratio:.1f}× smaller)" if ratio else "")
+                + "".join(f"; {d.name} → {d.bitlinear} (bf16, {human_bytes(d.bytes_before)} → "
+                          f"{human_bytes(d.bytes_after)})" for d in report.bf16))

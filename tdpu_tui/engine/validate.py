@@ -148,6 +148,37 @@ def check_node(name: str, x: np.ndarray, y: np.ndarray, p: np.ndarray, ws: float
                      "ok" if ok and exact else "FAILED", diagnosis)
 
 
+def check_bf16_node(name: str, x: np.ndarray, y: np.ndarray, bits: np.ndarray, w_float: np.ndarray,
+                    weight_nk: bool) -> NodeCheck:
+    """An lm_head held in bf16 (`[replace].lm_head = "bf16"`): its weights must widen to exactly
+    the float graph's, and LinearBF16's output may differ from the float MatMul's only by the
+    order of float32 sums: |Δy| ≤ 2·K·2⁻²⁴·(|x|·|W|ᵀ) (plus a tiny absolute floor)."""
+    from kernels.bf16 import bf16_to_float32, linear_bf16
+
+    n, k = bits.shape
+    exact = True
+    step = 4096 if weight_nk else max(1, 4096 * k // max(n, 1))
+    for r in range(0, w_float.shape[0], step):     # the float table may be 1.3 GB: in blocks
+        block = np.asarray(w_float[r:r + step], dtype=np.float32)
+        widened = bf16_to_float32(bits[r:r + step] if weight_nk else bits[:, r:r + step].T)
+        if not np.array_equal(block.view(np.uint32), widened.view(np.uint32)):
+            exact = False
+            break
+    x2 = np.ascontiguousarray(x.reshape(-1, k), dtype=np.float32)
+    y2 = np.asarray(y, dtype=np.float64).reshape(x2.shape[0], -1)
+    got = linear_bf16(x2, bits).astype(np.float64)
+    err = np.abs(got - y2)
+    magnitude = np.abs(x2) @ np.abs(bf16_to_float32(bits)).T
+    bound = 2.0 * k * 2.0 ** -24 * magnitude.astype(np.float64) + 1e-30
+    ratio = err / bound
+    worst = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+    rel = float(np.sqrt((err ** 2).mean() / max((y2 ** 2).mean(), 1e-30)))
+    ok = exact and bool((ratio <= 1.0).all())
+    diagnosis = "" if exact else "the bf16 weights do not widen to the float graph's weights"
+    return NodeCheck(name, k, n, "bf16", exact, float(err.max()), float(bound[worst]), rel,
+                     "ok" if ok else "FAILED", diagnosis)
+
+
 def explain_disagreement(got: np.ndarray, want: np.ndarray, max_abs: float) -> str | None:
     """Why argmax differs where it does: near-ties in the target are rounding, others are not."""
     a, b = got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1])
@@ -186,6 +217,7 @@ class Validation:
         self.report = _read_json(self.paths.replace_report)
         self.profile = self.meta.get("profile", "reference")
         self.replaced = [d for d in self.report["nodes"] if d["action"] == "replaced"]
+        self.bf16 = [d for d in self.report["nodes"] if d["action"] == "bf16"]
 
     # inputs --------------------------------------------------------------------------------
 
@@ -241,6 +273,21 @@ class Validation:
                     ) -> list[NodeCheck]:
         by_name = {n.name: n for n in g.graph.node if n.domain == BITLINEAR_DOMAIN}
         checks = []
+        if self.bf16:
+            original = GraphIndex.load(self.paths.full_onnx)
+        for d in self.bf16:
+            node = by_name[d["bitlinear"]]
+            bits = np.asarray(g.array(node.input[1])).view(np.uint16)
+            w_float = original.array(d["weight"])
+            head = next(n for n in original.graph.node if n.name == d["name"])
+            trans_b = any(a.name == "transB" and a.i for a in head.attribute)
+            nk = (head.op_type == "Gemm" and trans_b) or head.input[1] != d["weight"]  # else via Transpose
+            c = check_bf16_node(d["name"], captured[node.input[0]], captured[node.output[0]], bits,
+                                w_float, nk)
+            self.ctx.log(f"node {c.name} (bf16): weights {'exact' if c.int_exact else 'DIFFER'}, "
+                         f"max |Δ| {c.max_err:.3g} vs the float MatMul (bound {c.bound:.3g}): {c.result}",
+                         "info" if c.result == "ok" else "error")
+            checks.append(c)
         for d in sample:
             node = by_name[d["bitlinear"]]
             _, _, layout = bitlinear_attrs(node)
@@ -274,9 +321,12 @@ class Validation:
             nbits_path = Path(tmp) / "bitnet_b1.58_matmulnbits.onnx"
             self.ctx.log("lowering the BitLinear graph to com.microsoft::MatMulNBits (bits=2) for the peer")
             nbits_bytes = lower_to_matmulnbits(self.paths.bitlinear_onnx, nbits_path)
+            # The peer is lowered from the BitLinear graph: with a bf16 lm_head it holds the same
+            # LinearBF16 node, so both differ from each other in the projections only.
             graphs = [("float", self.paths.full_onnx, before, ort_session),
                       ("bitlinear", self.paths.bitlinear_onnx, after, _bitlinear_session),
-                      ("matmulnbits", nbits_path, nbits_bytes, ort_session)]
+                      ("matmulnbits", nbits_path, nbits_bytes,
+                       _bitlinear_session if self.bf16 else ort_session)]
             step_paths: dict[str, Path] = {}
             try:
                 if fixed:
@@ -294,6 +344,13 @@ class Validation:
                              f"{'n/a' if timing.step_ms is None else f'{timing.step_ms:.2f} ms'}, "
                              f"projection weights {timing.weight_bytes} B")
         perf.projections = self.measure_projections(tokens, True)
+        for d in self.bf16:
+            perf.notes.append(
+                f"[replace].lm_head = \"bf16\": {d['name']} runs as {d['bitlinear']} in the BitLinear and "
+                f"MatMulNBits graphs, its weights {d['weight']} held in bfloat16 "
+                f"({human_bytes(d['bytes_before'])} → {human_bytes(d['bytes_after'])}; every value is the "
+                "checkpoint's, sums in float32). The float graph keeps the float32 MatMul: the whole-graph "
+                "ratios include this change; the projections-alone table does not.")
         kept = self.kept_weight_bytes()
         if kept:
             names = ", ".join(f"{n} ({human_bytes(b)})" for n, b in kept.items())
@@ -395,7 +452,12 @@ class Validation:
         if missing:
             raise StageFailed(f"{self.paths.bitlinear_onnx}: BitLinear node {missing[0]!r} listed in "
                               f"{self.paths.replace_report} is not in the graph (re-run replace)")
-        extra = [t for d in sample for t in (bl_nodes[d["bitlinear"]].input[0], bl_nodes[d["bitlinear"]].output[0])]
+        missing = [d["bitlinear"] for d in self.bf16 if d["bitlinear"] not in bl_nodes]
+        if missing:
+            raise StageFailed(f"{self.paths.bitlinear_onnx}: LinearBF16 node {missing[0]!r} listed in "
+                              f"{self.paths.replace_report} is not in the graph (re-run replace)")
+        extra = [t for d in (*self.bf16, *sample)
+                 for t in (bl_nodes[d["bitlinear"]].input[0], bl_nodes[d["bitlinear"]].output[0])]
         ctx.progress(0, 4, "running the original graph")
         original = self.run_original(feed, extra)
         ctx.progress(1, 4, "running the BitLinear graph")
@@ -438,13 +500,18 @@ class Validation:
                             f"{MIN_ARGMAX_AGREEMENT:.0%}" + (f" ({why})" if why else ""))
         if not logits.get("finite", True):
             problems.append("the BitLinear graph produced non-finite logits")
-        bad_int = [c.name for c in checks if not c.int_exact]
+        bad_bf16 = [c.name for c in checks if c.layout == "bf16" and c.result != "ok"]
+        if bad_bf16:
+            problems.append(f"the bf16 lm_head {bad_bf16[0]} does not match the float graph's "
+                            "(weights or float32 rounding bound)")
+        checks_bl = [c for c in checks if c.layout != "bf16"]
+        bad_int = [c.name for c in checks_bl if not c.int_exact]
         if bad_int:
             problems.append(f"integer core differs from the int64 reference at {bad_int[0]}"
                             + (f" and {len(bad_int) - 1} more" if len(bad_int) > 1 else ""))
-        bad_float = [c.name for c in checks if c.result != "ok" and c.int_exact]
+        bad_float = [c.name for c in checks_bl if c.result != "ok" and c.int_exact]
         if bad_float:
-            problems.append(f"{len(bad_float)} of {len(checks)} sampled nodes miss the "
+            problems.append(f"{len(bad_float)} of {len(checks_bl)} sampled nodes miss the "
                             f"activation-quantization bound (first {bad_float[0]})")
         problems += diagnoses
 
@@ -461,7 +528,8 @@ class Validation:
         if problems:
             raise StageFailed("validation failed: " + "; ".join(problems))
         summary = (f"argmax agreement {logits['argmax_agreement']:.2%}, cosine {logits['cosine']:.6f}; "
-                   f"{len(checks)} nodes exact")
+                   f"{len(checks) - len(self.bf16)} nodes exact"
+                   + (", bf16 lm_head weights exact" if self.bf16 else ""))
         if perf is not None:
             r = perf.ratios()
             if r["step_vs_float"] is not None:

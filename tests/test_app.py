@@ -545,6 +545,24 @@ async def test_all_and_none_act_on_the_filtered_nodes_only(exported):
 
 @pytest.mark.slow
 @aio
+async def test_lm_head_detail_says_it_is_held_in_bf16_when_configured(exported):
+    exported.replace.lm_head = "bf16"
+    app = TdpuApp(exported, stages=fake_stages())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("3")
+        panel = app.nodes_panel
+        await wait_for(pilot, lambda: panel.nodes)
+        panel.table.move_cursor(row=_row_names(panel.table).index("/lm_head/Gemm"))
+        await pilot.pause()
+        detail = str(app.query_one("#node-detail").render())
+        assert "held in bf16 as LinearBF16" in detail
+        panel.table.move_cursor(row=_row_names(panel.table).index("/model/layers.0/mlp/up_proj/MatMul"))
+        await pilot.pause()
+        assert "bf16" not in str(app.query_one("#node-detail").render())
+
+
+@pytest.mark.slow
+@aio
 async def test_toggled_nodes_are_kept_by_replace(exported):
     """Deselect a node in the app, run `replace` from the app, find it still a MatMul."""
     import onnx

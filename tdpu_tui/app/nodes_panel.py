@@ -241,6 +241,9 @@ class NodesPanel(Vertical):
             why = str(exc)
         text = Text(node.name, style="bold")
         text.append(f"  {why}", style="green" if self.selection.get(node.name) else "dim")
+        if node.projection == "lm_head" and self.config.replace.lm_head == "bf16" \
+                and not self.selection.get(node.name):
+            text.append("  · held in bf16 as LinearBF16 ([replace].lm_head)", style="cyan")
         detail.update(text)
 
     def update_status(self) -> None:

@@ -53,6 +53,8 @@ from tdpu_tui.engine.verify import (
 
 # A node whose output is this far off (relative RMS) is wrong, whatever the elementwise bound says.
 MAX_NODE_REL_RMS = 0.25
+# Below this hidden size the timings measure the operator bridge's fixed cost (said in the report).
+SMALL_HIDDEN = 1024
 # A float graph (with its external data) below this is loaded beside the other two and timed in turns.
 TOGETHER_LIMIT = 6 << 30
 
@@ -344,6 +346,13 @@ class Validation:
                              f"{'n/a' if timing.step_ms is None else f'{timing.step_ms:.2f} ms'}, "
                              f"projection weights {timing.weight_bytes} B")
         perf.projections = self.measure_projections(tokens, True)
+        hidden = int(self.meta.get("hidden_size") or 0)
+        if 0 < hidden < SMALL_HIDDEN:
+            perf.notes.append(
+                f"hidden size {hidden}: at shapes this small every BitLinear call costs mostly the fixed "
+                "~0.01–0.03 ms of the Python operator bridge, not arithmetic, so the BitLinear graph is "
+                "slower than the float one here. The 2B4T shapes ([model.synthetic] preset = \"2b4t\"; "
+                "benchmarks/bench_replace.py) show what the kernel gains.")
         for d in self.bf16:
             perf.notes.append(
                 f"[replace].lm_head = \"bf16\": {d['name']} runs as {d['bitlinear']} in the BitLinear and "

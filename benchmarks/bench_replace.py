@@ -12,7 +12,10 @@ against the targets: single-token step of the BitLinear graph ≤ 0.5× the floa
 `--lm-head both` (the default) measures the replaced graph twice in the same run: with the
 lm_head kept as the exported float32 Gemm (`[replace].lm_head = "float"`, the shipped setting)
 and held in bf16 (`"bf16"`). At two layers the 1.31 GB float lm_head is most of a step, so
-the whole-graph step ratio depends on it far more than on the projections.
+the whole-graph step ratio depends on it far more than on the projections. It then times
+all four graphs (float, BitLinear with either lm_head, MatMulNBits with the bf16 lm_head) in
+turns in one more measurement, and judges the step targets on that one; the weight-bytes
+target comes from the validate stage.
 """
 
 from __future__ import annotations
@@ -108,6 +111,8 @@ logs = "{root / 'phase3_logs'}"
                                                              for r in results.values()))
             return 1
         measured[lm_head] = results["validate"].metrics
+        if len(variants) > 1:
+            keep_aside(root, lm_head)
     print(f"\n2b4t shapes, {args.layers} layers, prefill {args.seq_len} tokens, median of "
           f"{args.repeats}+ runs (total {time.perf_counter() - t0:.0f}s)")
     # The numba kernel splits each call over both cores; anything else running on this
@@ -115,10 +120,68 @@ logs = "{root / 'phase3_logs'}"
     print(f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f} "
           f"on {os.cpu_count()} CPUs; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     met = {lm_head: report(m, args.layers, lm_head) for lm_head, m in measured.items()}
+    if len(variants) > 1:
+        # Each run above times its own graphs in turns; the host's memory bandwidth drifts
+        # between runs (the float graph's step moved between 28 and 47 ms in one session), so
+        # the settings are compared, and the targets judged, on one more measurement that
+        # takes all of them in turns.
+        met = {"together": together(root, args.repeats, args.seq_len)}
     if tmp is not None:
         tmp.cleanup()
-    # The targets are judged on the best setting measured; every setting's figures are above.
     return 0 if any(met.values()) else 1
+
+
+def keep_aside(root: Path, lm_head: str) -> None:
+    """Move this run's BitLinear graph and report under `<root>/lm_head_<setting>/`."""
+    out, side = root / "models" / "output", root / f"lm_head_{lm_head}"
+    side.mkdir(exist_ok=True)
+    for name in ("bitnet_b1.58_bitlinear.onnx", "bitnet_b1.58_bitlinear.onnx.data"):
+        os.replace(out / name, side / name)
+    os.replace(root / "phase3_logs" / "performance_report.md", side / "performance_report.md")
+
+
+def together(root: Path, repeats: int, seq_len: int) -> bool:
+    """The float graph, both BitLinear graphs and the MatMulNBits peer (bf16 lm_head) in turns."""
+    import numpy as np
+
+    from kernels.ort import create_session
+    from tdpu_tui.engine.perf_report import interleaved_medians, lower_to_matmulnbits
+    from tdpu_tui.engine.verify import ort_session
+
+    full = root / "models" / "output" / "bitnet_b1.58_full.onnx"
+    nbits = root / "lm_head_bf16" / "matmulnbits" / "bitnet_b1.58_matmulnbits.onnx"
+    nbits.parent.mkdir(exist_ok=True)
+    lower_to_matmulnbits(root / "lm_head_bf16" / "bitnet_b1.58_bitlinear.onnx", nbits)
+    sessions = {"float": ort_session(str(full)),
+                "bitlinear, lm_head float": create_session(root / "lm_head_float" / "bitnet_b1.58_bitlinear.onnx"),
+                "bitlinear, lm_head bf16": create_session(root / "lm_head_bf16" / "bitnet_b1.58_bitlinear.onnx"),
+                "matmulnbits, lm_head bf16": create_session(nbits)}
+    ids = np.random.default_rng(7).integers(0, 128256, (1, seq_len), dtype=np.int64)
+    feeds = {"step": {"input_ids": ids[:, :1]}, "prefill": {"input_ids": ids}}
+    load = os.getloadavg()[0]
+    ms = {what: interleaved_medians({k: (lambda s=s, f=f: s.run(["logits"], f)) for k, s in sessions.items()},
+                                    max(repeats, 5) * (2 if what == "step" else 1))
+          for what, f in feeds.items()}
+    print(f"\n=== all four graphs timed in turns in one measurement (load {load:.2f} → "
+          f"{os.getloadavg()[0]:.2f})")
+    print(f"{'graph':<28} {'prefill ms':>11} {'step ms':>9}")
+    for label in sessions:
+        print(f"{label:<28} {ms['prefill'][label]:>11.2f} {ms['step'][label]:>9.2f}")
+    step = ms["step"]
+    checks = [("step: BitLinear (lm_head bf16) / float", step["bitlinear, lm_head bf16"] / step["float"], 0.5),
+              ("step: BitLinear (lm_head bf16) / MatMulNBits (lm_head bf16)",
+               step["bitlinear, lm_head bf16"] / step["matmulnbits, lm_head bf16"], 1.5)]
+    met = True
+    for label, value, limit in checks:
+        ok = value <= limit
+        met &= ok
+        print(f"{label:<60} {value:.3f}×  (target ≤ {limit:.3f}×)  {'met' if ok else 'MISSED'}")
+    print(f"{'step: BitLinear (lm_head float) / float':<60} "
+          f"{step['bitlinear, lm_head float'] / step['float']:.3f}×  (the shipped setting; context)")
+    print(f"{'prefill: BitLinear (lm_head bf16) / float':<60} "
+          f"{ms['prefill']['bitlinear, lm_head bf16'] / ms['prefill']['float']:.3f}×  (context)")
+    del sessions
+    return met
 
 
 def report(m: dict, layers: int, lm_head: str) -> bool:

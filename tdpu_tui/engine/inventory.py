@@ -377,13 +377,20 @@ def _is_signed_permutation(g: GraphIndex, weight: str | None) -> bool:
     return bool(seen.all())
 
 
-def iter_nodes(g: GraphIndex) -> Iterator[tuple[MatMulNode, Projection | None]]:
-    """Every MatMul/Gemm/BitLinear in graph order with its match (None when not replaceable)."""
+def candidate_nodes(g: GraphIndex) -> Iterator[onnx.NodeProto]:
+    """The nodes `iter_nodes` reports, in the same order: MatMul, Gemm and BitLinear."""
     for node in g.graph.node:
         if node.op_type == "BitLinear" and node.domain == BITLINEAR_DOMAIN:
+            yield node
+        elif node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx"):
+            yield node
+
+
+def iter_nodes(g: GraphIndex) -> Iterator[tuple[MatMulNode, Projection | None]]:
+    """Every MatMul/Gemm/BitLinear in graph order with its match (None when not replaceable)."""
+    for node in candidate_nodes(g):
+        if node.op_type == "BitLinear":
             yield _bitlinear_entry(g, node), None
-            continue
-        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             continue
         try:
             proj = match_projection(g, node)

@@ -7,12 +7,15 @@ be held in bf16 without changing a single value:
 
 pattern      the node `[replace]` keeps whose module is `lm_head`: `MatMul(x, W[K, N])`,
              `MatMul(x, Transpose(W[N, K]))` or `Gemm(x, W, transB)` without bias, alpha = 1.
-check        every weight value is exactly a bfloat16 (else the error names the node and the
-             first value that would be rounded).
+check        a float32 weight whose every value is exactly a bfloat16 (else the error names
+             the graph, the node, the count and the first value that would be rounded; it is
+             raised while the output is staged, so nothing is left half-written). One lm_head,
+             whose weight is not also a graph input (a value fed at run time).
 replacement  `ai.tdpu::LinearBF16(x, W_bf16[N, K])` with the same output; a `Gather` of the
              same (tied) table becomes `Cast(Gather(W_bf16, ids), FLOAT)`, so the table is
              stored once, in bf16, under its own name. When anything else still reads the
-             float table, it stays and the bf16 copy is named `<weight>.bf16`.
+             float table (another node, or it is a graph output), it stays and the bf16
+             copy is named `<weight>.bf16` (the report says so and counts both).
 
 Arithmetic stays float32 (`kernels.bf16`): logits differ from the float graph only by the
 order of float32 sums.
@@ -27,7 +30,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from kernels.bf16 import Bf16Error, bf16_bits
 from tdpu_tui.engine.inventory import BITLINEAR_DOMAIN, GraphIndex, InventoryError, _attr
 
 OP_TYPE = "LinearBF16"
@@ -46,10 +48,12 @@ class Bf16Plan:
     absorbed: list[onnx.NodeProto] = field(default_factory=list)          # a Transpose of W
     gathers: dict[int, list[onnx.NodeProto]] = field(default_factory=dict)  # id(Gather) -> [Gather, Cast]
     bytes_before: int = 0
+    float_kept_for: list[str] = field(default_factory=list)   # why the float table stays too
 
     @property
     def bytes_after(self) -> int:
-        return self.n * self.k * 2
+        """Bytes of the lm_head's weights in the replaced graph (both tables when the float stays)."""
+        return self.n * self.k * 2 + (self.bytes_before if self.float_kept_for else 0)
 
     def replacements(self) -> dict[int, list[onnx.NodeProto]]:
         out = {id(self.node): [self.new_node], **self.gathers}
@@ -94,7 +98,7 @@ def plan_bf16(g: GraphIndex, node: onnx.NodeProto, taken: set[str]) -> Bf16Plan:
         raise InventoryError(f"{where}: its weight {b!r} is not a constant initializer "
                              "(or a transposed one)")
     t = g.inits[weight]
-    if len(t.dims) != 2 or t.data_type not in (TensorProto.FLOAT, TensorProto.BFLOAT16):
+    if len(t.dims) != 2 or t.data_type != TensorProto.FLOAT:
         raise InventoryError(f"{where}: weight {weight!r} is "
                              f"{helper.tensor_dtype_to_string(t.data_type)} {list(t.dims)}, "
                              "expected a 2-D float32 matrix")
@@ -103,15 +107,22 @@ def plan_bf16(g: GraphIndex, node: onnx.NodeProto, taken: set[str]) -> Bf16Plan:
     others = [c for c in g.consumers.get(weight, []) if id(c) not in own]
     gathers = [c for c in others if c.op_type == "Gather" and c.domain in ("", "ai.onnx")
                and c.input[0] == weight and int(_attr(c, "axis", 0)) == 0 and nk]
+    if weight in {v.name for v in g.graph.input}:
+        raise InventoryError(f"{where}: its weight {weight!r} is also a graph input (a value that can "
+                             "be fed at run time); held in bf16 it would ignore what is fed: keep "
+                             "[replace].lm_head = \"float\" for this graph")
     rest = [c for c in others if c not in gathers]
-    new_weight = weight if not rest and weight not in g.graph_outputs else _free(f"{weight}.bf16", taken)
+    keeps_float = [f"node {c.name or c.op_type!r}" for c in rest]
+    if weight in g.graph_outputs:
+        keeps_float.append("the graph output of the same name")
+    new_weight = _free(f"{weight}.bf16", taken) if keeps_float else weight
     taken.add(new_weight)
     plan = Bf16Plan(node, helper.make_node(OP_TYPE, [a, new_weight], [node.output[0]],
                                            name=linear_bf16_name(node.name), domain=BITLINEAR_DOMAIN,
                                            doc_string=f"replaces {node.name}", in_features=k,
                                            out_features=n),
-                    weight, new_weight, n, k, nk, absorbed,
-                    bytes_before=n * k * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize)
+                    weight, new_weight, n, k, nk, absorbed, bytes_before=n * k * 4,
+                    float_kept_for=keeps_float)
     for gather in gathers:
         mid = _free(f"{gather.output[0]}/bf16", taken)
         taken.add(mid)
@@ -132,27 +143,35 @@ def _free(preferred: str, taken: set[str]) -> str:
     return name
 
 
-def bf16_source(g: GraphIndex, plan: Bf16Plan) -> Callable[[], np.ndarray]:
-    """The bf16 bit patterns [N, K] of the plan's weight, converted a block of rows at a time
-    (a 1.31 GB float table never sits in memory twice)."""
+def bf16_source(g: GraphIndex, plan: Bf16Plan, graph_file: str) -> Callable[[], np.ndarray]:
+    """The bf16 bit patterns [N, K] of the plan's float32 weight, converted a block of rows at a
+    time (a 1.31 GB float table never sits in memory twice). Values that are not exactly
+    bfloat16 raise InventoryError naming the graph, the node, how many there are and the first."""
     def make() -> np.ndarray:
         w = g.array(plan.weight)
-        t = g.inits[plan.weight]
-        if t.data_type == TensorProto.BFLOAT16:
-            bits = np.asarray(w).view(np.uint16)
-            return np.ascontiguousarray(bits if plan.nk else bits.T)
         out = np.empty((plan.n, plan.k), np.uint16)
-        where = f"lm_head node {plan.node.name!r}: weight {plan.weight!r}"
-        try:
+        rows = w.shape[0]
+        step = ROWS_PER_CHUNK if plan.nk else max(1, ROWS_PER_CHUNK * plan.k // max(plan.n, 1))
+        bad, first = 0, None
+        for r in range(0, rows, step):
+            u = np.ascontiguousarray(w[r:r + step], dtype=np.float32).view(np.uint32)
+            low = (u & np.uint32(0xFFFF)) != 0
+            count = int(np.count_nonzero(low))
+            if count and first is None:
+                i, j = np.unravel_index(int(np.argmax(low)), low.shape)
+                first = (r + int(i), int(j), float(u[i:i + 1, j:j + 1].view(np.float32)[0, 0]))
+            bad += count
+            bits = (u >> np.uint32(16)).astype(np.uint16)
             if plan.nk:
-                for r in range(0, plan.n, ROWS_PER_CHUNK):
-                    out[r:r + ROWS_PER_CHUNK] = bf16_bits(w[r:r + ROWS_PER_CHUNK], where)
-            else:  # stored [K, N]: convert row blocks of W, transposed into place
-                step = max(1, ROWS_PER_CHUNK * plan.k // max(plan.n, 1))
-                for r in range(0, plan.k, step):
-                    out[:, r:r + step] = bf16_bits(w[r:r + step], where).T
-        except Bf16Error as exc:
-            raise InventoryError(f"{exc}; keep [replace].lm_head = \"float\" for this graph") from None
+                out[r:r + step] = bits
+            else:  # stored [K, N]: row blocks of W land transposed
+                out[:, r:r + step] = bits.T
+        if bad:
+            i, j, value = first
+            raise InventoryError(
+                f"{graph_file}: lm_head node {plan.node.name!r}: {bad} of {w.size} values of "
+                f"{plan.weight!r} are not bfloat16 values (the first, {value!r} at [{i}, {j}], has "
+                "mantissa bits below bfloat16's); holding them as bf16 would round them: keep "
+                "[replace].lm_head = \"float\" for this graph")
         return out
     return make
-

@@ -84,7 +84,10 @@ def lower_to_matmulnbits(src: Path, dst: Path) -> int:
     keep = [t for t in g.graph.initializer if t.name not in drop] + new_inits
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
-    ops = [o for o in model.opset_import if o.domain != BITLINEAR_DOMAIN]
+    # The ai.tdpu import goes with the BitLinear nodes, unless another of its ops stays
+    # (LinearBF16: an lm_head held in bf16).
+    still_tdpu = any(n.domain == BITLINEAR_DOMAIN for n in nodes)
+    ops = [o for o in model.opset_import if o.domain != BITLINEAR_DOMAIN or still_tdpu]
     del model.opset_import[:]
     model.opset_import.extend(ops)
     if not any(o.domain == NBITS_DOMAIN for o in ops):

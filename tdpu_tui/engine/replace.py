@@ -36,7 +36,7 @@ from tdpu_tui.engine.config import LM_HEAD_MODES, ReplaceConfig
 from tdpu_tui.engine.errors import StageFailed
 from tdpu_tui.engine.fsutil import commit_files, human_bytes, staging_dir
 from tdpu_tui.engine.inventory import (
-    ALREADY, BITLINEAR_DOMAIN, GraphIndex, InventoryError, MatMulNode, Projection, iter_nodes,
+    ALREADY, BITLINEAR_DOMAIN, GraphIndex, InventoryError, Projection, candidate_nodes, iter_nodes,
     load_selection, resolve_selection, selection_reason, tensor_bytes,
 )
 from tdpu_tui.engine.lm_head import bf16_source, plan_bf16
@@ -62,6 +62,7 @@ class Decision:
     bitlinear: str | None = None     # name of the emitted BitLinear (or LinearBF16) node
     bytes_before: int = 0            # projection weight bytes (weight + scale) before / after
     bytes_after: int = 0
+    weight_nk: bool | None = None    # weight stored [N, K] (else [K, N]); set for bf16 lm_heads
 
 
 @dataclass
@@ -154,14 +155,15 @@ def replace_model(src: str | Path, dst: str | Path, *, layout: str = "tdpu",
     src, dst = Path(src), Path(dst)
     g = GraphIndex.load(src)
     items = list(iter_nodes(g))
+    protos = list(candidate_nodes(g))        # the NodeProto of each item (names need not be unique)
     entries = [e for e, _ in items]
     rcfg = ReplaceConfig(include=list(include), exclude=list(exclude), layout=layout)
     selected = resolve_selection(entries, rcfg, overrides)
 
     report = ReplaceReport(str(src), str(dst), layout, lm_head=lm_head)
     chosen: list[tuple[Projection, Decision]] = []
-    head_nodes: list[tuple[MatMulNode, Decision]] = []
-    for entry, proj in items:
+    head_nodes: list[tuple[onnx.NodeProto, Decision]] = []
+    for (entry, proj), proto in zip(items, protos, strict=True):
         d = Decision(entry.name, entry.op_type, "kept", "", entry.layer, entry.projection, entry.k,
                      entry.n, entry.weight, entry.status, entry.zeros, entry.scale, entry.act_quant)
         if entry.status == ALREADY:
@@ -173,7 +175,7 @@ def replace_model(src: str | Path, dst: str | Path, *, layout: str = "tdpu",
         else:
             d.reason = selection_reason(entry, rcfg, overrides)
             if lm_head == "bf16" and entry.projection == "lm_head":
-                head_nodes.append((entry, d))
+                head_nodes.append((proto, d))
         report.decisions.append(d)
         if on_decision is not None and not (head_nodes and head_nodes[-1][1] is d):
             on_decision(d)   # an lm_head to hold in bf16 is reported once its plan is made
@@ -209,16 +211,24 @@ def replace_model(src: str | Path, dst: str | Path, *, layout: str = "tdpu",
 
     swaps: dict[int, list[onnx.NodeProto]] = {k: [v] for k, v in by_matmul.items()}
     swaps.update({i: [] for i in removed if i not in by_matmul})
-    for entry, d in head_nodes:
-        node = next(n for n in graph.node if n.name == entry.name)
+    if len(head_nodes) > 1:
+        names = ", ".join(repr(n.name) for n, _ in head_nodes)
+        raise InventoryError(f"{src}: [replace].lm_head = \"bf16\" found {len(head_nodes)} lm_head "
+                             f"nodes ({names}); it holds one lm_head in bf16 (exclude the others "
+                             "or keep lm_head = \"float\")")
+    for node, d in head_nodes:
         plan = plan_bf16(g, node, taken)
         swaps.update(plan.replacements())
-        lazy[plan.new_weight] = bf16_source(g, plan)
+        lazy[plan.new_weight] = bf16_source(g, plan, str(src))
         new_inits[plan.new_weight] = plan.placeholder()
         placement[plan.weight] = (*placement.get(plan.weight, ()), plan.new_weight)
         d.action, d.bitlinear = "bf16", plan.new_node.name
-        d.reason = (f"[replace].lm_head = \"bf16\": {plan.weight} held as bfloat16 "
-                    f"({human_bytes(plan.bytes_before)} → {human_bytes(plan.bytes_after)}, exact)")
+        d.weight, d.k, d.n, d.weight_nk = plan.weight, plan.k, plan.n, plan.nk
+        d.reason = (f"[replace].lm_head = \"bf16\": {plan.weight} held as bfloat16, exact "
+                    f"({human_bytes(plan.bytes_before)} → {human_bytes(plan.n * plan.k * 2)})")
+        if plan.float_kept_for:
+            d.reason += (f"; a copy: the float table stays for {', '.join(plan.float_kept_for)} "
+                         f"({human_bytes(plan.bytes_after)} in all)")
         d.bytes_before, d.bytes_after = plan.bytes_before, plan.bytes_after
         if on_decision is not None:
             on_decision(d)
@@ -362,6 +372,11 @@ class ReplaceStage(Stage):
         ctx.metric("weight_bytes_after", report.bytes_after)
         ctx.metric("layout", rc.layout)
         ctx.metric("lm_head", rc.lm_head)
+        ctx.metric("lm_head_bf16", len(report.bf16))
+        if rc.lm_head == "bf16" and not report.bf16:
+            ctx.log("[replace].lm_head = \"bf16\" but no MatMul/Gemm named lm_head is left to hold in "
+                    "bf16 (none in this graph, or it is already LinearBF16): the lm_head is as it was",
+                    "warning")
         if not report.replaced and not any(d.reason == ALREADY for d in report.decisions):
             raise StageFailed("no MatMul was replaced: every node was kept (see "
                               f"{paths.replace_report} for the reasons)")

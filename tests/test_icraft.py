@@ -145,6 +145,33 @@ def test_compile_log_sections_are_rewritten_in_place(tmp_path):
     assert "failed" not in text and text.endswith("my own note 手写\n")
 
 
+def _write_sections(path: str, names: list[str], rounds: int) -> None:
+    for i in range(rounds):
+        for name in names:
+            update_section(path, name, f"## {name} — round {i}")
+
+
+def test_compile_log_writers_in_two_processes_keep_each_others_sections(tmp_path):
+    """A --batch run and the app writing their sections at the same time lose nothing."""
+    import multiprocessing
+
+    path = tmp_path / "icraft_compile_log.md"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_sections, args=(str(path), names, 40))
+             for names in (["precheck", "parse"], ["optimize", "simulate"])]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    text = path.read_text(encoding="utf-8")
+    for name in ("precheck", "parse", "optimize", "simulate"):
+        assert text.count(f"<!-- tdpu:section {name} -->") == 1
+        assert f"## {name} — round 39" in text
+    assert [text.index(f"tdpu:section {n}") for n in ("precheck", "parse", "optimize", "simulate")] == sorted(
+        text.index(f"tdpu:section {n}") for n in ("precheck", "parse", "optimize", "simulate"))
+
+
 def test_compile_log_keeps_crlf_and_gbk_notes_outside_the_sections_byte_for_byte(tmp_path):
     path = tmp_path / "icraft_compile_log.md"
     update_section(path, "parse", "## parse — failed")

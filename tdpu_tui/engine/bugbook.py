@@ -45,19 +45,14 @@ import os
 import re
 import textwrap
 import threading
-import time as _time
 from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tdpu_tui.engine.errors import TdpuError
-from tdpu_tui.engine.fsutil import atomic_path
+from tdpu_tui.engine.fsutil import FileLock, atomic_path
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no advisory lock, writes stay atomic
-    fcntl = None  # type: ignore[assignment]
 
 STAGE_VALUES = ("导出", "编译", "仿真", "替换")
 STATUS_VALUES = ("未解决", "已解决", "待验证")
@@ -88,7 +83,6 @@ _KEY_FIELDS = {v: k for k, v in FIELD_KEYS.items()}
 _ORDER = list(FIELD_KEYS)
 _EDITABLE = ("title", *_ORDER, "extra")
 _BOM = b"\xef\xbb\xbf"
-LOCK_TIMEOUT_S = 30.0
 DRAFT_TAIL_LINES = 20
 CONFLICT_KEY = "冲突"
 
@@ -628,38 +622,6 @@ def parse_bugs(data: bytes | str) -> list[BugRecord]:
 # ---------------------------------------------------------------------------------------------
 # The book: load, lock, merge, write
 
-class _FileLock:
-    def __init__(self, path: Path, timeout: float = LOCK_TIMEOUT_S):
-        self.path = path
-        self.timeout = timeout
-        self.fd: int | None = None
-
-    def __enter__(self) -> _FileLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        if fcntl is None:
-            return self
-        deadline = _time.monotonic() + self.timeout
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return self
-            except BlockingIOError:
-                if _time.monotonic() > deadline:
-                    os.close(self.fd)
-                    self.fd = None
-                    raise TdpuError(f"{self.path}: another process has held this lock for "
-                                    f"{self.timeout:.0f} s; try again") from None
-                _time.sleep(0.02)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            if fcntl is not None:
-                fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-
 @dataclass
 class _Txn:
     doc: BugDocument
@@ -782,7 +744,7 @@ class BugBook:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[_Txn]:
-        with self._mutex, _FileLock(self.lock_path):
+        with self._mutex, FileLock(self.lock_path):
             doc, stamp, digest = self._read()
             if not self._loaded:
                 self._adopt(doc, stamp, digest)

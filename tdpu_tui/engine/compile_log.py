@@ -2,7 +2,9 @@
 
 Each stage rewrites only its own section, found by its markers
 `<!-- tdpu:section NAME -->` … `<!-- tdpu:end NAME -->`; everything else in the file (other
-sections, the user's notes) is kept byte for byte. Writes are atomic.
+sections, the user's notes) is kept byte for byte. Writes are atomic, and each read-modify-write
+runs under an advisory lock (`.icraft_compile_log.md.lock`), so two processes writing their
+sections at once (a `--batch` run and the app) both keep theirs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tdpu_tui.engine.fsutil import atomic_write_bytes, human_bytes
+from tdpu_tui.engine.fsutil import atomic_write_bytes, human_bytes, lock_for
 
 TITLE = "# Icraft 编译记录 (icraft compile log)"
 INTRO = ("Written by `tdpu`: each stage rewrites its own section (between the `tdpu:section` "
@@ -38,6 +40,11 @@ def update_section(path: str | Path, name: str, body: str) -> None:
     """Replace (or add) the section `name` of the file at `path` with `body`."""
     path = Path(path)
     block = f"{_begin(name)}\n{body.rstrip()}\n{_end(name)}"
+    with lock_for(path):
+        _update_locked(path, name, block)
+
+
+def _update_locked(path: Path, name: str, block: str) -> None:
     try:
         # Bytes, not read_text: CRLF line ends and bytes that are not UTF-8 in the user's
         # text outside the sections come back out unchanged.

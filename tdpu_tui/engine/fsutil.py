@@ -5,8 +5,63 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from tdpu_tui.engine.errors import TdpuError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory lock, writes stay atomic
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_TIMEOUT_S = 30.0
+
+
+class FileLock:
+    """An advisory `fcntl` lock on `path` (a lock file beside the data it guards).
+
+    Read-modify-write cycles of a shared file (the bug book, the compile log) run under it, so
+    two processes (`tdpu --batch` and the app, two batch runs) never lose each other's edits.
+    Waiting longer than `timeout` raises TdpuError naming the lock file.
+    """
+
+    def __init__(self, path: Path, timeout: float = LOCK_TIMEOUT_S):
+        self.path = Path(path)
+        self.timeout = timeout
+        self.fd: int | None = None
+
+    def __enter__(self) -> FileLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:
+            return self
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(self.fd)
+                    self.fd = None
+                    raise TdpuError(f"{self.path}: another process has held this lock for "
+                                    f"{self.timeout:.0f} s; try again") from None
+                time.sleep(0.02)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            if fcntl is not None:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def lock_for(path: str | Path) -> FileLock:
+    """The lock guarding `path`: `.NAME.lock` beside it."""
+    path = Path(path)
+    return FileLock(path.with_name(f".{path.name}.lock"))
 
 
 def fsync_dir(directory: Path) -> None:

@@ -107,6 +107,49 @@ def cfg(tmp_path):
 
 # -- pipeline panel -----------------------------------------------------------------------------
 
+def _write_status(cfg, rows: dict) -> None:
+    import json
+    path = Artifacts.of(cfg).run_status
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"format": "tdpu-status/1", "stages": rows}), encoding="utf-8")
+
+
+@aio
+async def test_pipeline_tab_shows_a_batch_run_from_another_process(cfg):
+    """`tdpu --batch` in another SSH session: its outcomes show, marked, and follow the file."""
+    import subprocess
+    import sys
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    other = {"pid": 1, "started_at": "2026-11-26T10:00:00", "finished_at": "2026-11-26T10:00:05"}
+    _write_status(cfg, {
+        "export": {**other, "status": "ok", "seconds": 5.0, "message": "icraft profile, 136 nodes"},
+        "precheck": {**other, "status": "running", "seconds": None, "message": "", "finished_at": ""},
+        "replace": {**other, "pid": dead.pid, "status": "running", "seconds": None, "message": ""},
+    })
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: statuses(app)["export"] == "ok")
+        rows = app.pipeline_panel.rows
+        assert statuses(app) == {"export": "ok", "precheck": "running", "parse": "pending",
+                                 "replace": "failed", "validate": "pending"}
+        assert rows["export"].message == "icraft profile, 136 nodes"
+        assert rows["export"].origin == "run by process 1, finished 2026-11-26 10:00:05"
+        assert rows["precheck"].note == "running in process 1"
+        assert f"process {dead.pid} ended while this stage ran" in rows["replace"].message
+        detail = str(app.query_one("#stage-detail").render())
+        assert "not this session's run: run by process 1" in detail
+        # The other run goes on: the file changes and the tab follows it.
+        _write_status(cfg, {"precheck": {**other, "status": "failed", "seconds": 1.0,
+                                         "message": "undocumented op Pow"}})
+        await wait_for(pilot, lambda: statuses(app)["precheck"] == "failed", timeout=5)
+        # A run started here takes its rows over (and is not shown as another process's).
+        await run_and_wait(pilot, app)
+        assert not any(r.origin for r in rows.values())
+        assert statuses(app)["export"] == "ok" and statuses(app)["precheck"] == "failed"
+
+
+
 @pytest.mark.parametrize("size", SIZES)
 @aio
 async def test_run_all_shows_every_stage_status_and_result(cfg, size):

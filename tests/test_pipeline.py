@@ -152,3 +152,52 @@ def test_batch_only_options_without_batch_are_usage_errors(tmp_config, flags, ca
     from tdpu_tui.cli import main
     assert main(["--config", str(tmp_config), *flags]) == 2
     assert f"{flags[0]} needs --batch" in capsys.readouterr().err
+
+
+def test_every_stage_outcome_is_recorded_for_other_processes(tmp_config):
+    import os
+
+    from tdpu_tui.engine import run_status
+    cfg = load_config(tmp_config)
+    path = cfg.logs_dir / "runs" / "status.json"
+    seen_while_running = {}
+
+    class Peek(Fake):
+        def run(self, ctx):
+            seen_while_running.update(run_status.load(path))
+            return super().run(ctx)
+
+    stages = [Fake("a", outcome="fail"), Fake("b", needs=("a",)), Peek("c"), Fake("s", outcome="skip")]
+    Pipeline(cfg, stages).run()
+    assert seen_while_running["c"].status is Status.RUNNING and seen_while_running["c"].alive
+    rows = run_status.load(path)
+    assert {n: r.status for n, r in rows.items()} == {
+        "a": Status.FAILED, "b": Status.SKIPPED, "c": Status.OK, "s": Status.SKIPPED}
+    assert rows["a"].message == "boom: it broke" and rows["b"].message == "not run: a failed"
+    assert rows["c"].pid == os.getpid() and rows["c"].finished_at
+    # Another run of one stage keeps the other stages' rows.
+    Pipeline(cfg, [Fake("a")]).run()
+    rows = run_status.load(path)
+    assert rows["a"].status is Status.OK and rows["c"].status is Status.OK and len(rows) == 4
+
+
+def test_an_unwritable_status_file_is_a_warning_not_a_failure(tmp_config):
+    from tdpu_tui.engine import run_status
+    cfg = load_config(tmp_config)
+    status = cfg.logs_dir / "runs" / "status.json"
+    status.mkdir(parents=True)                    # a directory where the file should be
+    events = []
+    summary = Pipeline(cfg, [Fake("a"), Fake("b")], on_event=events.append).run()
+    assert [r.status for r in summary.results] == [Status.OK, Status.OK]
+    warnings = [e.line for e in events if isinstance(e, StageLog) and e.level == "warning"]
+    assert len(warnings) == 1 and "could not record the stage's status" in warnings[0]
+    assert run_status.load(status) == {}
+
+
+@pytest.mark.parametrize("text", ["", "{", "[]", '{"format": "other"}',
+                                  '{"format": "tdpu-status/1", "stages": {"a": {"status": "weird"}, "b": 3}}'])
+def test_a_damaged_status_file_reads_as_no_rows(tmp_path, text):
+    from tdpu_tui.engine import run_status
+    path = tmp_path / "status.json"
+    path.write_text(text, encoding="utf-8")
+    assert run_status.load(path) == {}

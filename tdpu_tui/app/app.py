@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ class TdpuApp(App[int]):
     ]
 
     PUMP_INTERVAL = 0.05          # s between UI updates from the worker and the tailer
+    STATUS_INTERVAL = 1.0         # s between looks at runs/status.json (runs in other processes)
     MAX_INBOX = 20_000            # events queued before the worker waits (back-pressure)
     MAX_LINES_PER_PUMP = 20_000   # tailed lines shown per update (the rest wait in the file)
 
@@ -158,7 +160,27 @@ class TdpuApp(App[int]):
             self.follow_file(p)
         self.tailer.start()
         self.set_interval(self.PUMP_INTERVAL, self._pump)
+        self._status_seen: tuple[int, int] | None = None
+        self.check_recorded_status()
+        self.set_interval(self.STATUS_INTERVAL, self.check_recorded_status)
         self.query_one(StagesTable).focus()
+
+    def check_recorded_status(self) -> None:
+        """Show stage outcomes another process recorded (a `tdpu --batch` run elsewhere) while
+        this app is not running stages itself."""
+        if self.running:
+            return
+        path = self.paths.run_status
+        try:
+            st = path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            return
+        if stamp == self._status_seen:
+            return
+        self._status_seen = stamp
+        from tdpu_tui.engine import run_status
+        self.pipeline_panel.show_recorded(run_status.load(path), os.getpid())
 
     def on_unmount(self) -> None:
         self._closing = True

@@ -61,6 +61,7 @@ class StageRow:
     message: str = ""
     bug_number: int | None = None  # the record drafted for this stage's failure
     stale_after: str = ""  # a stage this one needs ran again after it: its result is old
+    origin: str = ""  # set when the row shows another process's run (phase3_logs/runs/status.json)
     log_tail: collections.deque[str] = field(
         default_factory=lambda: collections.deque(maxlen=LOG_TAIL_LINES))
 
@@ -154,7 +155,7 @@ class PipelinePanel(Vertical):
             return
         row.status, row.started, row.seconds = Status.RUNNING, time.monotonic(), None
         row.done = row.total = None
-        row.note = row.message = row.stale_after = ""
+        row.note = row.message = row.stale_after = row.origin = ""
         row.log_tail.clear()
         self.update_row(name)
 
@@ -177,7 +178,7 @@ class PipelinePanel(Vertical):
         if row is None:
             return
         row.status, row.seconds, row.message = result.status, result.seconds, result.message
-        row.started = None
+        row.started, row.origin = None, ""
         if result.log_tail:
             row.log_tail.clear()
             row.log_tail.extend(result.log_tail)
@@ -191,7 +192,7 @@ class PipelinePanel(Vertical):
             if row is not None:
                 row.status, row.seconds, row.started, row.message = Status.PENDING, None, None, ""
                 row.done = row.total = None
-                row.note = row.stale_after = ""
+                row.note = row.stale_after = row.origin = ""
                 self.update_row(name)
         self._mark_stale(names)
 
@@ -208,6 +209,37 @@ class PipelinePanel(Vertical):
             if row.status is not Status.PENDING:
                 row.stale_after = cause
                 self.update_row(row.name)
+
+    def show_recorded(self, recorded: dict, own_pid: int) -> None:
+        """Rows from the status file (`engine/run_status.py`) that another process wrote: a
+        `tdpu --batch` run in another shell, or an earlier session of the app."""
+        import datetime as _dt
+        for name, st in recorded.items():
+            row = self.rows.get(name)
+            if row is None or st.pid == own_pid:
+                continue
+            when = (st.finished_at or st.started_at).replace("T", " ")
+            row.done = row.total = None
+            row.note = row.stale_after = ""
+            if st.status is Status.RUNNING:
+                if st.alive:
+                    row.status, row.seconds, row.message = Status.RUNNING, None, ""
+                    try:
+                        began = _dt.datetime.fromisoformat(st.started_at)
+                        row.started = time.monotonic() - max(0.0, (_dt.datetime.now() - began).total_seconds())
+                    except ValueError:
+                        row.started = time.monotonic()
+                    row.note = f"running in process {st.pid}"
+                    row.origin = f"run by process {st.pid} (started {st.started_at.replace('T', ' ')})"
+                else:
+                    row.status, row.seconds, row.started = Status.FAILED, None, None
+                    row.message = (f"process {st.pid} ended while this stage ran "
+                                   f"(started {st.started_at.replace('T', ' ')}): interrupted or killed")
+                    row.origin = f"run by process {st.pid}, which is gone"
+            else:
+                row.status, row.seconds, row.started, row.message = st.status, st.seconds, None, st.message
+                row.origin = f"run by process {st.pid}, finished {when}"
+            self.update_row(name)
 
     def tick(self) -> None:
         """Refresh the elapsed time of running stages (once a second)."""
@@ -281,6 +313,9 @@ class PipelinePanel(Vertical):
         if row.stale_after:
             text.append(f"result of an earlier run: {row.stale_after} ran again since "
                         "(enter runs this stage on its new output)\n", style="italic")
+        if row.origin:
+            text.append(f"not this session's run: {row.origin} (recorded in runs/status.json)\n",
+                        style="italic")
         if row.status is Status.RUNNING and row.note:
             text.append(row.note + "\n")
         if row.message:

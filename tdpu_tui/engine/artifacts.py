@@ -88,3 +88,8 @@ class Artifacts:
     def run_logs(self) -> Path:
         """One plain-text log per stage of the last run (what the app's log panel tails)."""
         return self.logs / "runs"
+
+    @property
+    def run_status(self) -> Path:
+        """Each stage's latest outcome, whichever process ran it (`engine/run_status.py`)."""
+        return self.run_logs / "status.json"

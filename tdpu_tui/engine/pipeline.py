@@ -119,6 +119,7 @@ class Pipeline:
         self._sink = on_event or (lambda _e: None)
         self._lock = threading.Lock()
         self._interrupted = False
+        self._status_warned = False
         self.summary: RunSummary | None = None
 
     @property
@@ -155,7 +156,9 @@ class Pipeline:
                                          message=f"not run: {blocked[0]} failed")
                     self.emit(StageStarted(stage.name))
                 else:
+                    self._note_status(paths.run_status, stage.name, None)
                     result = self._run_one(stage, state, paths.run_logs / f"{stage.name}.log")
+                self._note_status(paths.run_status, stage.name, result)
                 outcome[stage.name] = result.status
                 summary.results.append(result)
                 self.emit(StageFinished(stage.name, result))
@@ -175,6 +178,21 @@ class Pipeline:
         finally:
             self.emit(RunFinished(None, summary))
         return summary
+
+    def _note_status(self, path: Path, name: str, result: StageResult | None) -> None:
+        """Record a stage's start (result None) or outcome for other processes (the app).
+        A failure to write is a warning, never the stage's failure."""
+        from tdpu_tui.engine import run_status
+        try:
+            if result is None:
+                run_status.record_started(path, name)
+            else:
+                run_status.record_finished(path, result)
+        except Exception as exc:
+            if not self._status_warned:
+                self._status_warned = True
+                self.emit(StageLog(name, f"{path}: could not record the stage's status ({exc})",
+                                   "warning"))
 
     def _run_one(self, stage: Stage, state: dict[str, Any], log_file: Path) -> StageResult:
         ctx = StageContext(self.config, stage.name, self.emit, self.cancel, state, log_file)

@@ -1,0 +1,109 @@
+"""`phase3_logs/runs/status.json`: each stage's latest outcome, whichever process ran it.
+
+A `tdpu --batch` run in one SSH session and the app in another share the project: the
+pipeline records here when a stage starts and how it ended, and the app shows those rows
+(marked as another process's) while it is not running stages itself.
+
+    {"format": "tdpu-status/1",
+     "stages": {"export": {"status": "ok", "seconds": 1.9, "message": "...",
+                           "pid": 1234, "started_at": "...", "finished_at": "..."}, ...}}
+
+`status` is a `Status` value ("running" while the stage runs). Updates are read-modify-write
+under the advisory lock beside the file and written atomically, so concurrent runs of
+different stages keep each other's rows. Reading never raises: a missing or damaged file
+reads as no rows.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tdpu_tui.engine.events import StageResult, Status
+from tdpu_tui.engine.fsutil import atomic_path, lock_for
+
+FORMAT = "tdpu-status/1"
+MESSAGE_LIMIT = 2000
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    name: str
+    status: Status
+    seconds: float | None
+    message: str
+    pid: int | None
+    started_at: str
+    finished_at: str
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process that reported this row still exists (meaningful while running)."""
+        if not self.pid:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def _now() -> str:
+    return _dt.datetime.now().isoformat(timespec="seconds")
+
+
+def _update(path: Path, name: str, fields: dict[str, Any]) -> None:
+    with lock_for(path):
+        doc = _read(path)
+        stages = doc.setdefault("stages", {})
+        row = stages.get(name) if isinstance(stages.get(name), dict) else {}
+        row.update(fields)
+        stages[name] = row
+        doc["format"] = FORMAT
+        with atomic_path(path, fsync=False) as tmp:
+            tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def record_started(path: str | Path, name: str) -> None:
+    _update(Path(path), name, {"status": Status.RUNNING.value, "seconds": None, "message": "",
+                               "pid": os.getpid(), "started_at": _now(), "finished_at": ""})
+
+
+def record_finished(path: str | Path, result: StageResult) -> None:
+    _update(Path(path), result.name, {
+        "status": result.status.value, "seconds": round(result.seconds, 3),
+        "message": result.message[:MESSAGE_LIMIT], "pid": os.getpid(), "finished_at": _now()})
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) and doc.get("format") == FORMAT else {}
+
+
+def load(path: str | Path) -> dict[str, StageStatus]:
+    """The rows of the status file (an empty dict when it is missing or unreadable)."""
+    out: dict[str, StageStatus] = {}
+    stages = _read(Path(path)).get("stages", {})
+    if not isinstance(stages, dict):
+        return out
+    for name, row in stages.items():
+        if not isinstance(row, dict):
+            continue
+        try:
+            status = Status(row.get("status"))
+            seconds = row.get("seconds")
+            out[name] = StageStatus(name, status, float(seconds) if seconds is not None else None,
+                                    str(row.get("message", "")), int(row["pid"]) if row.get("pid") else None,
+                                    str(row.get("started_at", "")), str(row.get("finished_at", "")))
+        except (ValueError, TypeError, KeyError):
+            continue
+    return out

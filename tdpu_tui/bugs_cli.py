@@ -1,5 +1,12 @@
 """`tdpu bugs list | add | set` (SPEC §2): the bug book from the shell, same rules as the app.
 
+The book is `<[paths].logs>/bugs_found.md` of `--config PATH` or ./tdpu.toml, as for `tdpu`
+itself. Without either, `add` and `set` refuse (they would create or edit a stray book);
+`list` still reads ./phase3_logs/bugs_found.md when one is there.
+
+`--stage` takes a 发现阶段 value or a pipeline stage name (`export` -> 导出, see
+`bugbook.parse_stage`); the record holds the 发现阶段 value.
+
 Exit status: 0 ok, 2 usage, configuration or validation error (the message names the field
 and the value), 1 anything else (e.g. the file cannot be written).
 """
@@ -14,7 +21,7 @@ from pathlib import Path
 
 from tdpu_tui.engine.artifacts import Artifacts
 from tdpu_tui.engine.bugbook import (
-    STAGE_VALUES, STATUS_VALUES, BugBook, BugRecord, BugValidationError,
+    STAGE_LABELS, STAGE_VALUES, STATUS_VALUES, BugBook, BugRecord, BugValidationError, parse_stage,
 )
 from tdpu_tui.engine.config import load_config
 from tdpu_tui.engine.errors import ConfigError, ExitCode, TdpuError
@@ -45,7 +52,8 @@ def _parser() -> _Parser:
     def fields(p: argparse.ArgumentParser, required: bool) -> None:
         p.add_argument("--title", required=required, help="one line")
         p.add_argument("--stage", required=required, metavar="STAGE",
-                       help=f"发现阶段: {' | '.join(STAGE_VALUES)}")
+                       help=f"发现阶段: {' | '.join(STAGE_VALUES)}, or a pipeline stage name "
+                            f"({', '.join(STAGE_LABELS)})")
         p.add_argument("--status", default="未解决" if required else None, metavar="STATUS",
                        help=f"状态: {' | '.join(STATUS_VALUES)}" + (" (default 未解决)" if required else ""))
         err = p.add_mutually_exclusive_group()
@@ -66,11 +74,21 @@ def _parser() -> _Parser:
     return parser
 
 
-def bug_path(config: str | None) -> Path:
-    """The bug file: from the given config, ./tdpu.toml, or ./phase3_logs/bugs_found.md."""
+def bug_path(config: str | None, *, writing: bool = True) -> Path:
+    """The bug file of the given config, or of ./tdpu.toml.
+
+    Without a config file, a reader (`writing=False`) gets ./phase3_logs/bugs_found.md if that
+    file exists; otherwise ConfigError names the config looked for and how to give one.
+    """
     if config is None:
         if not DEFAULT_CONFIG.exists():
-            return DEFAULT_BUGS.resolve()
+            fallback = DEFAULT_BUGS.resolve()
+            if not writing and fallback.is_file():
+                return fallback
+            raise ConfigError(
+                "configuration file not found; tdpu bugs takes the bug book's location from it "
+                "(<[paths].logs>/bugs_found.md). Run it in the project directory or give "
+                "--config PATH", file=DEFAULT_CONFIG.resolve())
         config = str(DEFAULT_CONFIG)
     return Artifacts.of(load_config(config)).bugs
 
@@ -126,13 +144,14 @@ def _run(args: argparse.Namespace, path: Path) -> int:
             print(f"no bug records in {path}")
         return ExitCode.OK
     error = _read_error(args)
+    stage = None if args.stage is None else parse_stage(args.stage)
     if args.command == "add":
-        rec = book.add(args.title, args.stage, error=error or "", cause=args.cause or "",
+        rec = book.add(args.title, stage, error=error or "", cause=args.cause or "",
                        fix=args.fix or "", status=args.status)
         _say(book.messages)
         print(f"Bug #{rec.number} added to {path}")
         return ExitCode.OK
-    changes = {"title": args.title, "stage": args.stage, "status": args.status, "error": error,
+    changes = {"title": args.title, "stage": stage, "status": args.status, "error": error,
                "cause": args.cause, "fix": args.fix}
     changes = {k: v for k, v in changes.items() if v is not None}
     if not changes:
@@ -153,7 +172,10 @@ def main(argv: list[str]) -> int:
         if args.command is None:
             raise _UsageError(f"{parser.format_usage().rstrip()}\n"
                               "tdpu bugs: error: expected a command: list, add or set")
-        path = bug_path(getattr(args, "config", None))
+        config = getattr(args, "config", None)
+        path = bug_path(config, writing=args.command != "list")
+        if config is None and not DEFAULT_CONFIG.exists():
+            print(f"tdpu bugs: no {DEFAULT_CONFIG} here; reading {path}", file=sys.stderr)
         return _run(args, path)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)

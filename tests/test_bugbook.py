@@ -10,7 +10,7 @@ import pytest
 
 from tdpu_tui.engine.bugbook import (
     STAGE_VALUES, STATUS_VALUES, TEMPLATE_HEADER, BugBook, BugDocument, BugRecord,
-    BugValidationError, draft_from_failure, failure_signature, parse_bugs, stage_label,
+    BugValidationError, draft_from_failure, failure_signature, parse_bugs, parse_stage, stage_label,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bugs"
@@ -212,7 +212,17 @@ def test_multi_line_value_is_an_indented_fence_longer_than_any_backtick_run(tmp_
 
 # -- creation, validation -----------------------------------------------------------------------
 
-def test_missing_file_is_created_with_the_template_header(tmp_path):
+@pytest.fixture
+def umask():
+    """Set the process umask for one test; the old one comes back afterwards."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield os.umask
+    os.umask(old)
+
+
+def test_missing_file_is_created_with_the_template_header(tmp_path, umask):
+    umask(0o022)
     path = tmp_path / "phase3_logs" / "bugs_found.md"
     assert BugBook(path).load() == []
     BugBook(path).add("第一条", "导出", time="2026-02-16 09:00")
@@ -223,6 +233,23 @@ def test_missing_file_is_created_with_the_template_header(tmp_path):
         "## Bug #1: 第一条\n- **发现时间**: 2026-02-16 09:00\n- **发现阶段**: 导出\n- **错误信息**:\n"
         "- **根本原因**:\n- **解决方案**:\n- **状态**: 未解决\n\n---\n")
     assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+
+
+@pytest.mark.parametrize(("mask", "expected"), [(0o027, 0o640), (0o002, 0o664)])
+def test_a_new_book_gets_0666_minus_the_umask(tmp_path, umask, mask, expected):
+    umask(mask)
+    path = tmp_path / "bugs_found.md"
+    BugBook(path).add("t", "导出")
+    assert oct(path.stat().st_mode & 0o777) == oct(expected)
+
+
+def test_an_edited_book_keeps_its_mode_whatever_the_umask(tmp_path, umask):
+    umask(0o077)
+    path = copy_fixture("template.md", tmp_path)
+    path.chmod(0o664)
+    BugBook(path).update(1, status="已解决")
+    BugBook(path).add("t", "导出")
+    assert oct(path.stat().st_mode & 0o777) == oct(0o664)
 
 
 def test_new_record_time_defaults_to_local_now(tmp_path):
@@ -329,6 +356,32 @@ def test_stage_label(stage, label):
     assert stage_label(stage) == label
 
 
+@pytest.mark.parametrize(("value", "label"), [
+    ("export", "导出"), ("Export", "导出"), (" precheck ", "编译"), ("parse", "编译"),
+    ("OPTIMIZE", "编译"), ("simulate", "仿真"), ("replace", "替换"), ("validate", "替换"),
+    ("导出", "导出"), (" 编译 ", "编译"), ("仿真", "仿真"), ("替换", "替换"),
+])
+def test_parse_stage_takes_both_forms(value, label):
+    assert parse_stage(value) == label
+
+
+@pytest.mark.parametrize("value", ["deploy", "编译阶段", "", "export 失败", None])
+def test_parse_stage_rejects_other_values_listing_both_forms(value):
+    with pytest.raises(BugValidationError) as err:
+        parse_stage(value)
+    assert err.value.field == "stage"
+    msg = str(err.value)
+    assert "导出, 编译, 仿真, 替换" in msg and repr(value) in msg
+    assert "export → 导出" in msg and "precheck/parse/optimize → 编译" in msg
+    assert "simulate → 仿真" in msg and "replace/validate → 替换" in msg
+
+
+def test_the_book_itself_stores_only_the_spec_values(tmp_path):
+    # The aliases are the command line's (parse_stage); add/update keep SPEC §7's rule.
+    with pytest.raises(BugValidationError):
+        BugBook(tmp_path / "b.md").add("t", "export")
+
+
 def test_stage_label_rejects_unknown_stage():
     with pytest.raises(BugValidationError) as err:
         stage_label("deploy")
@@ -390,3 +443,45 @@ def test_bug_book_imports_without_textual_or_rich(module):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+
+
+# -- duplicate numbers --------------------------------------------------------------------------
+
+DUPLICATED = (
+    "# Phase 3 Bug记录\n\n"
+    "## Bug #3: 第一条\n- **发现阶段**: 导出\n- **状态**: 未解决\n\n---\n\n"     # heading: line 3
+    "## Bug #4: 其他\n- **状态**: 未解决\n\n---\n\n"                           # line 9
+    "## Bug #3: 手工复制的\n- **发现阶段**: 编译\n- **状态**: 未解决\n\n---\n"  # line 14
+)
+
+
+def test_update_of_a_duplicated_number_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "bugs_found.md"
+    path.write_text(DUPLICATED, encoding="utf-8")
+    before = path.read_bytes()
+    book = BugBook(path)
+    book.load()
+    with pytest.raises(BugValidationError) as err:
+        book.update(3, status="已解决")
+    assert err.value.field == "number"
+    msg = str(err.value)
+    assert "Bug #3" in msg and "lines 3, 14" in msg and str(path) in msg
+    assert path.read_bytes() == before
+    assert not list(tmp_path.glob(".bugs_found.md.*.tmp"))
+    # other records are edited as usual; a form's base does not get around the check either
+    assert book.update(4, status="已解决").status == "已解决"
+    with pytest.raises(BugValidationError):
+        BugBook(path).update(3, base=BugBook(path).load()[0], status="已解决")
+
+
+def test_a_duplicate_made_on_disk_while_a_book_is_open_is_refused(tmp_path):
+    path = tmp_path / "bugs_found.md"
+    book = BugBook(path)
+    book.add("一", "导出", time="2026-02-16 09:00")
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text + "\n## Bug #1: 复制\n- **状态**: 未解决\n", encoding="utf-8")
+    before = path.read_bytes()
+    with pytest.raises(BugValidationError) as err:
+        book.update(1, status="已解决")
+    assert "Bug #1" in str(err.value) and "lines 4, 14" in str(err.value)
+    assert path.read_bytes() == before

@@ -62,10 +62,61 @@ def test_list_accepts_config_after_the_command(tmp_path, capsys, monkeypatch):
     assert main(["--config", str(cfg), "list"]) == 0
 
 
-def test_without_config_the_default_bug_file_is_used(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("argv", [
+    ["add", "--title", "t", "--stage", "导出"],
+    ["set", "1", "--status", "已解决"],
+    ["list"],
+    ["list", "--json"],
+])
+def test_without_a_config_file_the_commands_fail_like_tdpu_itself(tmp_path, capsys, monkeypatch, argv):
     monkeypatch.chdir(tmp_path)
-    assert main(["add", "--title", "t", "--stage", "导出"]) == 0
-    assert (tmp_path / "phase3_logs" / "bugs_found.md").exists()
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err
+    assert str(tmp_path / "tdpu.toml") in err and "configuration file not found" in err
+    assert "--config PATH" in err
+    assert list(tmp_path.iterdir()) == []  # no stray phase3_logs/bugs_found.md
+
+
+def test_without_a_config_file_add_and_set_leave_an_existing_default_book_alone(tmp_path, capsys,
+                                                                              monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    book = tmp_path / "phase3_logs" / "bugs_found.md"
+    book.parent.mkdir()
+    book.write_bytes((FIXTURES / "reordered.md").read_bytes())
+    before = book.read_bytes()
+    assert main(["add", "--title", "t", "--stage", "导出"]) == 2
+    assert main(["set", "2", "--status", "已解决"]) == 2
+    assert book.read_bytes() == before
+    assert "tdpu.toml" in capsys.readouterr().err
+    # reading it still works, and says which file it read
+    assert main(["list", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [d["number"] for d in json.loads(captured.out)] == [2, 5]
+    assert "no tdpu.toml here" in captured.err and str(book) in captured.err
+
+
+def test_an_explicit_config_works_without_a_tdpu_toml_here(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "elsewhere" / "my.toml"
+    cfg.parent.mkdir()
+    cfg.write_text('[paths]\nlogs = "records"\n', encoding="utf-8")
+    assert main(["add", "--config", str(cfg), "--title", "t", "--stage", "export"]) == 0
+    assert main(["--config", str(cfg), "set", "1", "--status", "已解决"]) == 0
+    assert capsys.readouterr().err == ""
+    rec = BugBook(cfg.parent / "records" / "bugs_found.md").load()[0]
+    assert (rec.stage, rec.status) == ("导出", "已解决")
+    assert not (tmp_path / "phase3_logs").exists()
+
+
+def test_the_cli_main_reports_the_same_missing_config_as_tdpu(tmp_path, capsys, monkeypatch):
+    from tdpu_tui.cli import main as tdpu_main
+    monkeypatch.chdir(tmp_path)
+    assert tdpu_main(["bugs", "add", "--title", "t", "--stage", "导出"]) == 2
+    assert tdpu_main(["--batch"]) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"{tmp_path / 'tdpu.toml'}: configuration file not found") == 2
 
 
 def test_set_changes_only_the_given_fields(project, capsys):
@@ -102,7 +153,9 @@ def test_error_file_with_gbk_lines_from_icraft_is_decoded(project, tmp_path):
 
 
 @pytest.mark.parametrize(("argv", "needles"), [
-    (["add", "--title", "t", "--stage", "部署"], ["发现阶段", "--stage", "'部署'", "导出, 编译, 仿真, 替换"]),
+    (["add", "--title", "t", "--stage", "部署"], ["发现阶段", "--stage", "'部署'", "导出, 编译, 仿真, 替换",
+                                                "export → 导出", "replace/validate → 替换"]),
+    (["add", "--title", "t", "--stage", "deploy"], ["--stage", "'deploy'", "simulate → 仿真"]),
     (["add", "--title", "t", "--stage", "导出", "--status", "done"], ["状态", "--status", "'done'"]),
     (["add", "--title", "", "--stage", "导出"], ["--title", "empty"]),
     (["add", "--stage", "导出"], ["--title"]),
@@ -119,6 +172,43 @@ def test_bad_usage_or_values_exit_2_with_a_message(project, capsys, argv, needle
     for needle in needles:
         assert needle in err
     assert not (project / "logs" / "bugs_found.md").exists()
+
+
+@pytest.mark.parametrize(("given", "stored"), [
+    ("export", "导出"), ("precheck", "编译"), ("parse", "编译"), ("optimize", "编译"),
+    ("simulate", "仿真"), ("replace", "替换"), ("validate", "替换"), ("Export", "导出"),
+    ("仿真", "仿真"),
+])
+def test_stage_takes_the_pipeline_stage_names(project, capsys, given, stored):
+    assert main(["add", "--title", "export 失败", "--stage", given]) == 0
+    path = project / "logs" / "bugs_found.md"
+    assert BugBook(path).load()[0].stage == stored
+    assert f"- **发现阶段**: {stored}\n" in path.read_text(encoding="utf-8")
+
+
+def test_set_stage_takes_the_pipeline_stage_names(project, capsys):
+    main(["add", "--title", "t", "--stage", "导出"])
+    assert main(["set", "1", "--stage", "simulate"]) == 0
+    path = project / "logs" / "bugs_found.md"
+    assert BugBook(path).load()[0].stage == "仿真"
+    before = path.read_bytes()
+    capsys.readouterr()
+    assert main(["set", "1", "--stage", "deploy"]) == 2
+    err = capsys.readouterr().err
+    assert "'deploy'" in err and "导出, 编译, 仿真, 替换" in err and "export → 导出" in err
+    assert path.read_bytes() == before
+
+
+def test_set_of_a_duplicated_number_is_refused_without_writing(project, capsys):
+    path = project / "logs" / "bugs_found.md"
+    path.parent.mkdir()
+    path.write_text("# Phase 3 Bug记录\n\n## Bug #3: 一\n- **状态**: 未解决\n\n---\n\n"
+                    "## Bug #3: 手工复制\n- **状态**: 未解决\n\n---\n", encoding="utf-8")
+    before = path.read_bytes()
+    assert main(["set", "3", "--status", "已解决"]) == 2
+    err = capsys.readouterr().err
+    assert "Bug #3" in err and "lines 3, 8" in err
+    assert path.read_bytes() == before
 
 
 def test_set_of_a_missing_record_exits_2(project, capsys):

@@ -137,6 +137,27 @@ def stage_label(stage_name: str) -> str:
         raise BugValidationError("stage", f"expected a stage name ({known}), found {stage_name!r}") from None
 
 
+def _stage_aliases() -> str:
+    by_label: dict[str, list[str]] = {}
+    for name, label in STAGE_LABELS.items():
+        by_label.setdefault(label, []).append(name)
+    return ", ".join(f"{'/'.join(names)} → {label}" for label, names in by_label.items())
+
+
+def parse_stage(value: Any) -> str:
+    """发现阶段 for a value typed on the command line: a §7 value (导出 …) or a pipeline stage
+    name in any case (`export` -> 导出, as `stage_label`). The records hold the §7 value only;
+    an unknown value raises BugValidationError listing both forms."""
+    if isinstance(value, str):
+        v = value.strip()
+        if v in STAGE_VALUES:
+            return v
+        if v.lower() in STAGE_LABELS:
+            return STAGE_LABELS[v.lower()]
+    raise BugValidationError("stage", f"expected one of {', '.join(STAGE_VALUES)}, or a pipeline "
+                                      f"stage name ({_stage_aliases()}); found {value!r}")
+
+
 def _choice(field_name: str, value: Any, allowed: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value.strip() not in allowed:
         raise BugValidationError(field_name, f"expected one of {', '.join(allowed)}; found {value!r}")
@@ -766,18 +787,14 @@ class BugBook:
 
     def _write(self, data: bytes) -> tuple[tuple[int, int, int], str]:
         target = self._target
-        try:
-            mode = os.stat(target).st_mode & 0o7777
-        except FileNotFoundError:
-            mode = 0o644
         # Only writers holding the lock create temp files, so any left over are from a crash.
         for orphan in target.parent.glob(f".{target.name}.*.tmp"):
             with contextlib.suppress(OSError):
                 orphan.unlink()
+        # atomic_path keeps the replaced file's mode; a new book gets 0o666 minus the umask.
         with atomic_path(target) as tmp:
             with open(tmp, "wb") as fh:
                 fh.write(data)
-            os.chmod(tmp, mode)
         st = os.stat(target)
         return (st.st_ino, st.st_size, st.st_mtime_ns), hashlib.sha256(data).hexdigest()
 
@@ -810,12 +827,23 @@ class BugBook:
         other fields only, both changes are kept in it. If the same field was changed in both,
         both versions are kept: the file's stays, ours is appended under a new number
         (returned) with a `冲突` bullet, and `messages` says so.
+
+        A number held by two records in the file (a record copied by hand) is refused with
+        BugValidationError naming the lines of each; nothing is written.
         """
         unknown = sorted(set(fields) - set(_EDITABLE))
         if unknown:
             raise BugValidationError(unknown[0], f"not an editable field (editable: {', '.join(_EDITABLE)})")
         with self._transaction() as txn:
             doc = txn.doc
+            same = [sp for sp in doc.spans if sp.number == number]
+            if len(same) > 1:
+                # A hand-copied record: which one is meant cannot be told, so neither is touched.
+                lines = ", ".join(str(sp.heading + 1) for sp in same)
+                raise BugValidationError(
+                    "number", f"Bug #{number} appears {len(same)} times in {self.path} (lines "
+                              f"{lines}); give all but one of them a new number by hand, then "
+                              f"try again")
             if base is None and self._doc is not None:
                 base = self._doc.record(number)
             theirs = doc.record(number)

@@ -1,10 +1,17 @@
-"""Writes that never leave a half-written artifact: temp file in the same directory + rename."""
+"""Writes that never leave a half-written artifact: temp file in the same directory + rename.
+
+The file written gets the mode it would have had if written in place: a rewritten file keeps
+the mode of the file it replaces, a new one gets 0o666 minus the umask (not mkstemp's 0600),
+so logs and reports stay readable by the rest of a shared board host's group.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,13 +80,51 @@ def fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where possible.
+
+    Linux ≥ 4.7 reports it in /proc/self/status; elsewhere it is set and restored under a lock
+    (other threads of this process may create files in that instant, hence /proc first).
+    """
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    with _UMASK_LOCK:
+        old = os.umask(0o077)
+        os.umask(old)
+    return old
+
+
+def mode_for(path: str | Path) -> int:
+    """The permission bits a write to `path` should leave: those of the file there now
+    (through a symlink: its target's), else 0o666 minus the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0o666 & ~current_umask()
+
+
+def write_target(path: str | Path) -> Path:
+    """Where a write to `path` lands: a symlink is written through to the file it points to
+    (the link stays a link), anything else is `path` itself."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`, else it is removed.
 
+    The result has the mode `mode_for(path)` (the replaced file's, or 0o666 minus the umask).
+    A symlink at `path` is kept: the file it points to is replaced (`write_target`).
     Ctrl-C (KeyboardInterrupt) counts as failure: the old file, if any, is untouched.
     """
-    path = Path(path)
+    path = write_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -89,6 +134,10 @@ def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
         if fsync:
             with open(tmp_path, "rb+") as fh:
                 os.fsync(fh.fileno())
+        # After the caller's writes and the fsync (a read-only mode must not stop them), before
+        # the rename. A file system without modes (some network mounts) keeps what it gives.
+        with contextlib.suppress(OSError):
+            os.chmod(tmp_path, mode_for(path))
         os.replace(tmp_path, path)
         if fsync:
             fsync_dir(path.parent)

@@ -43,8 +43,10 @@ calling this module again does not register them twice.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import signal
 import threading
 import weakref
 from dataclasses import dataclass
@@ -441,20 +443,73 @@ def _rewrite(model: onnx.ModelProto, base_dir: str | None,
     return keys
 
 
+class _Deferred:
+    """A SIGINT that arrived during `run`, delivered once ONNX Runtime has returned."""
+
+    def __init__(self, previous):
+        self.previous = previous
+        self.frame = None
+        self.hit = False
+
+    def __bool__(self) -> bool:
+        return self.hit
+
+    def handle(self, signum, frame) -> None:
+        self.hit, self.frame = True, frame
+
+    def deliver(self) -> None:
+        if callable(self.previous):
+            self.previous(signal.SIGINT, self.frame)
+        elif self.previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold Ctrl-C while ONNX Runtime runs a graph with Python operators.
+
+    Python runs its SIGINT handler at the next bytecode, which during `run` is inside an
+    operator called from C++: the KeyboardInterrupt crossing that boundary terminates the
+    process (pybind11::error_already_set, exit 134). In the main thread the signal is noted
+    instead and delivered (to the previous handler, by default as KeyboardInterrupt) when
+    `run` returns; other threads cannot take signals and run as they are.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield _Deferred(None)
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    deferred = _Deferred(previous)
+    try:
+        signal.signal(signal.SIGINT, deferred.handle)
+    except (ValueError, TypeError):     # no signals here (embedded interpreter)
+        yield _Deferred(None)
+        return
+    try:
+        yield deferred
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+
+
 class BitLinearSession(onnxruntime.InferenceSession):
     """An InferenceSession whose `run` raises the BitLinearError an operator recorded."""
 
     def _checked(self, call, *args, **kwargs):
         me = threading.get_ident()
         _pending.pop(me, None)
-        try:
-            result = call(*args, **kwargs)
-        except Exception as exc:
-            err = _pending.pop(me, None)
-            if err is not None:
-                raise err from exc
-            raise
+        with _sigint_deferred() as interrupted:
+            try:
+                result = call(*args, **kwargs)
+            except Exception as exc:
+                failure: BaseException | None = exc
+            else:
+                failure = None
         err = _pending.pop(me, None)
+        if interrupted:                 # Ctrl-C during the run wins over what it caused
+            interrupted.deliver()
+        if failure is not None:
+            if err is not None:
+                raise err from failure
+            raise failure
         if err is not None:
             raise err
         return result

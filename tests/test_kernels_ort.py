@@ -2,6 +2,7 @@
 
 import gc
 import importlib
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -243,3 +244,33 @@ def test_two_threads_running_one_session_get_their_own_results_and_errors(rng):
         results = list(pool.map(work, range(len(inputs))))
     for x, y in zip(inputs, results):
         np.testing.assert_array_equal(y, bitlinear(x, p, 0.75, "tdpu"))
+
+
+def test_ctrl_c_during_a_run_raises_keyboardinterrupt_after_it_not_a_crash(tmp_path):
+    """SIGINT while ONNX Runtime is inside a Python operator used to abort the process
+    (pybind11::error_already_set, exit 134); it is now delivered when `run` returns."""
+    import subprocess
+    import sys
+    script = tmp_path / "interrupt.py"
+    script.write_text(f"""
+import os, signal, sys, threading, time
+sys.path[:0] = [{str(Path(__file__).resolve().parents[1])!r}, {str(Path(__file__).resolve().parent)!r}]
+import numpy as np
+import bitlinear_graphs as bg
+from kernels.ort import create_session
+s = create_session(bg.build("reference", layers=2))
+feed = {{s.get_inputs()[0].name: np.zeros((1, 64), np.int64)}}
+for delay in (0.2, 0.35, 0.5, 0.65, 0.8):
+    threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 5:
+            s.run(None, feed)
+        print("not interrupted")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
+print("clean")
+""", encoding="utf-8")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "clean", out.stderr[-2000:]

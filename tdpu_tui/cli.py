@@ -55,10 +55,18 @@ def main(argv: list[str] | None = None) -> int:
                 parser.print_usage(sys.stderr)
                 print(f"tdpu: error: --{flag.replace('_', '-')} needs --batch", file=sys.stderr)
                 return ExitCode.USAGE
-    if args.model and args.model != "synthetic" and not Path(args.model).is_dir():
-        print(f"tdpu: error: --model {args.model}: no such checkpoint directory "
-              f"(expected config.json + model.safetensors, or 'synthetic')", file=sys.stderr)
-        return ExitCode.USAGE
+    if args.model and args.model != "synthetic":
+        model = Path(args.model)
+        missing = [] if not model.is_dir() else [
+            n for n, ok in (("config.json", (model / "config.json").is_file()),
+                            ("model.safetensors (or model.safetensors.index.json)",
+                             (model / "model.safetensors").is_file()
+                             or (model / "model.safetensors.index.json").is_file())) if not ok]
+        if not model.is_dir() or missing:
+            why = "no such checkpoint directory" if not model.is_dir() else f"no {' and no '.join(missing)} in it"
+            print(f"tdpu: error: --model {args.model}: {why} (expected a Hugging Face checkpoint "
+                  "directory: config.json + model.safetensors, or 'synthetic')", file=sys.stderr)
+            return ExitCode.USAGE
     if args.json and not _writable_dir(Path(args.json).resolve().parent):
         print(f"tdpu: error: --json {args.json}: cannot write in {Path(args.json).resolve().parent}",
               file=sys.stderr)

@@ -36,8 +36,10 @@ def test_a_failed_stage_stops_its_dependents_not_the_others(tmp_config):
     stages = [Fake("a", outcome="fail"), Fake("b", needs=("a",)), Fake("c"), Fake("d", needs=("b",))]
     summary = Pipeline(cfg, stages, on_event=events.append).run()
     status = {r.name: r.status for r in summary.results}
-    assert status == {"a": Status.FAILED, "b": Status.SKIPPED, "c": Status.OK, "d": Status.OK}
+    # d needs b, which did not run because a failed: d must not run on an earlier run's output.
+    assert status == {"a": Status.FAILED, "b": Status.SKIPPED, "c": Status.OK, "d": Status.SKIPPED}
     assert summary.results[1].message == "not run: a failed"
+    assert summary.results[3].message == "not run: a failed"
     assert summary.results[0].message == "boom: it broke"
     kinds = [type(e) for e in events if e.stage == "c"]
     assert kinds == [StageStarted, StageLog, StageProgress, StageFinished]
@@ -127,6 +129,13 @@ def test_cli_rejects_a_missing_model_dir_and_an_unwritable_json_before_running(t
     from tdpu_tui.cli import main
     assert main(["--batch", "--config", str(tmp_config), "--model", str(tmp_path / "nope")]) == 2
     assert f"--model {tmp_path / 'nope'}: no such checkpoint directory" in capsys.readouterr().err
+    # A directory that is not a checkpoint is the same usage error (no bug record drafted).
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "config.json").write_text("{}")
+    assert main(["--batch", "--config", str(tmp_config), "--model", str(half)]) == 2
+    assert "no model.safetensors (or model.safetensors.index.json) in it" in capsys.readouterr().err
+    assert not (tmp_path / "phase3_logs" / "bugs_found.md").exists()
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     assert main(["--batch", "--config", str(tmp_config), "--json", str(blocker / "run.json")]) == 2
@@ -179,6 +188,20 @@ def test_every_stage_outcome_is_recorded_for_other_processes(tmp_config):
     Pipeline(cfg, [Fake("a")]).run()
     rows = run_status.load(path)
     assert rows["a"].status is Status.OK and rows["c"].status is Status.OK and len(rows) == 4
+
+
+def test_a_file_system_error_names_the_file_without_a_traceback(tmp_config):
+    cfg = load_config(tmp_config)
+
+    class Denied(Fake):
+        def run(self, ctx):
+            raise PermissionError(13, "Permission denied", "/srv/models/output/x.onnx")
+
+    summary = Pipeline(cfg, [Denied("a")]).run()
+    r = summary.results[0]
+    assert r.status is Status.FAILED
+    assert r.message.startswith("/srv/models/output/x.onnx: Permission denied — not writable")
+    assert "[paths].output" in r.message and not any("Traceback" in line for line in r.log_tail)
 
 
 def test_an_unwritable_status_file_is_a_warning_not_a_failure(tmp_config):

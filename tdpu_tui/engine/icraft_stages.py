@@ -232,7 +232,10 @@ def _require_cli(ctx: StageContext) -> Path:
     exe = ic.find_cli(ctx.config)
     if exe is None:
         reason = ic.missing_cli_reason(ctx.config)
-        StageRecord(ctx.stage, "skipped", summary=reason).write(ctx.paths.compile_log)
+        try:
+            StageRecord(ctx.stage, "skipped", summary=reason).write(ctx.paths.compile_log)
+        except OSError as exc:  # a log that cannot be written does not turn a skip into a failure
+            ctx.log(f"{ctx.paths.compile_log}: not updated ({exc.strerror or exc})", "warning")
         raise Skip(reason)
     return exe
 

@@ -11,6 +11,7 @@ A failed stage stops the stages that depend on it in the same run, not the other
 from __future__ import annotations
 
 import collections
+import errno
 import threading
 import time
 import traceback
@@ -102,6 +103,20 @@ class Stage:
 FailureHook = Callable[[StageResult, Config], None]
 
 
+def os_error_message(exc: OSError) -> str:
+    """`path: reason (hint)` for an error from the file system."""
+    what = exc.strerror or str(exc)
+    hint = ""
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = (" — not writable (or readable) here; outputs go to [paths].output and [paths].logs "
+                "of tdpu.toml")
+    elif exc.errno == errno.ENOSPC:
+        hint = " — the disk is full"
+    where = exc.filename if exc.filename is not None else ""
+    also = f" → {exc.filename2}" if getattr(exc, "filename2", None) else ""
+    return f"{where}{also}: {what}{hint}" if where else f"{type(exc).__name__}: {what}{hint}"
+
+
 class Pipeline:
     """Runs stages in registry order, honouring dependencies, emitting events."""
 
@@ -143,23 +158,30 @@ class Pipeline:
         selected = self.select(names)
         summary = self.summary = RunSummary()
         outcome: dict[str, Status] = {}
+        # Stages that failed, or were not run because something they need failed: what needs
+        # them must not run on the artifacts of an earlier run either.
+        broken: dict[str, str] = {}     # stage -> the failed stage at the root
         state: dict[str, Any] = {}
         paths = Artifacts.of(self.config)
         try:
             for stage in selected:
-                blocked = [d for d in stage.needs if outcome.get(d) is Status.FAILED]
+                blocked = [d for d in stage.needs if d in broken]
                 if self.cancel.is_set():
                     result = StageResult(stage.name, Status.SKIPPED, message="not run: cancelled")
                     self.emit(StageStarted(stage.name))
                 elif blocked:
                     result = StageResult(stage.name, Status.SKIPPED,
-                                         message=f"not run: {blocked[0]} failed")
+                                         message=f"not run: {broken[blocked[0]]} failed")
                     self.emit(StageStarted(stage.name))
                 else:
                     self._note_status(paths.run_status, stage.name, None)
                     result = self._run_one(stage, state, paths.run_logs / f"{stage.name}.log")
                 self._note_status(paths.run_status, stage.name, result)
                 outcome[stage.name] = result.status
+                if result.status is Status.FAILED:
+                    broken[stage.name] = stage.name
+                elif blocked:
+                    broken[stage.name] = broken[blocked[0]]
                 summary.results.append(result)
                 self.emit(StageFinished(stage.name, result))
                 if self._interrupted:
@@ -211,6 +233,9 @@ class Pipeline:
             self._interrupted = True
         except TdpuError as exc:
             status, message = Status.FAILED, str(exc)
+            ctx.log(message, "error")
+        except OSError as exc:  # the file system said no: name the file, not a traceback
+            status, message = Status.FAILED, os_error_message(exc)
             ctx.log(message, "error")
         except Exception as exc:  # an unexpected error is still a stage failure, with its trace
             status, message = Status.FAILED, f"{type(exc).__name__}: {exc}"

@@ -206,3 +206,27 @@ def test_deep_icraft_model_validates_against_the_references_rounding_floor(tmp_p
     assert v.status is Status.OK, v.message
     report = (tmp_path / "logs" / "performance_report.md").read_text()
     assert "one ulp" in report and "not a defect" in report
+
+
+def test_a_bitlinear_graph_from_an_earlier_export_is_refused_naming_the_fix(replaced, tmp_path):
+    import json
+    root = _copy(replaced, tmp_path)
+    meta = root / "models" / "output" / "bitnet_b1.58_full.meta.json"
+    facts = json.loads(meta.read_text(encoding="utf-8"))
+    facts["exported_at"] = "2099-01-01T00:00:00"                       # exported again since
+    meta.write_text(json.dumps(facts), encoding="utf-8")
+    result = _run(root, ["validate"])["validate"]
+    assert result.status is Status.FAILED
+    assert "was made from an earlier export" in result.message and "run replace" in result.message
+
+
+@pytest.mark.parametrize(("name", "stage"), [("bitnet_b1.58_bitlinear.onnx.data", "replace"),
+                                             ("bitnet_b1.58_bitlinear.onnx", "replace"),
+                                             ("bitnet_b1.58_full.onnx.data", "export")])
+def test_a_missing_graph_file_names_it_and_the_stage_to_run(replaced, tmp_path, name, stage):
+    root = _copy(replaced, tmp_path)
+    (root / "models" / "output" / name).unlink()
+    result = _run(root, ["validate"])["validate"]
+    assert result.status is Status.FAILED
+    assert name in result.message and f"run the {stage} stage" in result.message
+    assert not any("Traceback" in line for line in result.log_tail)

@@ -41,10 +41,8 @@ def read_export_meta(ctx: StageContext) -> dict[str, Any]:
 
 
 def exported_graph(ctx: StageContext) -> Path:
-    path = ctx.paths.full_onnx
-    if not path.is_file():
-        raise StageFailed(f"{path} not found: run the export stage first")
-    return path
+    from tdpu_tui.engine.verify import require_graph
+    return require_graph(ctx.paths.full_onnx, "export")
 
 
 def graph_inputs(onnx_path: Path, seq_len: int) -> list[tuple[str, list[int], Any]]:

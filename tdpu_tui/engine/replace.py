@@ -42,6 +42,7 @@ from tdpu_tui.engine.inventory import (
 from tdpu_tui.engine.lm_head import bf16_source, plan_bf16
 from tdpu_tui.engine.onnx_builder import EXTERNAL_THRESHOLD, ExternalData, set_external
 from tdpu_tui.engine.pipeline import Stage, StageContext
+from tdpu_tui.engine.verify import require_graph
 
 
 @dataclass
@@ -94,7 +95,8 @@ class ReplaceReport:
         return sum(d.bytes_after for d in self.replaced)
 
     def as_json(self) -> dict:
-        return {"source": self.source, "output": self.output, "layout": self.layout,
+        return {"source": self.source, "source_stamp": source_stamp(Path(self.source)),
+                "output": self.output, "layout": self.layout,
                 "lm_head": self.lm_head, "replaced": len(self.replaced), "kept": len(self.kept),
                 "bf16": len(self.bf16),
                 "weight_bytes_before": self.bytes_before, "weight_bytes_after": self.bytes_after,
@@ -137,6 +139,22 @@ def _live(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> tuple[list[onn
             live.update(i for i in node.input if i)
     kept.reverse()
     return kept, live
+
+
+def source_stamp(path: Path) -> dict:
+    """What identifies the exported graph a BitLinear graph was made from (validate compares):
+    the export's time from its meta file and the sizes of the graph and its data. Copying the
+    project (new mtimes) keeps it; exporting again changes it."""
+    stamp: dict = {}
+    meta = path.with_suffix(".meta.json")
+    try:
+        stamp["exported_at"] = json.loads(meta.read_text(encoding="utf-8")).get("exported_at")
+    except (OSError, ValueError, AttributeError):
+        pass
+    for f in (path, path.with_name(f"{path.name}.data")):
+        if f.exists():
+            stamp[f"{f.name} bytes"] = f.stat().st_size
+    return stamp
 
 
 def replace_model(src: str | Path, dst: str | Path, *, layout: str = "tdpu",
@@ -323,8 +341,7 @@ class ReplaceStage(Stage):
 
     def run(self, ctx: StageContext) -> str:
         paths, rc = ctx.paths, ctx.config.replace
-        if not paths.full_onnx.exists():
-            raise StageFailed(f"{paths.full_onnx}: not found; run the export stage first")
+        require_graph(paths.full_onnx, "export")
         try:
             overrides = load_selection(paths.replace_selection)
         except InventoryError as exc:

@@ -48,6 +48,7 @@ from tdpu_tui.engine.verify import (
     compare_logits,
     format_comparison,
     ort_session,
+    require_graph,
     seeded_inputs,
 )
 
@@ -445,8 +446,20 @@ class Validation:
 
     # the whole stage -----------------------------------------------------------------------
 
+    def check_inputs(self) -> None:
+        """Both graphs are there, whole, and the BitLinear graph was made from this export."""
+        require_graph(self.paths.full_onnx, "export")
+        require_graph(self.paths.bitlinear_onnx, "replace")
+        from tdpu_tui.engine.replace import source_stamp
+        made_from = self.report.get("source_stamp")
+        if made_from and made_from != source_stamp(self.paths.full_onnx):
+            raise StageFailed(f"{self.paths.bitlinear_onnx} was made from an earlier export: "
+                              f"{self.paths.full_onnx} changed since the replace stage ran "
+                              "(run replace, then validate)")
+
     def run(self, measure: bool = True) -> str:
         ctx = self.ctx
+        self.check_inputs()
         if not self.replaced:
             raise StageFailed(f"{self.paths.replace_report}: no node was replaced; nothing to validate")
         tokens = self.tokens()

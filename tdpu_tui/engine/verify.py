@@ -11,6 +11,29 @@ import numpy as np
 MIN_ARGMAX_AGREEMENT = 0.99
 
 
+def require_graph(path: str | Path, made_by: str) -> Path:
+    """`path` and every external-data file it names must exist; else a StageFailed naming the
+    missing file and the stage that writes it."""
+    import onnx
+
+    from tdpu_tui.engine.errors import StageFailed
+
+    path = Path(path)
+    if not path.is_file():
+        raise StageFailed(f"{path}: not found; run the {made_by} stage first")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise StageFailed(f"{path}: not a readable ONNX model ({exc}); run the {made_by} stage again") from None
+    files = {e.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+             for e in t.external_data if e.key == "location"}
+    for name in sorted(files):
+        if not (path.parent / name).is_file():
+            raise StageFailed(f"{path.parent / name}: not found (the weights of {path.name}); run the "
+                              f"{made_by} stage again")
+    return path
+
+
 def ort_session(model: str | Path | bytes, external_dir: str | Path | None = None):
     """A quiet CPU InferenceSession for a graph without custom operators.
 

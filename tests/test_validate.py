@@ -230,3 +230,18 @@ def test_a_missing_graph_file_names_it_and_the_stage_to_run(replaced, tmp_path, 
     assert result.status is Status.FAILED
     assert name in result.message and f"run the {stage} stage" in result.message
     assert not any("Traceback" in line for line in result.log_tail)
+
+
+def test_timing_stops_at_the_next_run_once_the_stage_is_cancelled():
+    from tdpu_tui.engine.errors import Cancelled
+    from tdpu_tui.engine.perf_report import interleaved_medians
+    calls = []
+
+    def check():
+        if len(calls) >= 3:
+            raise Cancelled("stage 'validate' cancelled")
+
+    with pytest.raises(Cancelled):
+        interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 30,
+                            check=check)
+    assert len(calls) == 3          # the untimed warm-up run, then two timed runs

@@ -181,15 +181,16 @@ def projection_graphs(bitlinear_path: Path, act_quant: bool, layer: int | None =
     return layer, models
 
 
-def interleaved_medians(runs: dict[str, Callable[[], Any]], repeats: int, rounds: int = 3
-                        ) -> dict[str, float]:
+def interleaved_medians(runs: dict[str, Callable[[], Any]], repeats: int, rounds: int = 3,
+                        check: Callable[[], None] | None = None) -> dict[str, float]:
     """Median milliseconds of each callable over `repeats` timed runs, taken in turns.
 
     The graphs take turns in `rounds` blocks (a a a, b b b, c c c, a a a, ...), so load from
     anything else on the machine falls evenly on all of them. Each block starts after a pause
     and one untimed run: a session's ONNX Runtime workers keep spinning for a while after its
     last run, and on two cores that would be charged to the next graph (the BitLinear
-    session's numba threads most of all).
+    session's numba threads most of all). `check` runs before every timed run (the stage's
+    cancel check: c, q or Ctrl-C in the app stop the timing within one run).
     """
     block = -(-repeats // rounds)
     times: dict[str, list[float]] = {label: [] for label in runs}
@@ -198,6 +199,8 @@ def interleaved_medians(runs: dict[str, Callable[[], Any]], repeats: int, rounds
             time.sleep(SETTLE_S)
             run()
             for _ in range(block):
+                if check is not None:
+                    check()
                 t0 = time.perf_counter()
                 run()
                 times[label].append(time.perf_counter() - t0)

@@ -401,14 +401,16 @@ class Validation:
                 perf.graphs.append(GraphTiming(label, str(path), int(nbytes)))
             self.ctx.progress(len(perf.graphs) - len(group), len(graphs), f"timing prefill ({tokens} tokens)")
             prefill_ms |= interleaved_medians(
-                {k: (lambda s=s: s.run(["logits"], prefill)) for k, s in sessions.items()}, repeats)
+                {k: (lambda s=s: s.run(["logits"], prefill)) for k, s in sessions.items()}, repeats,
+                check=self.ctx.check_cancelled)
             if step_paths:
                 del sessions
                 gc.collect()
                 sessions = {label: factory(step_paths[label]) for label, _, _, factory in group}
             self.ctx.progress(len(perf.graphs) - len(group), len(graphs), "timing the single-token step")
             step_ms |= interleaved_medians(
-                {k: (lambda s=s: s.run(["logits"], step)) for k, s in sessions.items()}, max(repeats, 5) * 2)
+                {k: (lambda s=s: s.run(["logits"], step)) for k, s in sessions.items()}, max(repeats, 5) * 2,
+                check=self.ctx.check_cancelled)
             del sessions
             gc.collect()
         return prefill_ms, step_ms
@@ -432,10 +434,12 @@ class Validation:
         sessions = {label: create_session(model) if label == "bitlinear"
                     else ort_session(model.SerializeToString()) for label, model in models.items()}
         pt.prefill_ms = interleaved_medians(
-            {k: (lambda s=s: s.run(None, prefill)) for k, s in sessions.items()}, repeats)
+            {k: (lambda s=s: s.run(None, prefill)) for k, s in sessions.items()}, repeats,
+            check=self.ctx.check_cancelled)
         if with_step:
             pt.step_ms = interleaved_medians(
-                {k: (lambda s=s: s.run(None, step)) for k, s in sessions.items()}, max(repeats, 5) * 4)
+                {k: (lambda s=s: s.run(None, step)) for k, s in sessions.items()}, max(repeats, 5) * 4,
+                check=self.ctx.check_cancelled)
         for label in sessions:
             self.ctx.log(f"layer {layer} projections alone, {label}: prefill {pt.prefill_ms[label]:.2f} ms"
                          + (f", step {pt.step_ms[label]:.3f} ms" if with_step else ""))

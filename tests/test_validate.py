@@ -71,6 +71,11 @@ def test_tiny_preset_validates_with_argmax_agreement_and_a_report(replaced, tmp_
     assert "通过 passed" in report
     assert "| step: BitLinear / float |" in report and "| matmulnbits |" in report
     assert "hidden size 64: at shapes this small" in report   # why BitLinear is slower at tiny shapes
+    # what a reader needs to reproduce it
+    for field in ("**版本 Versions**: tdpu ", "onnxruntime ", "**替换 Replace**: layout tdpu, lm_head float",
+                  "**输入 Inputs**: seed 7", "**计时 Timing**: median of 2 runs", "**通过条件 Pass criteria**",
+                  "(built for timing, not kept)"):
+        assert field in report, field
 
 
 def test_hf_layout_graph_validates_too(replaced, tmp_path):

@@ -249,13 +249,18 @@ def _x(v: float | None) -> str:
 
 
 def render_report(meta: dict, accuracy: dict, perf: PerfResult | None, nodes: list[dict],
-                  verdict: str, notes: list[str]) -> str:
+                  verdict: str, notes: list[str], settings: dict[str, str] | None = None) -> str:
     """Markdown for phase3_logs/performance_report.md (tables pasteable into the Phase 3 report)."""
     lines = ["# 性能对比报告 Performance report — MatMul → BitLinear", "",
              f"- **结论 Verdict**: {verdict}",
              f"- **模型 Model**: profile `{meta.get('profile')}`, {meta.get('num_layers')} layers, "
              f"hidden {meta.get('hidden_size')}, vocab {meta.get('vocab_size')}",
-             f"- **检查点 Checkpoint**: `{meta.get('checkpoint')}`", ""]
+             f"- **检查点 Checkpoint**: `{meta.get('checkpoint')}`"]
+    labels = {"generated": "生成时间 Generated", "versions": "版本 Versions", "replace": "替换 Replace",
+              "inputs": "输入 Inputs", "timing": "计时 Timing", "pass": "通过条件 Pass criteria"}
+    for key, value in (settings or {}).items():
+        lines.append(f"- **{labels.get(key, key)}**: {value}")
+    lines.append("")
     lines += ["## 精度 Accuracy", "", f"Compared: {accuracy['compared']}", "",
               "| 指标 Metric | 值 Value |", "|---|---|"]
     c = accuracy["logits"]
@@ -288,8 +293,10 @@ def render_report(meta: dict, accuracy: dict, perf: PerfResult | None, nodes: li
                   "| 图 Graph | prefill (ms) | 单步 step (ms) | 投影权重 projection weights | 文件 File |",
                   "|---|---|---|---|---|"]
         for gt in perf.graphs:
+            kept = Path(gt.path).exists()
+            where = f"`{Path(gt.path).name}`" + ("" if kept else " (built for timing, not kept)")
             lines.append(f"| {gt.label} | {_ms(gt.prefill_ms)} | {_ms(gt.step_ms)} | "
-                         f"{human_bytes(gt.weight_bytes)} ({gt.weight_bytes} B) | `{Path(gt.path).name}` |")
+                         f"{human_bytes(gt.weight_bytes)} ({gt.weight_bytes} B) | {where} |")
         lines += ["", "| 比值 Ratio | 值 Value |", "|---|---|",
                   f"| step: BitLinear / float | {_x(ratios['step_vs_float'])} |",
                   f"| step: BitLinear / MatMulNBits | {_x(ratios['step_vs_matmulnbits'])} |",

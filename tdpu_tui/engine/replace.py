@@ -73,6 +73,9 @@ class ReplaceReport:
     layout: str
     decisions: list[Decision] = field(default_factory=list)
     lm_head: str = "float"
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    overrides: dict[str, bool] = field(default_factory=dict)   # the app's selection file
 
     @property
     def replaced(self) -> list[Decision]:
@@ -97,7 +100,8 @@ class ReplaceReport:
     def as_json(self) -> dict:
         return {"source": self.source, "source_stamp": source_stamp(Path(self.source)),
                 "output": self.output, "layout": self.layout,
-                "lm_head": self.lm_head, "replaced": len(self.replaced), "kept": len(self.kept),
+                "lm_head": self.lm_head, "include": self.include, "exclude": self.exclude,
+                "overrides": self.overrides, "replaced": len(self.replaced), "kept": len(self.kept),
                 "bf16": len(self.bf16),
                 "weight_bytes_before": self.bytes_before, "weight_bytes_after": self.bytes_after,
                 "nodes": [asdict(d) for d in self.decisions]}
@@ -178,7 +182,8 @@ def replace_model(src: str | Path, dst: str | Path, *, layout: str = "tdpu",
     rcfg = ReplaceConfig(include=list(include), exclude=list(exclude), layout=layout)
     selected = resolve_selection(entries, rcfg, overrides)
 
-    report = ReplaceReport(str(src), str(dst), layout, lm_head=lm_head)
+    report = ReplaceReport(str(src), str(dst), layout, lm_head=lm_head, include=list(include),
+                           exclude=list(exclude), overrides=dict(overrides or {}))
     chosen: list[tuple[Projection, Decision]] = []
     head_nodes: list[tuple[onnx.NodeProto, Decision]] = []
     for (entry, proj), proto in zip(items, protos, strict=True):

@@ -450,6 +450,40 @@ class Validation:
 
     # the whole stage -----------------------------------------------------------------------
 
+    def settings(self) -> dict[str, str]:
+        """What a reader needs to reproduce the figures: when, with what, how measured."""
+        import datetime as _dt
+        from importlib.metadata import PackageNotFoundError, version
+
+        def ver(name: str) -> str:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                return "?"
+
+        v, r = self.cfg.validate, self.report
+        off = sorted(n for n, on in (r.get("overrides") or {}).items() if not on)
+        on = sorted(n for n, on in (r.get("overrides") or {}).items() if on)
+        picks = (f"include {r.get('include')}, exclude {r.get('exclude')}"
+                 + (f"; the app's selection file turns off {len(off)} node(s)"
+                    + (f" ({', '.join(off[:4])}{', …' if len(off) > 4 else ''})" if off else "")
+                    if off else "")
+                 + (f"; turns on {len(on)}" if on else ""))
+        return {
+            "generated": _dt.datetime.now().isoformat(timespec="seconds"),
+            "versions": ", ".join(f"{n} {ver(n)}" for n in ("tdpu", "onnxruntime", "onnxruntime-extensions",
+                                                            "numba", "numpy", "onnx")),
+            "replace": (f"layout {r.get('layout')}, lm_head {r.get('lm_head', 'float')}; {picks}"),
+            "inputs": (f"seed {v.seed}, batch {1 if self.profile == 'icraft' else v.batch}, "
+                       f"{self.tokens()} tokens; {min(v.sample_nodes, len(self.replaced))} of "
+                       f"{len(self.replaced)} BitLinear nodes checked one by one"),
+            "timing": (f"median of {v.repeats} runs (prefill) and {max(v.repeats, 5) * 2} runs (step) "
+                       "per graph, taken in turns"),
+            "pass": (f"argmax agreement ≥ {MIN_ARGMAX_AGREEMENT:.0%} (or within the reference's own "
+                     "rounding floor), every checked integer core exact, every checked node within "
+                     "the activation-quantization bound"),
+        }
+
     def check_inputs(self) -> None:
         """Both graphs are there, whole, and the BitLinear graph was made from this export."""
         require_graph(self.paths.full_onnx, "export")
@@ -547,7 +581,8 @@ class Validation:
         elif problems:
             self.notes.append("performance not measured: the replaced graph failed validation")
         verdict = "通过 passed" if not problems else "未通过 failed: " + "; ".join(problems)
-        md = render_report(self.meta, accuracy, perf, [asdict(c) for c in checks], verdict, self.notes)
+        md = render_report(self.meta, accuracy, perf, [asdict(c) for c in checks], verdict, self.notes,
+                           self.settings())
         atomic_write_text(self.paths.performance_report, md)
         ctx.artifact("performance_report", self.paths.performance_report)
         self._metrics(logits, checks, diagnoses, perf)

@@ -599,6 +599,7 @@ async def test_lm_head_detail_says_it_is_held_in_bf16_when_configured(exported):
         await pilot.pause()
         detail = str(app.query_one("#node-detail").render())
         assert "held in bf16 as LinearBF16" in detail
+        assert str(panel.table.get_cell("/lm_head/Gemm", "replace")) == "bf16"
         panel.table.move_cursor(row=_row_names(panel.table).index("/model/layers.0/mlp/up_proj/MatMul"))
         await pilot.pause()
         assert "bf16" not in str(app.query_one("#node-detail").render())
@@ -700,6 +701,11 @@ async def test_the_form_validates_and_escape_cancels(cfg):
         assert "title" in problems and "time" in problems and "stage" in problems
         assert "error" not in problems  # optional, as for `tdpu bugs add`
         assert app.screen is form and form.focused.id == "f-title"
+        # Fixing a field takes its problem off the list at once (the others stay).
+        await pilot.press(*"hang")
+        await pilot.pause()
+        problems = str(form.query_one("#bug-form-problems").render())
+        assert "title" not in problems and "time" in problems and "stage" in problems
         await pilot.press("tab", "tab", "enter")  # the stage list opens; escape closes only it
         await pilot.press("escape")
         assert app.screen is form

@@ -305,7 +305,7 @@ class TdpuApp(App[int]):
             cancelled = self.pipeline is not None and self.pipeline.cancel.is_set()
             if result.status is Status.FAILED and not cancelled:  # a cancel says so at the end
                 first = result.message.splitlines()[0] if result.message else ""
-                self.say(f"{result.name} failed: {first}\nPipeline tab, d drafts a bug record",
+                self.say(f"{result.name} failed: {first}\nPipeline tab, d opens its bug record",
                          severity="error", title="stage failed", timeout=8)
             if result.name == "export" and result.status is Status.OK:
                 self.nodes_panel.reload()

@@ -198,6 +198,8 @@ class NodesPanel(Vertical):
     def _cells(self, node) -> list:
         if node.ternary:
             mark = Text("[x]", style="bold green") if self.selection.get(node.name) else Text("[ ]")
+        elif node.projection == "lm_head" and self.config.replace.lm_head == "bf16":
+            mark = Text("bf16", style="cyan")      # held in bf16 by [replace].lm_head
         else:
             mark = Text(" — ", style="dim")
         shape = f"{node.k}×{node.n}" if node.k and node.n else ""

@@ -144,6 +144,27 @@ class BugForm(ModalScreen[dict | None]):
             return
         self.dismiss(values)
 
+    def _recheck(self) -> None:
+        """Once problems are shown, keep them in step with the fields (fixed ones disappear)."""
+        out = self.query_one("#bug-form-problems", Static)
+        if not out.has_class("error"):
+            return
+        problems = self.check(self.current())
+        if problems:
+            out.update("\n".join(f"[b]{k}[/b]: {escape(why)}" for k, why in problems.items()))
+        else:
+            out.update("")
+            out.remove_class("error")
+
+    def on_input_changed(self, _event) -> None:
+        self._recheck()
+
+    def on_text_area_changed(self, _event) -> None:
+        self._recheck()
+
+    def on_select_changed(self, _event) -> None:
+        self._recheck()
+
     def action_cancel(self) -> None:
         """Leave the form; what was typed is only thrown away after a yes."""
         if self.current() == self.current_at_open:

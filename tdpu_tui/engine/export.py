@@ -326,8 +326,10 @@ def write_export_log(paths: Artifacts, cfg: Config, meta: dict, c: Any, counts: 
         "| step | seconds |", "|---|---:|",
         *[f"| {k} | {v:.2f} |" for k, v in timings.items()],
         "",
-        f"Peak RSS: {human_bytes(export_rss)} after writing the graph, {human_bytes(peak)} at the end "
-        f"(verification included).",
+        f"Peak RSS of the process: {human_bytes(export_rss)} after writing the graph, "
+        f"{human_bytes(peak)} at the end (verification included). It is the whole process's peak "
+        "since it started, so when the app ran the export it includes the app and earlier runs; "
+        "`tdpu --batch --stage export` measures the export alone.",
         "",
     ]
     atomic_write_text(paths.export_log, "\n".join(lines))

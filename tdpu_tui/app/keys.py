@@ -18,6 +18,7 @@ KEY_MAP: list[tuple[str, list[tuple[str, str]]]] = [
     ("Log", [
         ("end", "jump to the end and follow new lines"),
         ("home", "jump to the start (stops following)"),
+        ("left/right", "scroll long lines sideways"),
         ("/", "filter lines (escape clears)"),
     ]),
     ("Nodes", [

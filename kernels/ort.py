@@ -455,11 +455,22 @@ class _Deferred:
         return self.hit
 
     def handle(self, signum, frame) -> None:
+        if self.hit:
+            # A second Ctrl-C: the user insists. Hand it to the previous handler now (what
+            # happens inside an operator is then ONNX Runtime's business).
+            signal.signal(signal.SIGINT, self.previous)
+            self.deliver_to_previous(frame)
+            return
         self.hit, self.frame = True, frame
 
     def deliver(self) -> None:
+        self.deliver_to_previous(self.frame)
+
+    def deliver_to_previous(self, frame) -> None:
         if callable(self.previous):
-            self.previous(signal.SIGINT, self.frame)
+            self.previous(signal.SIGINT, frame)
+        elif self.previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)       # the default action, with the default restored
         elif self.previous != signal.SIG_IGN:
             raise KeyboardInterrupt
 
@@ -472,12 +483,16 @@ def _sigint_deferred():
     operator called from C++: the KeyboardInterrupt crossing that boundary terminates the
     process (pybind11::error_already_set, exit 134). In the main thread the signal is noted
     instead and delivered (to the previous handler, by default as KeyboardInterrupt) when
-    `run` returns; other threads cannot take signals and run as they are.
+    `run` returns; a second Ctrl-C goes to the previous handler at once. Other threads cannot
+    take signals and run as they are.
     """
     if threading.current_thread() is not threading.main_thread():
         yield _Deferred(None)
         return
     previous = signal.getsignal(signal.SIGINT)
+    if previous is None:                # installed outside Python: leave it alone
+        yield _Deferred(None)
+        return
     deferred = _Deferred(previous)
     try:
         signal.signal(signal.SIGINT, deferred.handle)
@@ -487,7 +502,7 @@ def _sigint_deferred():
     try:
         yield deferred
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        signal.signal(signal.SIGINT, previous)
 
 
 class BitLinearSession(onnxruntime.InferenceSession):

@@ -107,6 +107,19 @@ def cfg(tmp_path):
 
 # -- pipeline panel -----------------------------------------------------------------------------
 
+@aio
+async def test_a_damaged_status_row_does_not_stop_the_app(cfg):
+    _write_status(cfg, {"export": {"status": "running", "pid": 1099511627776, "started_at": "x"},
+                        "precheck": {"status": "running", "pid": 1, "started_ts": "soon",
+                                     "started_at": "2026-11-26T10:00:00+00:00"},
+                        "parse": {"status": "ok", "seconds": "fast"}, "replace": "nonsense"})
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause(1.5)
+        assert statuses(app)["precheck"] == "running" and statuses(app)["parse"] == "pending"
+        assert app.is_running
+
+
 def _write_status(cfg, rows: dict) -> None:
     import json
     path = Artifacts.of(cfg).run_status
@@ -143,6 +156,16 @@ async def test_pipeline_tab_shows_a_batch_run_from_another_process(cfg):
         _write_status(cfg, {"precheck": {**other, "status": "failed", "seconds": 1.0,
                                          "message": "undocumented op Pow"}})
         await wait_for(pilot, lambda: statuses(app)["precheck"] == "failed", timeout=5)
+        # A process that dies without writing again (kill -9) is noticed without a file change.
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            _write_status(cfg, {"validate": {**other, "pid": sleeper.pid, "status": "running",
+                                             "seconds": None, "message": "", "finished_at": ""}})
+            await wait_for(pilot, lambda: statuses(app)["validate"] == "running", timeout=5)
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+        await wait_for(pilot, lambda: statuses(app)["validate"] == "failed", timeout=5)
         # A run started here takes its rows over (and is not shown as another process's).
         await run_and_wait(pilot, app)
         assert not any(r.origin for r in rows.values())

@@ -130,3 +130,18 @@ def test_mode_for(tmp_path, umask):
     f.write_text("x", encoding="utf-8")
     f.chmod(0o640)
     assert mode_for(f) == 0o640
+
+
+def test_a_lock_file_is_made_for_the_group_like_the_files_it_guards(tmp_path):
+    import os
+    import stat
+
+    from tdpu_tui.engine.fsutil import lock_for
+    old = os.umask(0o002)
+    try:
+        with lock_for(tmp_path / "icraft_compile_log.md"):
+            pass
+    finally:
+        os.umask(old)
+    lock = tmp_path / ".icraft_compile_log.md.lock"
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o664

@@ -200,8 +200,9 @@ def test_a_file_system_error_names_the_file_without_a_traceback(tmp_config):
     summary = Pipeline(cfg, [Denied("a")]).run()
     r = summary.results[0]
     assert r.status is Status.FAILED
-    assert r.message.startswith("/srv/models/output/x.onnx: Permission denied — not writable")
+    assert r.message.startswith("/srv/models/output/x.onnx: Permission denied — check its permissions")
     assert "[paths].output" in r.message and not any("Traceback" in line for line in r.log_tail)
+    assert "Traceback" in (cfg.logs_dir / "runs" / "a.log").read_text()   # kept for whoever digs
 
 
 def test_an_unwritable_status_file_is_a_warning_not_a_failure(tmp_config):

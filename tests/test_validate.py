@@ -73,7 +73,7 @@ def test_tiny_preset_validates_with_argmax_agreement_and_a_report(replaced, tmp_
     assert "hidden size 64: at shapes this small" in report   # why BitLinear is slower at tiny shapes
     # what a reader needs to reproduce it
     for field in ("**版本 Versions**: tdpu ", "onnxruntime ", "**替换 Replace**: layout tdpu, lm_head float",
-                  "**输入 Inputs**: seed 7", "**计时 Timing**: median of 2 runs", "**通过条件 Pass criteria**",
+                  "**输入 Inputs**: seed 7", "**计时 Timing**: median of 3 runs (prefill) and 12 runs", "**通过条件 Pass criteria**",
                   "(built for timing, not kept)"):
         assert field in report, field
 
@@ -223,6 +223,16 @@ def test_a_bitlinear_graph_from_an_earlier_export_is_refused_naming_the_fix(repl
     result = _run(root, ["validate"])["validate"]
     assert result.status is Status.FAILED
     assert "was made from an earlier export" in result.message and "run replace" in result.message
+
+
+def test_a_truncated_data_file_is_named_before_onnx_runtime_reads_it(replaced, tmp_path):
+    root = _copy(replaced, tmp_path)
+    data = root / "models" / "output" / "bitnet_b1.58_bitlinear.onnx.data"
+    with open(data, "r+b") as fh:
+        fh.truncate(data.stat().st_size // 2)
+    result = _run(root, ["validate"])["validate"]
+    assert result.status is Status.FAILED
+    assert "bitnet_b1.58_bitlinear.onnx.data" in result.message and "truncated; run the replace stage" in result.message
 
 
 @pytest.mark.parametrize(("name", "stage"), [("bitnet_b1.58_bitlinear.onnx.data", "replace"),

@@ -173,10 +173,12 @@ class TdpuApp(App[int]):
         path = self.paths.run_status
         try:
             st = path.stat()
-            stamp = (st.st_mtime_ns, st.st_size)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         except OSError:
             return
-        if stamp == self._status_seen:
+        # Unchanged file: nothing new, unless a stage shown as running in another process may
+        # have died without writing again (kill -9, the OOM killer).
+        if stamp == self._status_seen and not self.pipeline_panel.others_running:
             return
         self._status_seen = stamp
         from tdpu_tui.engine import run_status

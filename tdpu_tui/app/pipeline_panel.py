@@ -213,33 +213,41 @@ class PipelinePanel(Vertical):
     def show_recorded(self, recorded: dict, own_pid: int) -> None:
         """Rows from the status file (`engine/run_status.py`) that another process wrote: a
         `tdpu --batch` run in another shell, or an earlier session of the app."""
-        import datetime as _dt
+        shown = []
         for name, st in recorded.items():
             row = self.rows.get(name)
-            if row is None or st.pid == own_pid:
+            if row is None or (st.pid == own_pid and not st.elsewhere):
                 continue
+            shown.append(name)
             when = (st.finished_at or st.started_at).replace("T", " ")
+            where = (f"process {st.pid}" if st.pid else "an unrecorded process") + (
+                f" on {st.host}" if st.elsewhere else "")
             row.done = row.total = None
             row.note = row.stale_after = ""
+            row.bug_number = None          # this session's record, if any, is not about that run
+            row.log_tail.clear()
             if st.status is Status.RUNNING:
                 if st.alive:
                     row.status, row.seconds, row.message = Status.RUNNING, None, ""
-                    try:
-                        began = _dt.datetime.fromisoformat(st.started_at)
-                        row.started = time.monotonic() - max(0.0, (_dt.datetime.now() - began).total_seconds())
-                    except ValueError:
-                        row.started = time.monotonic()
-                    row.note = f"running in process {st.pid}"
-                    row.origin = f"run by process {st.pid} (started {st.started_at.replace('T', ' ')})"
+                    ago = time.time() - st.started_ts if st.started_ts else 0.0
+                    row.started = time.monotonic() - max(0.0, ago)
+                    row.note = f"running in {where}"
+                    row.origin = f"run by {where} (started {st.started_at.replace('T', ' ')})"
                 else:
                     row.status, row.seconds, row.started = Status.FAILED, None, None
-                    row.message = (f"process {st.pid} ended while this stage ran "
+                    row.message = (f"{where} ended while this stage ran "
                                    f"(started {st.started_at.replace('T', ' ')}): interrupted or killed")
-                    row.origin = f"run by process {st.pid}, which is gone"
+                    row.origin = f"run by {where}, which is gone"
             else:
                 row.status, row.seconds, row.started, row.message = st.status, st.seconds, None, st.message
-                row.origin = f"run by process {st.pid}, finished {when}"
+                row.origin = f"run by {where}, finished {when}"
             self.update_row(name)
+        self._mark_stale([n for n in shown if self.rows[n].status is Status.RUNNING])
+
+    @property
+    def others_running(self) -> bool:
+        """Rows showing another process's stage as still running (their liveness is re-checked)."""
+        return any(r.origin and r.status is Status.RUNNING for r in self.rows.values())
 
     def tick(self) -> None:
         """Refresh the elapsed time of running stages (once a second)."""

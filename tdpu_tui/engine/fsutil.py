@@ -41,7 +41,11 @@ class FileLock:
 
     def __enter__(self) -> FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            # 0o666 minus the umask, like the files it guards: a group member must open it too.
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:
+            self.fd = os.open(self.path, os.O_RDONLY)   # someone else's lock file: flock still works
         if fcntl is None:
             return self
         deadline = time.monotonic() + self.timeout
@@ -66,8 +70,8 @@ class FileLock:
 
 
 def lock_for(path: str | Path) -> FileLock:
-    """The lock guarding `path`: `.NAME.lock` beside it."""
-    path = Path(path)
+    """The lock guarding `path`: `.NAME.lock` beside the file a write to `path` lands in."""
+    path = write_target(path)
     return FileLock(path.with_name(f".{path.name}.lock"))
 
 
@@ -138,6 +142,10 @@ def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
         # the rename. A file system without modes (some network mounts) keeps what it gives.
         with contextlib.suppress(OSError):
             os.chmod(tmp_path, mode_for(path))
+        with contextlib.suppress(OSError):   # keep the replaced file's group (shared projects)
+            group = os.stat(path).st_gid
+            if os.stat(tmp_path).st_gid != group:
+                os.chown(tmp_path, -1, group)
         os.replace(tmp_path, path)
         if fsync:
             fsync_dir(path.parent)

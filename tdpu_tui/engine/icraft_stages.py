@@ -22,7 +22,7 @@ import numpy as np
 
 from tdpu_tui.engine import icraft as ic
 from tdpu_tui.engine.compile_log import StageRecord
-from tdpu_tui.engine.errors import Cancelled, StageFailed
+from tdpu_tui.engine.errors import Cancelled, StageFailed, TdpuError
 from tdpu_tui.engine.fsutil import atomic_write_bytes
 from tdpu_tui.engine.pipeline import Skip, Stage, StageContext
 
@@ -232,8 +232,9 @@ def _require_cli(ctx: StageContext) -> Path:
         reason = ic.missing_cli_reason(ctx.config)
         try:
             StageRecord(ctx.stage, "skipped", summary=reason).write(ctx.paths.compile_log)
-        except OSError as exc:  # a log that cannot be written does not turn a skip into a failure
-            ctx.log(f"{ctx.paths.compile_log}: not updated ({exc.strerror or exc})", "warning")
+        except (OSError, TdpuError) as exc:  # a log that cannot be written does not turn a skip
+            ctx.log(f"{ctx.paths.compile_log}: not updated ({getattr(exc, 'strerror', None) or exc})",
+                    "warning")
         raise Skip(reason)
     return exe
 

@@ -61,7 +61,8 @@ class StageContext:
 
     def log(self, line: str, level: str = "info", source: str = "") -> None:
         for part in str(line).splitlines() or [""]:
-            self._tail.append(part)
+            if level != "debug":           # the tail feeds bug drafts and the app's error view
+                self._tail.append(part)
             event = StageLog(self.stage, part, level, source)
             if self._log_fh is not None:
                 self._log_fh.write(f"{event.text}\n")
@@ -108,8 +109,8 @@ def os_error_message(exc: OSError) -> str:
     what = exc.strerror or str(exc)
     hint = ""
     if isinstance(exc, PermissionError) or exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        hint = (" — not writable (or readable) here; outputs go to [paths].output and [paths].logs "
-                "of tdpu.toml")
+        hint = (" — check its permissions (outputs go to [paths].output and [paths].logs of tdpu.toml; "
+                "inputs are [model].source and the graphs the stages before wrote)")
     elif exc.errno == errno.ENOSPC:
         hint = " — the disk is full"
     where = exc.filename if exc.filename is not None else ""
@@ -234,9 +235,16 @@ class Pipeline:
         except TdpuError as exc:
             status, message = Status.FAILED, str(exc)
             ctx.log(message, "error")
-        except OSError as exc:  # the file system said no: name the file, not a traceback
-            status, message = Status.FAILED, os_error_message(exc)
-            ctx.log(message, "error")
+        except OSError as exc:
+            if exc.filename is not None:   # the file system said no: name the file first
+                status, message = Status.FAILED, os_error_message(exc)
+                ctx.log(message, "error")
+                for line in traceback.format_exc().rstrip().splitlines():
+                    ctx.log(line, "debug")
+            else:                          # a pipe, a socket, a library: as any other error
+                status, message = Status.FAILED, f"{type(exc).__name__}: {exc}"
+                for line in traceback.format_exc().rstrip().splitlines():
+                    ctx.log(line, "error")
         except Exception as exc:  # an unexpected error is still a stage failure, with its trace
             status, message = Status.FAILED, f"{type(exc).__name__}: {exc}"
             for line in traceback.format_exc().rstrip().splitlines():

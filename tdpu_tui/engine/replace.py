@@ -72,6 +72,7 @@ class ReplaceReport:
     output: str
     layout: str
     decisions: list[Decision] = field(default_factory=list)
+    source_stamp: dict = field(default_factory=dict)   # taken before the source was read
     lm_head: str = "float"
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
@@ -98,7 +99,7 @@ class ReplaceReport:
         return sum(d.bytes_after for d in self.replaced)
 
     def as_json(self) -> dict:
-        return {"source": self.source, "source_stamp": source_stamp(Path(self.source)),
+        return {"source": self.source, "source_stamp": self.source_stamp,
                 "output": self.output, "layout": self.layout,
                 "lm_head": self.lm_head, "include": self.include, "exclude": self.exclude,
                 "overrides": self.overrides, "replaced": len(self.replaced), "kept": len(self.kept),
@@ -175,6 +176,7 @@ def replace_model(src: str | Path, dst: str | Path, *, layout: str = "tdpu",
     if lm_head not in LM_HEAD_MODES:
         raise InventoryError(f"[replace].lm_head: expected one of {LM_HEAD_MODES}, found {lm_head!r}")
     src, dst = Path(src), Path(dst)
+    stamp = source_stamp(src)       # before reading: an export that lands meanwhile is not ours
     g = GraphIndex.load(src)
     items = list(iter_nodes(g))
     protos = list(candidate_nodes(g))        # the NodeProto of each item (names need not be unique)
@@ -183,7 +185,7 @@ def replace_model(src: str | Path, dst: str | Path, *, layout: str = "tdpu",
     selected = resolve_selection(entries, rcfg, overrides)
 
     report = ReplaceReport(str(src), str(dst), layout, lm_head=lm_head, include=list(include),
-                           exclude=list(exclude), overrides=dict(overrides or {}))
+                           exclude=list(exclude), overrides=dict(overrides or {}), source_stamp=stamp)
     chosen: list[tuple[Projection, Decision]] = []
     head_nodes: list[tuple[onnx.NodeProto, Decision]] = []
     for (entry, proj), proto in zip(items, protos, strict=True):

@@ -19,6 +19,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,17 +41,27 @@ class StageStatus:
     pid: int | None
     started_at: str
     finished_at: str
+    started_ts: float | None = None     # epoch seconds (time zones differ between sessions)
+    host: str = ""
+
+    @property
+    def elsewhere(self) -> bool:
+        """Recorded on another host (a shared project directory): its pid means nothing here."""
+        return bool(self.host) and self.host != socket.gethostname()
 
     @property
     def alive(self) -> bool:
-        """Whether the process that reported this row still exists (meaningful while running)."""
+        """Whether the process that reported this row still exists (meaningful while running;
+        a row from another host counts as alive: it cannot be checked from here)."""
+        if self.elsewhere:
+            return True
         if not self.pid:
             return False
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
             return False
-        except PermissionError:
+        except (PermissionError, OverflowError, OSError):
             return True
         return True
 
@@ -72,13 +84,15 @@ def _update(path: Path, name: str, fields: dict[str, Any]) -> None:
 
 def record_started(path: str | Path, name: str) -> None:
     _update(Path(path), name, {"status": Status.RUNNING.value, "seconds": None, "message": "",
-                               "pid": os.getpid(), "started_at": _now(), "finished_at": ""})
+                               "pid": os.getpid(), "host": socket.gethostname(), "started_at": _now(),
+                               "started_ts": round(time.time(), 3), "finished_at": ""})
 
 
 def record_finished(path: str | Path, result: StageResult) -> None:
     _update(Path(path), result.name, {
         "status": result.status.value, "seconds": round(result.seconds, 3),
-        "message": result.message[:MESSAGE_LIMIT], "pid": os.getpid(), "finished_at": _now()})
+        "message": result.message[:MESSAGE_LIMIT], "pid": os.getpid(), "host": socket.gethostname(),
+        "finished_at": _now()})
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -101,9 +115,15 @@ def load(path: str | Path) -> dict[str, StageStatus]:
         try:
             status = Status(row.get("status"))
             seconds = row.get("seconds")
+            pid = int(row["pid"]) if row.get("pid") else None
+            if pid is not None and not 0 < pid < 2**31:
+                pid = None
+            ts = row.get("started_ts")
             out[name] = StageStatus(name, status, float(seconds) if seconds is not None else None,
-                                    str(row.get("message", "")), int(row["pid"]) if row.get("pid") else None,
-                                    str(row.get("started_at", "")), str(row.get("finished_at", "")))
-        except (ValueError, TypeError, KeyError):
+                                    str(row.get("message", "")), pid,
+                                    str(row.get("started_at", "")), str(row.get("finished_at", "")),
+                                    float(ts) if isinstance(ts, (int, float)) else None,
+                                    str(row.get("host", "")))
+        except (ValueError, TypeError, KeyError, OverflowError):
             continue
     return out

@@ -25,12 +25,22 @@ def require_graph(path: str | Path, made_by: str) -> Path:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise StageFailed(f"{path}: not a readable ONNX model ({exc}); run the {made_by} stage again") from None
-    files = {e.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-             for e in t.external_data if e.key == "location"}
-    for name in sorted(files):
-        if not (path.parent / name).is_file():
-            raise StageFailed(f"{path.parent / name}: not found (the weights of {path.name}); run the "
+    needed: dict[str, int] = {}        # data file -> bytes the initializers reach
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        name = info.get("location", "")
+        needed[name] = max(needed.get(name, 0), end)
+    for name, end in sorted(needed.items()):
+        data = path.parent / name
+        if not data.is_file():
+            raise StageFailed(f"{data}: not found (the weights of {path.name}); run the "
                               f"{made_by} stage again")
+        if data.stat().st_size < end:
+            raise StageFailed(f"{data}: {data.stat().st_size} bytes, but {path.name} reads up to byte "
+                              f"{end}: truncated; run the {made_by} stage again")
     return path
 
 

@@ -2,6 +2,7 @@
 
     bf16_bits(w, where)        float32 array -> uint16 bit patterns; raises when a value is not
                                exactly a bfloat16 (nothing is ever rounded silently)
+    split_bf16(w)              the same without raising: bits, count and first index of the others
     bf16_to_float32(bits)      uint16 bit patterns -> float32 (exact)
     linear_bf16(x, w_bits)     float32 [..., K] x bf16 [N, K] -> float32 [..., N] = x @ W.T
 
@@ -198,15 +199,23 @@ def bf16_bits(w: np.ndarray, where: str = "weights") -> np.ndarray:
             raise Bf16Error(f"{where}: {int(lost.sum())} of {given.size} values are not bfloat16 "
                             f"values (the first, {float(given[first])!r} at {list(map(int, first))}, is not "
                             "even a float32); storing them as bf16 would round them")
-    u = w.view(np.uint32)
+    bits, bad, first = split_bf16(w)
+    if bad:
+        raise Bf16Error(f"{where}: {bad} of {w.size} values are not bfloat16 values (the first, "
+                        f"{float(w[first])!r} at {list(first)}, has mantissa bits below "
+                        "bfloat16's); storing them as bf16 would round them")
+    return bits.reshape(given.shape)
+
+
+def split_bf16(w: np.ndarray) -> tuple[np.ndarray, int, tuple[int, ...] | None]:
+    """float32 array -> (its top halves as uint16 bit patterns, how many values have bits in the
+    bottom half, i.e. are not exactly bfloat16, and the index of the first such value or None)."""
+    w = np.asarray(w)
+    u = np.ascontiguousarray(w, dtype=np.float32).reshape(w.shape).view(np.uint32)
     low = (u & np.uint32(0xFFFF)) != 0
     bad = int(np.count_nonzero(low))
-    if bad:
-        first = np.unravel_index(int(np.argmax(low)), w.shape)
-        raise Bf16Error(f"{where}: {bad} of {w.size} values are not bfloat16 values (the first, "
-                        f"{float(w[first])!r} at {list(map(int, first))}, has mantissa bits below "
-                        "bfloat16's); storing them as bf16 would round them")
-    return (u >> np.uint32(16)).astype(np.uint16).reshape(given.shape)
+    first = tuple(int(i) for i in np.unravel_index(int(np.argmax(low)), u.shape)) if bad else None
+    return (u >> np.uint32(16)).astype(np.uint16), bad, first
 
 
 def linear_bf16(x: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -128,12 +128,16 @@ def cache_info() -> dict:
 
 # ----------------------------------------------------------------------------- operators
 
-def _check_call(where: str, x: np.ndarray, k: int, n: int, w_shape, layout: str) -> None:
-    if layout not in packing.LAYOUTS:
-        raise BitLinearError(f"{where}: unknown layout {layout!r}, expected one of {packing.LAYOUTS}")
+def _check_x(where: str, x: np.ndarray, k: int) -> None:
     if x.ndim == 0 or x.shape[-1] != k:
         raise BitLinearError(f"{where}: X has shape {list(x.shape)}, its last dimension must equal "
                              f"in_features = {k}")
+
+
+def _check_call(where: str, x: np.ndarray, k: int, n: int, w_shape, layout: str) -> None:
+    if layout not in packing.LAYOUTS:
+        raise BitLinearError(f"{where}: unknown layout {layout!r}, expected one of {packing.LAYOUTS}")
+    _check_x(where, x, k)
     if tuple(w_shape) != (n // 4, k) or n % 4:
         raise BitLinearError(f"{where}: W has shape {list(w_shape)}, expected [out_features/4, "
                              f"in_features] = [{n / 4:g}, {k}]")
@@ -164,45 +168,35 @@ def _bitlinear_op(x, w, weight_scale, in_features, out_features, layout):
         return _failed(where, exc, x, out_features)
 
 
+def _registered_weight(key: np.ndarray, where: str, op_type: str) -> np.ndarray:
+    """The registry's array under the one-element `key` input of a prepacked node."""
+    entry = _entries.get(int(key.reshape(-1)[0])) if key.size == 1 else None
+    if entry is None:
+        raise BitLinearError(f"{where}: no prepacked weight under key {key.tolist()}; graphs holding "
+                             f"{op_type} must run in a session made by kernels.ort.create_session in "
+                             "this process")
+    return entry.packed
+
+
 def _prepacked_op(x, key, weight_scale, in_features, out_features, layout, node_name):
     where = f"BitLinear node {node_name!r}"
     try:
-        entry = _entries.get(int(key.reshape(-1)[0])) if key.size == 1 else None
-        if entry is None:
-            raise BitLinearError(f"{where}: no prepacked weight under key {key.tolist()}; "
-                                 "graphs holding BitLinearPrepacked must run in a session made by "
-                                 "kernels.ort.create_session in this process")
-        _check_call(where, x, in_features, out_features, entry.packed.shape, layout)
-        return bitlinear(x, entry.packed, weight_scale, layout)
+        packed = _registered_weight(key, where, PREPACKED_OP_TYPE)
+        _check_call(where, x, in_features, out_features, packed.shape, layout)
+        return bitlinear(x, packed, weight_scale, layout)
     except Exception as exc:
         return _failed(where, exc, x, out_features)
 
 
-def _bf16_where(in_features, out_features, node_name: str | None = None) -> str:
-    if node_name:
-        return f"LinearBF16 node {node_name!r}"
-    return f"LinearBF16 node (in_features={in_features}, out_features={out_features})"
-
-
-def _check_bf16_call(where: str, x: np.ndarray, k: int, n: int, w_shape) -> None:
-    if x.ndim == 0 or x.shape[-1] != k:
-        raise BitLinearError(f"{where}: X has shape {list(x.shape)}, its last dimension must equal "
-                             f"in_features = {k}")
-    if tuple(w_shape) != (n, k):
-        raise BitLinearError(f"{where}: W has shape {list(w_shape)}, expected [out_features, "
-                             f"in_features] = [{n}, {k}]")
-
-
 def _prepacked_bf16_op(x, key, in_features, out_features, node_name):
-    where = _bf16_where(in_features, out_features, node_name)
+    where = f"LinearBF16 node {node_name!r}"
     try:
-        entry = _entries.get(int(key.reshape(-1)[0])) if key.size == 1 else None
-        if entry is None:
-            raise BitLinearError(f"{where}: no weight under key {key.tolist()}; graphs holding "
-                                 "LinearBF16Prepacked must run in a session made by "
-                                 "kernels.ort.create_session in this process")
-        _check_bf16_call(where, x, in_features, out_features, entry.packed.shape)
-        return linear_bf16(x, entry.packed)
+        w = _registered_weight(key, where, BF16_PREPACKED_OP_TYPE)
+        _check_x(where, x, in_features)
+        if tuple(w.shape) != (out_features, in_features):
+            raise BitLinearError(f"{where}: W has shape {list(w.shape)}, expected [out_features, "
+                                 f"in_features] = [{out_features}, {in_features}]")
+        return linear_bf16(x, w)
     except Exception as exc:
         return _failed(where, exc, x, out_features)
 

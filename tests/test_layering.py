@@ -29,3 +29,13 @@ def test_engine_module_imports_without_textual_or_rich(module):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, f"{module} pulled in {proc.stdout.strip()} {proc.stderr[-2000:]}"
+
+
+def test_loading_the_stages_does_not_start_numba():
+    """The app and `tdpu --batch` list every stage at start-up; numba (and its threads) come
+    only with the first kernel call."""
+    code = ("import sys; from tdpu_tui.engine.stages import all_stages; all_stages(); "
+            "bad = [m for m in ('numba', 'kernels.bf16', 'kernels.bitlinear') if m in sys.modules]; "
+            "print(','.join(bad)); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, f"start-up imported {proc.stdout.strip()} {proc.stderr[-2000:]}"

@@ -13,33 +13,27 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 import bitlinear_graphs as bg
+from conftest import write_config
 from kernels.bf16 import bf16_to_float32
 from kernels.ort import create_session
-from tdpu_tui.engine.config import ConfigError, parse_config
+from tdpu_tui.engine.config import ConfigError, load_config, parse_config
 from tdpu_tui.engine.events import Status
 from tdpu_tui.engine.inventory import InventoryError
 from tdpu_tui.engine.pipeline import Pipeline
 from tdpu_tui.engine.replace import replace_model
 
-OUT = Path("models") / "output"
+OUT = Path("out")          # conftest.write_config: [paths].output
 
 
 def _config(root: Path, profile: str = "reference", lm_head: str = "bf16"):
-    return parse_config(f"""
-[model.synthetic]
-preset = "tiny"
-[export]
-profile = "{profile}"
-seq_len = 32
-[replace]
-lm_head = "{lm_head}"
-[validate]
-repeats = 2
-sample_nodes = 2
-[paths]
-output = "{root / 'models' / 'output'}"
-logs = "{root / 'phase3_logs'}"
-""", root / "tdpu.toml")
+    extra = f"""
+        [replace]
+        lm_head = "{lm_head}"
+        [validate]
+        repeats = 2
+        sample_nodes = 2
+        """
+    return load_config(write_config(root, extra, profile=profile, seq_len=32))
 
 
 def _run(root: Path, stages: list[str], profile: str = "reference", lm_head: str = "bf16"):
@@ -58,7 +52,7 @@ def exported(tmp_path_factory):
 
 
 def _copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src / "models", dst / "models")
+    shutil.copytree(src / "out", dst / "out")
     return dst
 
 
@@ -124,7 +118,7 @@ def test_validate_checks_the_bf16_node_and_reports_it(exported, tmp_path):
     assert result.status is Status.OK, result.message
     assert "bf16 lm_head weights exact" in result.message
     assert result.metrics["argmax_agreement"] == 1.0
-    md = (root / "phase3_logs" / "performance_report.md").read_text(encoding="utf-8")
+    md = (root / "logs" / "performance_report.md").read_text(encoding="utf-8")
     assert "| `/lm_head/Gemm` | 64 | 256 | bf16 weights exact |" in md
     assert '[replace].lm_head = "bf16"' in md
 

@@ -377,6 +377,15 @@ def _is_signed_permutation(g: GraphIndex, weight: str | None) -> bool:
     return bool(seen.all())
 
 
+def free_name(preferred: str, taken: set[str], suffix: str = "") -> str:
+    """`preferred`, else `preferred + suffix`, `preferred + suffix + "2"`, … : the first name not
+    in `taken` (for tensors a graph rewrite adds)."""
+    name, i = preferred, 1
+    while name in taken:
+        name, i = f"{preferred}{suffix}{'' if i == 1 else i}", i + 1
+    return name
+
+
 def candidate_nodes(g: GraphIndex) -> Iterator[onnx.NodeProto]:
     """The nodes `iter_nodes` reports, in the same order: MatMul, Gemm and BitLinear."""
     for node in g.graph.node:

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from tdpu_tui.engine.inventory import BITLINEAR_DOMAIN, GraphIndex, InventoryError, _attr
+from tdpu_tui.engine.inventory import BITLINEAR_DOMAIN, GraphIndex, InventoryError, _attr, free_name
 
 OP_TYPE = "LinearBF16"
 ROWS_PER_CHUNK = 4096
@@ -115,7 +115,7 @@ def plan_bf16(g: GraphIndex, node: onnx.NodeProto, taken: set[str]) -> Bf16Plan:
     keeps_float = [f"node {c.name or c.op_type!r}" for c in rest]
     if weight in g.graph_outputs:
         keeps_float.append("the graph output of the same name")
-    new_weight = _free(f"{weight}.bf16", taken) if keeps_float else weight
+    new_weight = free_name(f"{weight}.bf16", taken) if keeps_float else weight
     taken.add(new_weight)
     plan = Bf16Plan(node, helper.make_node(OP_TYPE, [a, new_weight], [node.output[0]],
                                            name=linear_bf16_name(node.name), domain=BITLINEAR_DOMAIN,
@@ -124,7 +124,7 @@ def plan_bf16(g: GraphIndex, node: onnx.NodeProto, taken: set[str]) -> Bf16Plan:
                     weight, new_weight, n, k, nk, absorbed, bytes_before=n * k * 4,
                     float_kept_for=keeps_float)
     for gather in gathers:
-        mid = _free(f"{gather.output[0]}/bf16", taken)
+        mid = free_name(f"{gather.output[0]}/bf16", taken)
         taken.add(mid)
         new_gather = onnx.NodeProto()
         new_gather.CopyFrom(gather)
@@ -136,32 +136,24 @@ def plan_bf16(g: GraphIndex, node: onnx.NodeProto, taken: set[str]) -> Bf16Plan:
     return plan
 
 
-def _free(preferred: str, taken: set[str]) -> str:
-    name, i = preferred, 2
-    while name in taken:
-        name, i = f"{preferred}{i}", i + 1
-    return name
-
-
 def bf16_source(g: GraphIndex, plan: Bf16Plan, graph_file: str) -> Callable[[], np.ndarray]:
     """The bf16 bit patterns [N, K] of the plan's float32 weight, converted a block of rows at a
     time (a 1.31 GB float table never sits in memory twice). Values that are not exactly
     bfloat16 raise InventoryError naming the graph, the node, how many there are and the first."""
     def make() -> np.ndarray:
+        from kernels.bf16 import split_bf16  # numba: imported when a table is converted, not at start-up
+
         w = g.array(plan.weight)
         out = np.empty((plan.n, plan.k), np.uint16)
         rows = w.shape[0]
         step = ROWS_PER_CHUNK if plan.nk else max(1, ROWS_PER_CHUNK * plan.k // max(plan.n, 1))
         bad, first = 0, None
         for r in range(0, rows, step):
-            u = np.ascontiguousarray(w[r:r + step], dtype=np.float32).view(np.uint32)
-            low = (u & np.uint32(0xFFFF)) != 0
-            count = int(np.count_nonzero(low))
+            block = w[r:r + step]
+            bits, count, at = split_bf16(block)
             if count and first is None:
-                i, j = np.unravel_index(int(np.argmax(low)), low.shape)
-                first = (r + int(i), int(j), float(u[i:i + 1, j:j + 1].view(np.float32)[0, 0]))
+                first = (r + at[0], at[1], float(block[at]))
             bad += count
-            bits = (u >> np.uint32(16)).astype(np.uint16)
             if plan.nk:
                 out[r:r + step] = bits
             else:  # stored [K, N]: row blocks of W land transposed

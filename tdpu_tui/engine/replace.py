@@ -36,7 +36,7 @@ from tdpu_tui.engine.config import LM_HEAD_MODES, ReplaceConfig
 from tdpu_tui.engine.errors import StageFailed
 from tdpu_tui.engine.fsutil import commit_files, human_bytes, staging_dir
 from tdpu_tui.engine.inventory import (
-    ALREADY, BITLINEAR_DOMAIN, GraphIndex, InventoryError, Projection, candidate_nodes, iter_nodes,
+    ALREADY, BITLINEAR_DOMAIN, GraphIndex, InventoryError, Projection, candidate_nodes, free_name, iter_nodes,
     load_selection, resolve_selection, selection_reason, tensor_bytes,
 )
 from tdpu_tui.engine.lm_head import bf16_source, plan_bf16
@@ -127,13 +127,6 @@ def _packed_weight(g: GraphIndex, proj: Projection, layout: str) -> Callable[[],
     return make
 
 
-def _free_name(preferred: str, taken: set[str]) -> str:
-    name, i = preferred, 1
-    while name in taken:
-        name, i = f"{preferred}.bitlinear{'' if i == 1 else i}", i + 1
-    return name
-
-
 def _live(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> tuple[list[onnx.NodeProto], set[str]]:
     """Dead-node elimination: keep the nodes the graph outputs depend on."""
     live = {o.name for o in graph.output}
@@ -215,9 +208,9 @@ def replace_model(src: str | Path, dst: str | Path, *, layout: str = "tdpu",
     by_matmul: dict[int, onnx.NodeProto] = {}
     placement: dict[str, tuple[str, str]] = {}
     for proj, d in chosen:
-        wname = _free_name(proj.weight, taken)
+        wname = free_name(proj.weight, taken, ".bitlinear")
         module = proj.weight[: -len(".weight")] if proj.weight.endswith(".weight") else proj.weight
-        sname = _free_name(f"{module}.weight_scale", taken | {wname})
+        sname = free_name(f"{module}.weight_scale", taken | {wname}, ".bitlinear")
         taken |= {wname, sname}
         placement[proj.weight] = (wname, sname)
         lazy[wname] = _packed_weight(g, proj, layout)

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -222,6 +223,11 @@ class Validation:
         self.replaced = [d for d in self.report["nodes"] if d["action"] == "replaced"]
         self.bf16 = [d for d in self.report["nodes"] if d["action"] == "bf16"]
 
+    @functools.cached_property
+    def original(self) -> GraphIndex:
+        """The exported graph's structure (weights stay on disk), read once per run."""
+        return GraphIndex.load(self.paths.full_onnx)
+
     # inputs --------------------------------------------------------------------------------
 
     def tokens(self) -> int:
@@ -276,15 +282,13 @@ class Validation:
                     ) -> list[NodeCheck]:
         by_name = {n.name: n for n in g.graph.node if n.domain == BITLINEAR_DOMAIN}
         checks = []
-        if self.bf16:
-            original = GraphIndex.load(self.paths.full_onnx)
         for d in self.bf16:
             node = by_name[d["bitlinear"]]
             bits = np.asarray(g.array(node.input[1])).view(np.uint16)
-            if d.get("weight_nk") is None or d.get("weight") not in original.inits:
+            if d.get("weight_nk") is None or d.get("weight") not in self.original.inits:
                 raise StageFailed(f"{self.paths.replace_report}: the bf16 lm_head {d['name']!r} does not "
                                   "say which weight it holds or how (re-run replace)")
-            w_float = original.array(d["weight"])
+            w_float = self.original.array(d["weight"])
             c = check_bf16_node(d["name"], captured[node.input[0]], captured[node.output[0]], bits,
                                 w_float, bool(d["weight_nk"]))
             self.ctx.log(f"node {c.name} (bf16): weights {'exact' if c.int_exact else 'DIFFER'}, "
@@ -372,7 +376,7 @@ class Validation:
 
     def kept_weight_bytes(self) -> dict[str, int]:
         """Bytes of the float weights behind kept MatMul/Gemm nodes (e.g. the tied lm_head)."""
-        g = GraphIndex.load(self.paths.full_onnx)
+        g = self.original
         out: dict[str, int] = {}
         for d in self.report["nodes"]:
             w = d.get("weight")

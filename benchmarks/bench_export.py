@@ -83,8 +83,8 @@ def main() -> None:
 
     synth = child(textwrap.dedent(f"""\
         import json, resource, time
-        from tdpu_tui.engine.config import load_config
-        from tdpu_tui.engine.synthetic import ensure_synthetic
+        from tdpu_tui.engine.core.config import load_config
+        from tdpu_tui.engine.model.synthetic import ensure_synthetic
         t = time.perf_counter()
         p = ensure_synthetic(load_config({str(cfg_path)!r}))
         print(json.dumps({{"seconds": time.perf_counter() - t, "path": str(p),
@@ -95,9 +95,9 @@ def main() -> None:
 
     export = child(textwrap.dedent(f"""\
         import json
-        from tdpu_tui.engine.config import load_config
-        from tdpu_tui.engine.export import ExportStage
-        from tdpu_tui.engine.pipeline import Pipeline
+        from tdpu_tui.engine.core.config import load_config
+        from tdpu_tui.engine.stages.export import ExportStage
+        from tdpu_tui.engine.core.pipeline import Pipeline
         r = Pipeline(load_config({str(cfg_path)!r}), [ExportStage()]).run().results[0]
         print(json.dumps({{"status": r.status.value, "message": r.message, "seconds": r.seconds,
                            "metrics": r.metrics, "artifacts": r.artifacts}}))

@@ -71,7 +71,7 @@ def main() -> int:
         onnx.save(lin, str(lin_path), save_as_external_data=True, location="bf16.onnx.data")
         del lin, bf
 
-        from tdpu_tui.engine.verify import ort_session
+        from tdpu_tui.engine.model.compare import ort_session
         s_gemm = ort_session(str(gemm_path))
         s_lin = create_session(lin_path)
         del w

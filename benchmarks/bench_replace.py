@@ -29,9 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tdpu_tui.engine.config import parse_config  # noqa: E402
-from tdpu_tui.engine.events import StageFinished, StageLog, Status  # noqa: E402
-from tdpu_tui.engine.pipeline import Pipeline  # noqa: E402
+from tdpu_tui.engine.core.config import parse_config  # noqa: E402
+from tdpu_tui.engine.core.events import StageFinished, StageLog, Status  # noqa: E402
+from tdpu_tui.engine.core.pipeline import Pipeline  # noqa: E402
 
 # The targets (whole graphs, as the user runs them) ...
 TARGETS = (("ratio_step_vs_float", 0.5, "whole graph, step: BitLinear / float"),
@@ -145,8 +145,8 @@ def together(root: Path, repeats: int, seq_len: int) -> bool:
     import numpy as np
 
     from kernels.ort import create_session
-    from tdpu_tui.engine.perf_report import interleaved_medians, lower_to_matmulnbits
-    from tdpu_tui.engine.verify import ort_session
+    from tdpu_tui.engine.records.perf_report import interleaved_medians, lower_to_matmulnbits
+    from tdpu_tui.engine.model.compare import ort_session
 
     full = root / "models" / "output" / "bitnet_b1.58_full.onnx"
     nbits = root / "lm_head_bf16" / "matmulnbits" / "bitnet_b1.58_matmulnbits.onnx"

@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tdpu_tui.engine.checkpoint import open_checkpoint  # noqa: E402
-from tdpu_tui.engine.fsutil import human_bytes  # noqa: E402
-from tdpu_tui.engine.synthetic import write_synthetic  # noqa: E402
+from tdpu_tui.engine.model.checkpoint import open_checkpoint  # noqa: E402
+from tdpu_tui.engine.osutil.files import human_bytes  # noqa: E402
+from tdpu_tui.engine.model.synthetic import write_synthetic  # noqa: E402
 
 
 def peak_rss() -> int:
@@ -71,7 +71,7 @@ def main() -> None:
         if args.reference:
             import torch
 
-            from tdpu_tui.engine.reference import BitNetForCausalLM
+            from tdpu_tui.engine.model.reference import BitNetForCausalLM
 
             t0 = time.perf_counter()
             with open_checkpoint(path) as ckpt:

@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from tdpu_tui.engine.config import Config
-from tdpu_tui.engine.errors import ExitCode
-from tdpu_tui.engine.events import (
+from tdpu_tui.engine.core.config import Config
+from tdpu_tui.engine.core.errors import ExitCode
+from tdpu_tui.engine.core.events import (
     Event, RunSummary, StageFinished, StageLog, StageProgress, StageResult, StageStarted, Status,
 )
-from tdpu_tui.engine.fsutil import atomic_write_text
-from tdpu_tui.engine.pipeline import Pipeline
+from tdpu_tui.engine.osutil.files import atomic_write_text
+from tdpu_tui.engine.core.pipeline import Pipeline
 
 PLAIN_PROGRESS_INTERVAL_S = 2.0
 BAR_WIDTH = 28
@@ -104,8 +104,8 @@ def summary_table(results: list[StageResult]) -> str:
 
 
 def _draft_bug(result: StageResult, cfg: Config) -> None:
-    from tdpu_tui.engine.artifacts import Artifacts
-    from tdpu_tui.engine.bugbook import record_failure
+    from tdpu_tui.engine.core.artifacts import Artifacts
+    from tdpu_tui.engine.records.bugbook import record_failure
     path = Artifacts.of(cfg).bugs
     record, created = record_failure(path, result.name, result.message, result.log_tail)
     if record is not None:

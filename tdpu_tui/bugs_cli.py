@@ -19,13 +19,13 @@ import sys
 import unicodedata
 from pathlib import Path
 
-from tdpu_tui.engine.artifacts import Artifacts
-from tdpu_tui.engine.bugbook import (
+from tdpu_tui.engine.core.artifacts import Artifacts
+from tdpu_tui.engine.records.bugbook import (
     STAGE_LABELS, STAGE_VALUES, STATUS_VALUES, BugBook, BugRecord, BugValidationError, parse_stage,
 )
-from tdpu_tui.engine.config import load_config
-from tdpu_tui.engine.errors import ConfigError, ExitCode, TdpuError
-from tdpu_tui.engine.tail import decode_line
+from tdpu_tui.engine.core.config import load_config
+from tdpu_tui.engine.core.errors import ConfigError, ExitCode, TdpuError
+from tdpu_tui.engine.osutil.tail import decode_line
 
 DEFAULT_CONFIG = Path("tdpu.toml")
 DEFAULT_BUGS = Path("phase3_logs") / "bugs_found.md"

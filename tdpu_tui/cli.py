@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from tdpu_tui.engine.errors import ConfigError, ExitCode
+from tdpu_tui.engine.core.errors import ConfigError, ExitCode
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return ExitCode.USAGE
     try:
-        from tdpu_tui.engine.config import load_config
+        from tdpu_tui.engine.core.config import load_config
         cfg = load_config(args.config)
         if args.model:
             cfg.model.source = "synthetic" if args.model == "synthetic" else str(Path(args.model).resolve())

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tdpu_tui.engine.synthetic import write_synthetic
+from tdpu_tui.engine.model.synthetic import write_synthetic
 
 
 @contextlib.contextmanager

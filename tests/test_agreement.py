@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tdpu_tui.engine.agreement import judge, one_ulp_perturbation
+from tdpu_tui.engine.model.agreement import judge, one_ulp_perturbation
 
 
 def metrics(agree, mean_abs=0.01, positions=128):

@@ -20,10 +20,10 @@ from textual import events
 from tdpu_tui.app.app import TdpuApp
 from tdpu_tui.app.log_panel import LevelHighlighter
 from tdpu_tui.app.screens import BugForm, ConfirmScreen, HelpScreen
-from tdpu_tui.engine.artifacts import Artifacts
-from tdpu_tui.engine.config import load_config
-from tdpu_tui.engine.errors import StageFailed
-from tdpu_tui.engine.pipeline import Pipeline, Skip, Stage
+from tdpu_tui.engine.core.artifacts import Artifacts
+from tdpu_tui.engine.core.config import load_config
+from tdpu_tui.engine.core.errors import StageFailed
+from tdpu_tui.engine.core.pipeline import Pipeline, Skip, Stage
 
 SIZES = [(120, 40), (80, 24)]
 
@@ -522,7 +522,7 @@ def test_error_and_warning_lines_are_highlighted():
 @pytest.fixture(scope="module")
 def exported_dir(tmp_path_factory):
     """A tiny export (real export stage) that tests copy before changing anything."""
-    from tdpu_tui.engine.stages import all_stages
+    from tdpu_tui.engine.stages.registry import all_stages
     d = tmp_path_factory.mktemp("app_export")
     cfg = load_config(write_config(d))
     export = [s for s in all_stages() if s.name == "export"]
@@ -546,7 +546,7 @@ def _row_names(table) -> list[str]:
 @pytest.mark.parametrize("size", SIZES)
 @aio
 async def test_nodes_toggles_are_saved_to_the_selection_file(exported, size):
-    from tdpu_tui.engine.inventory import load_selection
+    from tdpu_tui.engine.rewrite.inventory import load_selection
     app = TdpuApp(exported, stages=fake_stages())
     selection_file = Artifacts.of(exported).replace_selection
     async with app.run_test(size=size) as pilot:
@@ -596,7 +596,7 @@ async def test_nodes_filter_and_reload_after_a_new_export(exported):
 @pytest.mark.slow
 @aio
 async def test_all_and_none_act_on_the_filtered_nodes_only(exported):
-    from tdpu_tui.engine.inventory import load_selection
+    from tdpu_tui.engine.rewrite.inventory import load_selection
     app = TdpuApp(exported, stages=fake_stages())
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.press("3")
@@ -634,7 +634,7 @@ async def test_toggled_nodes_are_kept_by_replace(exported):
     """Deselect a node in the app, run `replace` from the app, find it still a MatMul."""
     import onnx
 
-    from tdpu_tui.engine.stages import all_stages
+    from tdpu_tui.engine.stages.registry import all_stages
     if "replace" not in [s.name for s in all_stages()]:
         pytest.skip("the replace stage is not registered yet")
     app = TdpuApp(exported)
@@ -744,7 +744,7 @@ async def test_the_form_validates_and_escape_cancels(cfg):
 
 
 def test_the_form_checks_fields_by_the_bug_books_rules():
-    from tdpu_tui.engine.bugbook import BugRecord, field_problems
+    from tdpu_tui.engine.records.bugbook import BugRecord, field_problems
     ok = {"title": "t", "time": "2026-11-26 09:00", "stage": "导出", "status": "未解决", "error": ""}
     assert field_problems(ok) == {}
     assert set(field_problems({**ok, "time": "2026-02-30 09:00"})) == {"time"}

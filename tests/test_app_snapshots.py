@@ -13,11 +13,11 @@ import pytest
 from conftest import write_config
 from test_app import fake_stages, wait_for
 
-import tdpu_tui.engine.pipeline as pipeline_module
+import tdpu_tui.engine.core.pipeline as pipeline_module
 from tdpu_tui.app.app import TdpuApp
-from tdpu_tui.engine.artifacts import Artifacts
-from tdpu_tui.engine.config import load_config
-from tdpu_tui.engine.pipeline import Pipeline
+from tdpu_tui.engine.core.artifacts import Artifacts
+from tdpu_tui.engine.core.config import load_config
+from tdpu_tui.engine.core.pipeline import Pipeline
 
 SIZES = [pytest.param((120, 40), id="120x40"), pytest.param((80, 24), id="80x24")]
 
@@ -68,7 +68,7 @@ def project(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def exported_dir(tmp_path_factory):
-    from tdpu_tui.engine.stages import all_stages
+    from tdpu_tui.engine.stages.registry import all_stages
     d = tmp_path_factory.mktemp("snap_export")
     cfg = load_config(write_config(d))
     export = [s for s in all_stages() if s.name == "export"]

@@ -1,4 +1,4 @@
-"""The log follower behind the app's log panel (tdpu_tui/engine/tail.py)."""
+"""The log follower behind the app's log panel (tdpu_tui/engine/osutil/tail.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from tdpu_tui.engine.tail import EchoFilter, Tailer, decode_line
+from tdpu_tui.engine.osutil.tail import EchoFilter, Tailer, decode_line
 
 
 def _lines(tailer: Tailer) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tdpu_tui.engine.bugbook import (
+from tdpu_tui.engine.records.bugbook import (
     STAGE_VALUES, STATUS_VALUES, TEMPLATE_HEADER, BugBook, BugDocument, BugRecord,
     BugValidationError, draft_from_failure, failure_signature, parse_bugs, parse_stage, stage_label,
 )
@@ -435,7 +435,7 @@ def test_closing_a_draft_by_hand_and_rerunning_keeps_everything(tmp_path):
 
 # -- layering -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("module", ["tdpu_tui.engine.bugbook", "tdpu_tui.bugs_cli"])
+@pytest.mark.parametrize("module", ["tdpu_tui.engine.records.bugbook", "tdpu_tui.bugs_cli"])
 def test_bug_book_imports_without_textual_or_rich(module):
     code = (f"import importlib, sys; importlib.import_module({module!r}); "
             "bad = [m for m in ('textual', 'rich') if m in sys.modules]; "

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tdpu_tui.bugs_cli import main
-from tdpu_tui.engine.bugbook import BugBook
+from tdpu_tui.engine.records.bugbook import BugBook
 
 ROOT = Path(__file__).parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "bugs"

@@ -8,7 +8,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tdpu_tui.engine.bugbook import STAGE_VALUES, STATUS_VALUES, BugBook, BugDocument, BugRecord
+from tdpu_tui.engine.records.bugbook import STAGE_VALUES, STATUS_VALUES, BugBook, BugDocument, BugRecord
 
 # Markdown specials, fences, bullets, headings, HTML comments, colons of both widths, Chinese.
 SPECIALS = ["`", "```", "````", "~~~", "*", "**", "_", "#", "## Bug #3: x", "- **状态**: 已解决",

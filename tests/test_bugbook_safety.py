@@ -6,7 +6,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tdpu_tui.engine.bugbook import CONFLICT_KEY, BugBook
+from tdpu_tui.engine.records.bugbook import CONFLICT_KEY, BugBook
 
 ROOT = Path(__file__).parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "bugs"
@@ -26,7 +26,7 @@ def test_two_processes_adding_fifty_records_each_lose_nothing(tmp_path):
     path = tmp_path / "phase3_logs" / "bugs_found.md"
     code = """
         import sys
-        from tdpu_tui.engine.bugbook import BugBook
+        from tdpu_tui.engine.records.bugbook import BugBook
         path, who = sys.argv[1], sys.argv[2]
         for i in range(50):
             BugBook(path).add(f"{who} {i}", "编译", error=f"{who}\\nline {i}")
@@ -50,7 +50,7 @@ def test_writer_killed_between_fsync_and_rename_leaves_the_original_intact(tmp_p
     before = path.read_bytes()
     code = """
         import os, sys
-        from tdpu_tui.engine.bugbook import BugBook
+        from tdpu_tui.engine.records.bugbook import BugBook
         def die(src, dst):
             assert open(src, "rb").read().count(b"## Bug #") == 3  # the new file is complete
             os._exit(9)

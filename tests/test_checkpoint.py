@@ -14,9 +14,9 @@ from hypothesis.extra.numpy import arrays
 from safetensors.torch import load_file, save_file
 
 from kernels import packing
-from tdpu_tui.engine.checkpoint import BitNetConfig, absmean_ternarize, open_checkpoint
-from tdpu_tui.engine.errors import CheckpointError
-from tdpu_tui.engine.synthetic import write_synthetic
+from tdpu_tui.engine.model.checkpoint import BitNetConfig, absmean_ternarize, open_checkpoint
+from tdpu_tui.engine.core.errors import CheckpointError
+from tdpu_tui.engine.model.synthetic import write_synthetic
 
 Q0 = "model.layers.0.self_attn.q_proj"
 
@@ -352,8 +352,8 @@ def test_absmean_equals_bitnets_weight_quant(w):
     assert scale_mul == pytest.approx(1.0 / scale.item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("module", ["tdpu_tui.engine.checkpoint", "tdpu_tui.engine.synthetic",
-                                    "tdpu_tui.engine.reference"])
+@pytest.mark.parametrize("module", ["tdpu_tui.engine.model.checkpoint", "tdpu_tui.engine.model.synthetic",
+                                    "tdpu_tui.engine.model.reference"])
 def test_imports_neither_textual_nor_rich(module):
     code = (f"import importlib, sys; importlib.import_module({module!r}); "
             "sys.exit(any(m in sys.modules for m in ('textual', 'rich')))")

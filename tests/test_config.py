@@ -1,7 +1,7 @@
 import pytest
 
-from tdpu_tui.engine.config import load_config, parse_config
-from tdpu_tui.engine.errors import ConfigError
+from tdpu_tui.engine.core.config import load_config, parse_config
+from tdpu_tui.engine.core.errors import ConfigError
 from tests.conftest import REPO, run_tdpu
 
 

@@ -10,13 +10,13 @@ import onnxruntime as ort
 import pytest
 
 from kernels.packing import unpack
-from tdpu_tui.engine.artifacts import Artifacts
-from tdpu_tui.engine.checkpoint import open_checkpoint
-from tdpu_tui.engine.config import load_config
-from tdpu_tui.engine.events import Status
-from tdpu_tui.engine.export import ExportStage
-from tdpu_tui.engine.pipeline import Pipeline
-from tdpu_tui.engine.verify import compare_logits
+from tdpu_tui.engine.core.artifacts import Artifacts
+from tdpu_tui.engine.model.checkpoint import open_checkpoint
+from tdpu_tui.engine.core.config import load_config
+from tdpu_tui.engine.core.events import Status
+from tdpu_tui.engine.stages.export import ExportStage
+from tdpu_tui.engine.core.pipeline import Pipeline
+from tdpu_tui.engine.model.compare import compare_logits
 from tests.conftest import REPO, run_tdpu, write_config
 
 
@@ -105,7 +105,7 @@ def test_interrupted_export_leaves_no_half_written_artifact(tmp_path, monkeypatc
     def interrupt(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("tdpu_tui.engine.export.write_raw", interrupt)
+    monkeypatch.setattr("tdpu_tui.engine.stages.export.write_raw", interrupt)
     with pytest.raises(KeyboardInterrupt):
         Pipeline(cfg, [ExportStage()]).run()
     assert paths.full_onnx.read_bytes() == b"previous export"
@@ -140,7 +140,7 @@ def test_exported_graph_reproduces_transformers_logits(tmp_path, linear_class):
 
 
 def test_icraft_graph_shortened_to_one_token_matches_the_first_position(tmp_path):
-    from tdpu_tui.engine.onnx_builder import with_sequence_length
+    from tdpu_tui.engine.graph.builder import with_sequence_length
 
     cfg = load_config(write_config(tmp_path, profile="icraft", seq_len=12))
     assert Pipeline(cfg, [ExportStage()]).run().results[0].status is Status.OK
@@ -164,7 +164,7 @@ def _untied_checkpoint(directory):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from tdpu_tui.engine.synthetic import write_synthetic
+    from tdpu_tui.engine.model.synthetic import write_synthetic
 
     src = write_synthetic(directory / "tied", "tiny", 0)
     dst = directory / "untied"
@@ -198,8 +198,8 @@ def test_graph_builder_never_holds_the_whole_embedding(tmp_path, monkeypatch, pr
     """The embedding (and the icraft profile's transposed lm_head) is written a block at a time."""
     import tracemalloc
 
-    from tdpu_tui.engine import onnx_builder
-    from tdpu_tui.engine.synthetic import write_synthetic
+    from tdpu_tui.engine.graph import builder as onnx_builder
+    from tdpu_tui.engine.model.synthetic import write_synthetic
 
     ckpt_dir = write_synthetic(tmp_path / "ckpt", "tiny", 0, {"vocab_size": 32768, "layers": 1})
     monkeypatch.setattr(onnx_builder, "STREAM_ELEMENTS", 1 << 16)

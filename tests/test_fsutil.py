@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tdpu_tui.engine import fsutil
-from tdpu_tui.engine.fsutil import (
+from tdpu_tui.engine.osutil import files as fsutil
+from tdpu_tui.engine.osutil.files import (
     atomic_path, atomic_write_bytes, atomic_write_text, current_umask, mode_for,
 )
 
@@ -136,7 +136,7 @@ def test_a_lock_file_is_made_for_the_group_like_the_files_it_guards(tmp_path):
     import os
     import stat
 
-    from tdpu_tui.engine.fsutil import lock_for
+    from tdpu_tui.engine.osutil.files import lock_for
     old = os.umask(0o002)
     try:
         with lock_for(tmp_path / "icraft_compile_log.md"):

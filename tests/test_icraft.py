@@ -15,13 +15,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "icraft"))
 import helpers  # noqa: E402
 
-from tdpu_tui.engine import icraft as ic  # noqa: E402
-from tdpu_tui.engine.artifacts import Artifacts  # noqa: E402
-from tdpu_tui.engine.compile_log import read_section, update_section  # noqa: E402
-from tdpu_tui.engine.config import load_config  # noqa: E402
-from tdpu_tui.engine.events import StageLog, Status  # noqa: E402
-from tdpu_tui.engine.icraft_stages import OptimizeStage, ParseStage, PrecheckStage  # noqa: E402
-from tdpu_tui.engine.pipeline import Pipeline  # noqa: E402
+from tdpu_tui.engine.icraft import driver as ic  # noqa: E402
+from tdpu_tui.engine.core.artifacts import Artifacts  # noqa: E402
+from tdpu_tui.engine.records.compile_log import read_section, update_section  # noqa: E402
+from tdpu_tui.engine.core.config import load_config  # noqa: E402
+from tdpu_tui.engine.core.events import StageLog, Status  # noqa: E402
+from tdpu_tui.engine.stages.icraft import OptimizeStage, ParseStage, PrecheckStage  # noqa: E402
+from tdpu_tui.engine.core.pipeline import Pipeline  # noqa: E402
 
 
 @pytest.fixture
@@ -368,9 +368,9 @@ def test_bin_as_a_path_relative_to_the_config(tmp_path, monkeypatch):
     assert "not found or not executable" in ic.missing_cli_reason(cfg)
 
 
-@pytest.mark.parametrize("module", ["tdpu_tui.engine.icraft", "tdpu_tui.engine.icraft_stages",
-                                    "tdpu_tui.engine.precheck", "tdpu_tui.engine.opsupport",
-                                    "tdpu_tui.engine.compile_log"])
+@pytest.mark.parametrize("module", ["tdpu_tui.engine.icraft.driver", "tdpu_tui.engine.stages.icraft",
+                                    "tdpu_tui.engine.icraft.rules", "tdpu_tui.engine.icraft.optable",
+                                    "tdpu_tui.engine.records.compile_log"])
 def test_icraft_modules_import_without_textual_or_rich(module):
     code = (f"import importlib, sys; importlib.import_module({module!r}); "
             "print(','.join(m for m in ('textual', 'rich') if m in sys.modules))")

@@ -10,8 +10,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 import bitlinear_graphs as bg
-from tdpu_tui.engine.config import ReplaceConfig
-from tdpu_tui.engine.inventory import (
+from tdpu_tui.engine.core.config import ReplaceConfig
+from tdpu_tui.engine.rewrite.inventory import (
     PERMUTATION, InventoryError, classify_values, inventory, load_selection, resolve_selection,
     save_selection,
 )

@@ -6,14 +6,14 @@ import sys
 import pytest
 
 ENGINE_MODULES = [
-    "tdpu_tui.engine.config",
-    "tdpu_tui.engine.pipeline",
-    "tdpu_tui.engine.stages",
-    "tdpu_tui.engine.export",
-    "tdpu_tui.engine.tail",
-    "tdpu_tui.engine.bugbook",
-    "tdpu_tui.engine.inventory",
-    "tdpu_tui.engine.icraft_stages",
+    "tdpu_tui.engine.core.config",
+    "tdpu_tui.engine.core.pipeline",
+    "tdpu_tui.engine.stages.registry",
+    "tdpu_tui.engine.stages.export",
+    "tdpu_tui.engine.osutil.tail",
+    "tdpu_tui.engine.records.bugbook",
+    "tdpu_tui.engine.rewrite.inventory",
+    "tdpu_tui.engine.stages.icraft",
     "tdpu_tui.bugs_cli",
     "tdpu_tui.batch",
     "kernels.packing",
@@ -34,7 +34,7 @@ def test_engine_module_imports_without_textual_or_rich(module):
 def test_loading_the_stages_does_not_start_numba():
     """The app and `tdpu --batch` list every stage at start-up; numba (and its threads) come
     only with the first kernel call."""
-    code = ("import sys; from tdpu_tui.engine.stages import all_stages; all_stages(); "
+    code = ("import sys; from tdpu_tui.engine.stages.registry import all_stages; all_stages(); "
             "bad = [m for m in ('numba', 'kernels.bf16', 'kernels.bitlinear') if m in sys.modules]; "
             "print(','.join(bad)); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

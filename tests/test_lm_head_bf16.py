@@ -16,11 +16,11 @@ import bitlinear_graphs as bg
 from conftest import write_config
 from kernels.bf16 import bf16_to_float32
 from kernels.ort import create_session
-from tdpu_tui.engine.config import ConfigError, load_config, parse_config
-from tdpu_tui.engine.events import Status
-from tdpu_tui.engine.inventory import InventoryError
-from tdpu_tui.engine.pipeline import Pipeline
-from tdpu_tui.engine.replace import replace_model
+from tdpu_tui.engine.core.config import ConfigError, load_config, parse_config
+from tdpu_tui.engine.core.events import Status
+from tdpu_tui.engine.rewrite.inventory import InventoryError
+from tdpu_tui.engine.core.pipeline import Pipeline
+from tdpu_tui.engine.stages.replace import replace_model
 
 OUT = Path("out")          # conftest.write_config: [paths].output
 
@@ -206,7 +206,7 @@ def _ids() -> dict[str, np.ndarray]:
 
 
 def test_a_tied_lm_head_behind_a_transpose_is_held_in_bf16_and_checked(tmp_path):
-    from tdpu_tui.engine.validate import check_bf16_node
+    from tdpu_tui.engine.stages.validate import check_bf16_node
     src = _tied_transpose_graph(tmp_path / "in" / "g.onnx")
     dst = tmp_path / "out" / "g.onnx"
     report = replace_model(src, dst, lm_head="bf16")
@@ -231,7 +231,7 @@ def test_a_tied_lm_head_behind_a_transpose_is_held_in_bf16_and_checked(tmp_path)
 
 
 def onnx_runtime_logits(path: Path) -> np.ndarray:
-    from tdpu_tui.engine.verify import ort_session
+    from tdpu_tui.engine.model.compare import ort_session
     return ort_session(str(path)).run(["logits"], _ids())[0]
 
 
@@ -296,7 +296,7 @@ def test_two_lm_heads_are_refused_naming_both(tmp_path):
 
 
 def test_the_not_bf16_error_gives_the_position_in_the_whole_table(tmp_path, monkeypatch):
-    from tdpu_tui.engine import lm_head
+    from tdpu_tui.engine.rewrite import lm_head
     monkeypatch.setattr(lm_head, "ROWS_PER_CHUNK", 8)              # several blocks on a small table
     src = _tied_transpose_graph(tmp_path / "in" / "g.onnx")
     m = onnx.load(str(src))
@@ -314,7 +314,7 @@ def test_the_not_bf16_error_gives_the_position_in_the_whole_table(tmp_path, monk
 
 
 def test_the_matmulnbits_peer_keeps_the_ai_tdpu_import_for_linear_bf16(exported, tmp_path):
-    from tdpu_tui.engine.perf_report import lower_to_matmulnbits
+    from tdpu_tui.engine.records.perf_report import lower_to_matmulnbits
     src = exported["reference"] / OUT / "bitnet_b1.58_full.onnx"
     mid = tmp_path / "bl" / "g.onnx"
     replace_model(src, mid, lm_head="bf16")

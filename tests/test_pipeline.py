@@ -4,10 +4,10 @@ import threading
 import pytest
 
 from tdpu_tui.batch import run_batch
-from tdpu_tui.engine.config import load_config
-from tdpu_tui.engine.errors import StageFailed
-from tdpu_tui.engine.events import StageFinished, StageLog, StageProgress, StageStarted, Status
-from tdpu_tui.engine.pipeline import Pipeline, Skip, Stage
+from tdpu_tui.engine.core.config import load_config
+from tdpu_tui.engine.core.errors import StageFailed
+from tdpu_tui.engine.core.events import StageFinished, StageLog, StageProgress, StageStarted, Status
+from tdpu_tui.engine.core.pipeline import Pipeline, Skip, Stage
 
 
 class Fake(Stage):
@@ -86,7 +86,7 @@ def test_failure_hook_gets_the_failed_result(tmp_config):
 
 def test_batch_exit_codes_and_json_summary(tmp_config, tmp_path, monkeypatch, capsys):
     cfg = load_config(tmp_config)
-    import tdpu_tui.engine.stages as registry
+    import tdpu_tui.engine.stages.registry as registry
     monkeypatch.setattr(registry, "all_stages", lambda: [Fake("a"), Fake("b", outcome="skip")])
     out = tmp_path / "summary.json"
     assert run_batch(cfg, None, json_path=str(out)) == 0
@@ -108,8 +108,8 @@ def test_batch_exit_codes_and_json_summary(tmp_config, tmp_path, monkeypatch, ca
 
 def test_batch_drafts_one_bug_record_per_distinct_failure(tmp_config, monkeypatch, capsys):
     cfg = load_config(tmp_config)
-    import tdpu_tui.engine.stages as registry
-    from tdpu_tui.engine.bugbook import BugBook
+    import tdpu_tui.engine.stages.registry as registry
+    from tdpu_tui.engine.records.bugbook import BugBook
 
     monkeypatch.setattr(registry, "all_stages", lambda: [Fake("export", outcome="fail")])
     assert run_batch(cfg, None) == 1
@@ -145,7 +145,7 @@ def test_cli_rejects_a_missing_model_dir_and_an_unwritable_json_before_running(t
 def test_batch_reports_a_json_summary_it_cannot_write(tmp_config, monkeypatch, capsys):
     cfg = load_config(tmp_config)
     import tdpu_tui.batch as batch
-    import tdpu_tui.engine.stages as registry
+    import tdpu_tui.engine.stages.registry as registry
     monkeypatch.setattr(registry, "all_stages", lambda: [Fake("a")])
 
     def disk_full(path, text):
@@ -166,7 +166,7 @@ def test_batch_only_options_without_batch_are_usage_errors(tmp_config, flags, ca
 def test_every_stage_outcome_is_recorded_for_other_processes(tmp_config):
     import os
 
-    from tdpu_tui.engine import run_status
+    from tdpu_tui.engine.core import run_status
     cfg = load_config(tmp_config)
     path = cfg.logs_dir / "runs" / "status.json"
     seen_while_running = {}
@@ -206,7 +206,7 @@ def test_a_file_system_error_names_the_file_without_a_traceback(tmp_config):
 
 
 def test_an_unwritable_status_file_is_a_warning_not_a_failure(tmp_config):
-    from tdpu_tui.engine import run_status
+    from tdpu_tui.engine.core import run_status
     cfg = load_config(tmp_config)
     status = cfg.logs_dir / "runs" / "status.json"
     status.mkdir(parents=True)                    # a directory where the file should be
@@ -221,7 +221,7 @@ def test_an_unwritable_status_file_is_a_warning_not_a_failure(tmp_config):
 @pytest.mark.parametrize("text", ["", "{", "[]", '{"format": "other"}',
                                   '{"format": "tdpu-status/1", "stages": {"a": {"status": "weird"}, "b": 3}}'])
 def test_a_damaged_status_file_reads_as_no_rows(tmp_path, text):
-    from tdpu_tui.engine import run_status
+    from tdpu_tui.engine.core import run_status
     path = tmp_path / "status.json"
     path.write_text(text, encoding="utf-8")
     assert run_status.load(path) == {}

@@ -14,15 +14,15 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "icraft"))
 import helpers  # noqa: E402
 
-from tdpu_tui.engine.artifacts import Artifacts  # noqa: E402
-from tdpu_tui.engine.compile_log import read_section  # noqa: E402
-from tdpu_tui.engine.config import load_config  # noqa: E402
-from tdpu_tui.engine.errors import ConfigError  # noqa: E402
-from tdpu_tui.engine.events import Status  # noqa: E402
-from tdpu_tui.engine.icraft_stages import PrecheckStage  # noqa: E402
-from tdpu_tui.engine.opsupport import load_op_table, table_for  # noqa: E402
-from tdpu_tui.engine.pipeline import Pipeline  # noqa: E402
-from tdpu_tui.engine.precheck import precheck_model  # noqa: E402
+from tdpu_tui.engine.core.artifacts import Artifacts  # noqa: E402
+from tdpu_tui.engine.records.compile_log import read_section  # noqa: E402
+from tdpu_tui.engine.core.config import load_config  # noqa: E402
+from tdpu_tui.engine.core.errors import ConfigError  # noqa: E402
+from tdpu_tui.engine.core.events import Status  # noqa: E402
+from tdpu_tui.engine.stages.icraft import PrecheckStage  # noqa: E402
+from tdpu_tui.engine.icraft.optable import load_op_table, table_for  # noqa: E402
+from tdpu_tui.engine.core.pipeline import Pipeline  # noqa: E402
+from tdpu_tui.engine.icraft.rules import precheck_model  # noqa: E402
 
 TABLE = load_op_table()
 

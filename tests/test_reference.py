@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from hf_fixtures import hf_logits, hf_saved_checkpoint
-from tdpu_tui.engine.checkpoint import open_checkpoint
-from tdpu_tui.engine.errors import CheckpointError
-from tdpu_tui.engine.reference import BitLinear, BitNetForCausalLM, RMSNorm
-from tdpu_tui.engine.synthetic import write_synthetic
+from tdpu_tui.engine.model.checkpoint import open_checkpoint
+from tdpu_tui.engine.core.errors import CheckpointError
+from tdpu_tui.engine.model.reference import BitLinear, BitNetForCausalLM, RMSNorm
+from tdpu_tui.engine.model.synthetic import write_synthetic
 
 
 @pytest.fixture(scope="module")

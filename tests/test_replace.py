@@ -16,8 +16,8 @@ from onnx import numpy_helper
 
 import bitlinear_graphs as bg
 from kernels.packing import unpack
-from tdpu_tui.engine.inventory import inventory, save_selection
-from tdpu_tui.engine.replace import replace_model
+from tdpu_tui.engine.rewrite.inventory import inventory, save_selection
+from tdpu_tui.engine.stages.replace import replace_model
 
 REPO = Path(__file__).resolve().parents[1]
 

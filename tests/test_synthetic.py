@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from kernels import packing
-from tdpu_tui.engine.checkpoint import open_checkpoint
-from tdpu_tui.engine.config import parse_config
-from tdpu_tui.engine.errors import ConfigError
-from tdpu_tui.engine.synthetic import STAMP_FILE, ensure_synthetic, write_synthetic
+from tdpu_tui.engine.model.checkpoint import open_checkpoint
+from tdpu_tui.engine.core.config import parse_config
+from tdpu_tui.engine.core.errors import ConfigError
+from tdpu_tui.engine.model.synthetic import STAMP_FILE, ensure_synthetic, write_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_ensure_synthetic_places_it_under_the_output_dir(tmp_path):
 
 def test_2b4t_preset_has_the_real_shapes():
     """The header only: the 1.2 GB write itself is measured in benchmarks/bench_synthetic.py."""
-    from tdpu_tui.engine import synthetic
+    from tdpu_tui.engine.model import synthetic
     shapes = synthetic.resolve_shapes("2b4t")
     plan = synthetic._plan(shapes, "autobitlinear")
     assert len(plan) == 542

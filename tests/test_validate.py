@@ -11,11 +11,11 @@ import pytest
 from onnx import numpy_helper
 
 from kernels.packing import pack, repack
-from tdpu_tui.engine.config import parse_config
-from tdpu_tui.engine.events import Status
-from tdpu_tui.engine.perf_report import nbits_pack
-from tdpu_tui.engine.pipeline import Pipeline
-from tdpu_tui.engine.validate import check_node, explain_disagreement
+from tdpu_tui.engine.core.config import parse_config
+from tdpu_tui.engine.core.events import Status
+from tdpu_tui.engine.records.perf_report import nbits_pack
+from tdpu_tui.engine.core.pipeline import Pipeline
+from tdpu_tui.engine.stages.validate import check_node, explain_disagreement
 
 
 def _config(root: Path, profile: str = "reference", layout: str = "tdpu"):
@@ -150,8 +150,8 @@ def test_matmulnbits_codes_are_w_plus_two_four_per_byte_low_bits_first():
 
 def test_interrupted_step_copies_are_removed(tmp_path, monkeypatch):
     """Ctrl-C while the length-1 copies are being written leaves none of them behind."""
-    from tdpu_tui.engine import validate
-    from tdpu_tui.engine.artifacts import Artifacts
+    from tdpu_tui.engine.stages import validate
+    from tdpu_tui.engine.core.artifacts import Artifacts
 
     cfg = _config(tmp_path, profile="icraft")
     paths = Artifacts.of(cfg)
@@ -204,7 +204,7 @@ def test_deep_icraft_model_validates_against_the_references_rounding_floor(tmp_p
         'intermediate_size = 512\nvocab_size = 2048\n'
         '[export]\nprofile = "icraft"\nseq_len = 64\n[validate]\nrepeats = 1\nsample_nodes = 2\n'
         f'[paths]\noutput = "{tmp_path / "out"}"\nlogs = "{tmp_path / "logs"}"\n', tmp_path / "tdpu.toml")
-    from tdpu_tui.engine.stages import all_stages
+    from tdpu_tui.engine.stages.registry import all_stages
     stages = [s for s in all_stages() if s.name in ("export", "replace", "validate")]
     results = {r.name: r for r in Pipeline(cfg, stages).run().results}
     v = results["validate"]
@@ -248,8 +248,8 @@ def test_a_missing_graph_file_names_it_and_the_stage_to_run(replaced, tmp_path, 
 
 
 def test_timing_stops_at_the_next_run_once_the_stage_is_cancelled():
-    from tdpu_tui.engine.errors import Cancelled
-    from tdpu_tui.engine.perf_report import interleaved_medians
+    from tdpu_tui.engine.core.errors import Cancelled
+    from tdpu_tui.engine.records.perf_report import interleaved_medians
     calls = []
 
     def check():

@@ -8,14 +8,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tdpu_tui.engine.config import Config
-from tdpu_tui.engine.errors import ConfigError, ExitCode
+from tdpu_tui.engine.core.config import Config
+from tdpu_tui.engine.core.errors import ConfigError, ExitCode
 
 
 def run_app(config: Config | str | Path) -> int:
     """Run the interactive session on `config` (a loaded Config or the path of a tdpu.toml)."""
     if not isinstance(config, Config):
-        from tdpu_tui.engine.config import load_config
+        from tdpu_tui.engine.core.config import load_config
         try:
             config = load_config(config)
         except ConfigError as exc:

@@ -29,9 +29,9 @@ from tdpu_tui.app.log_panel import LogPanel, LogView
 from tdpu_tui.app.nodes_panel import NodesPanel, NodesTable
 from tdpu_tui.app.pipeline_panel import PipelinePanel, StagesTable
 from tdpu_tui.app.screens import BugForm, ConfirmScreen, HelpScreen, now_minutes
-from tdpu_tui.engine.artifacts import Artifacts
-from tdpu_tui.engine.config import Config
-from tdpu_tui.engine.events import (
+from tdpu_tui.engine.core.artifacts import Artifacts
+from tdpu_tui.engine.core.config import Config
+from tdpu_tui.engine.core.events import (
     Event,
     RunFinished,
     StageFinished,
@@ -41,8 +41,8 @@ from tdpu_tui.engine.events import (
     StageStarted,
     Status,
 )
-from tdpu_tui.engine.pipeline import Pipeline, Stage
-from tdpu_tui.engine.tail import EchoFilter, Tailer
+from tdpu_tui.engine.core.pipeline import Pipeline, Stage
+from tdpu_tui.engine.osutil.tail import EchoFilter, Tailer
 
 StageSource = Iterable[Stage] | Callable[[], Iterable[Stage]] | None
 
@@ -181,7 +181,7 @@ class TdpuApp(App[int]):
         if stamp == self._status_seen and not self.pipeline_panel.others_running:
             return
         self._status_seen = stamp
-        from tdpu_tui.engine import run_status
+        from tdpu_tui.engine.core import run_status
         self.pipeline_panel.show_recorded(run_status.load(path), os.getpid())
 
     def on_unmount(self) -> None:
@@ -204,7 +204,7 @@ class TdpuApp(App[int]):
 
     def _make_stages(self) -> list[Stage]:
         if self._stage_source is None:
-            from tdpu_tui.engine.stages import all_stages
+            from tdpu_tui.engine.stages.registry import all_stages
             return list(all_stages())
         if callable(self._stage_source):
             return list(self._stage_source())
@@ -230,7 +230,7 @@ class TdpuApp(App[int]):
     # -- engine events (worker thread) -> inbox -> pump (UI thread) ---------------------------
     def _record_failure(self, result: StageResult, config: Config) -> None:
         """Draft the failed stage's bug record (worker thread), as `--batch` does."""
-        from tdpu_tui.engine.bugbook import failure_signature, record_failure
+        from tdpu_tui.engine.records.bugbook import failure_signature, record_failure
         # Before the write, so the Bugs tab never reports this draft as someone else's.
         self._own_signatures.add(failure_signature(result.name, result.message))
         record, created = record_failure(self.paths.bugs, result.name, result.message, result.log_tail)
@@ -405,7 +405,7 @@ class TdpuApp(App[int]):
                       base=None) -> None:
         """The form; `base` is the record being edited as shown (changes made to the file while
         the form is open are merged against it, not overwritten)."""
-        from tdpu_tui.engine.bugbook import STAGE_VALUES, STATUS_VALUES, field_problems
+        from tdpu_tui.engine.records.bugbook import STAGE_VALUES, STATUS_VALUES, field_problems
         form = BugForm(heading, values, STAGE_VALUES, STATUS_VALUES,
                        partial(field_problems, base=base))
         self.push_screen(form, partial(self._bug_saved, number, heading, base))
@@ -456,7 +456,7 @@ class TdpuApp(App[int]):
         if row.bug_number is not None and self.bugs_panel.record(row.bug_number) is not None:
             self.on_bugs_table_edit(BugsTable.Edit(row.bug_number))
             return
-        from tdpu_tui.engine.bugbook import DRAFT_TAIL_LINES, stage_label
+        from tdpu_tui.engine.records.bugbook import DRAFT_TAIL_LINES, stage_label
         try:
             label = stage_label(msg.name)
         except Exception:  # an unknown stage name: the form asks for the stage

@@ -14,8 +14,8 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import DataTable, Static
 
-from tdpu_tui.engine.artifacts import Artifacts
-from tdpu_tui.engine.config import Config
+from tdpu_tui.engine.core.artifacts import Artifacts
+from tdpu_tui.engine.core.config import Config
 
 _STATUS_STYLE = {"未解决": "bold red", "已解决": "green", "待验证": "yellow"}
 
@@ -73,7 +73,7 @@ class BugsPanel(Vertical):
 
     def open_book(self) -> None:
         try:
-            from tdpu_tui.engine.bugbook import BugBook
+            from tdpu_tui.engine.records.bugbook import BugBook
             book = BugBook(self.path)
             book.own_signatures = self.own_signatures
             book.load()

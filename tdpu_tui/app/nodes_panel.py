@@ -17,8 +17,8 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import DataTable, Input, Static
 
-from tdpu_tui.engine.artifacts import Artifacts
-from tdpu_tui.engine.config import Config
+from tdpu_tui.engine.core.artifacts import Artifacts
+from tdpu_tui.engine.core.config import Config
 
 WIDE = 110  # columns from which the table shows layer and projection
 
@@ -153,7 +153,7 @@ class NodesPanel(Vertical):
             error = "no export yet: run the export stage (r runs every stage)"
         else:
             try:
-                from tdpu_tui.engine.inventory import inventory, load_selection
+                from tdpu_tui.engine.rewrite.inventory import inventory, load_selection
                 nodes = inventory(self.paths.full_onnx)
                 overrides = load_selection(self.paths.replace_selection)
             except Exception as exc:  # shown in the panel; the app stays usable
@@ -171,7 +171,7 @@ class NodesPanel(Vertical):
         self.set_columns(self.size.width)
 
     def resolve(self) -> None:
-        from tdpu_tui.engine.inventory import resolve_selection
+        from tdpu_tui.engine.rewrite.inventory import resolve_selection
         try:
             self.selection = resolve_selection(self.nodes, self.config, self.overrides)
         except Exception as exc:
@@ -236,7 +236,7 @@ class NodesPanel(Vertical):
         if node is None:
             detail.update("")
             return
-        from tdpu_tui.engine.inventory import selection_reason
+        from tdpu_tui.engine.rewrite.inventory import selection_reason
         try:
             why = selection_reason(node, self.config, self.overrides)
         except Exception as exc:
@@ -296,7 +296,7 @@ class NodesPanel(Vertical):
             self.set_selected(names, msg.what == "all")
 
     def set_selected(self, names: list[str], value: bool) -> None:
-        from tdpu_tui.engine.inventory import save_selection
+        from tdpu_tui.engine.rewrite.inventory import save_selection
         for name in names:
             self.overrides[name] = value
         try:

@@ -13,8 +13,8 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import DataTable, Static
 
-from tdpu_tui.engine.events import StageResult, Status
-from tdpu_tui.engine.pipeline import LOG_TAIL_LINES
+from tdpu_tui.engine.core.events import StageResult, Status
+from tdpu_tui.engine.core.pipeline import LOG_TAIL_LINES
 
 _STATUS_STYLE = {
     Status.PENDING: ("·", "pending", "dim"),
@@ -211,7 +211,7 @@ class PipelinePanel(Vertical):
                 self.update_row(row.name)
 
     def show_recorded(self, recorded: dict, own_pid: int) -> None:
-        """Rows from the status file (`engine/run_status.py`) that another process wrote: a
+        """Rows from the status file (`engine/core/run_status.py`) that another process wrote: a
         `tdpu --batch` run in another shell, or an earlier session of the app."""
         shown = []
         for name, st in recorded.items():

@@ -13,7 +13,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static, TextArea
 
 from tdpu_tui.app.keys import KEY_MAP
-from tdpu_tui.engine.bugbook import TIME_FORMAT
+from tdpu_tui.engine.records.bugbook import TIME_FORMAT
 
 FIELDS = ("title", "time", "stage", "status", "error", "cause", "fix")
 

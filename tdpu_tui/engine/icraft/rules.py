@@ -27,8 +27,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from tdpu_tui.engine.fsutil import atomic_write_text
-from tdpu_tui.engine.opsupport import OpTable
+from tdpu_tui.engine.osutil.files import atomic_write_text
+from tdpu_tui.engine.icraft.optable import OpTable
 
 CATEGORIES = ("unsupported", "undocumented", "custom", "constraint", "dynamic", "advisory")
 BLOCKING = frozenset(CATEGORIES) - {"advisory"}

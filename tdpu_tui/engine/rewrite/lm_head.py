@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from tdpu_tui.engine.inventory import BITLINEAR_DOMAIN, GraphIndex, InventoryError, _attr, free_name
+from tdpu_tui.engine.rewrite.inventory import BITLINEAR_DOMAIN, GraphIndex, InventoryError, _attr, free_name
 
 OP_TYPE = "LinearBF16"
 ROWS_PER_CHUNK = 4096

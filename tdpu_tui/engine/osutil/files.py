@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tdpu_tui.engine.errors import TdpuError
+from tdpu_tui.engine.core.errors import TdpuError
 
 try:
     import fcntl

@@ -13,19 +13,19 @@ from typing import Any
 
 import numpy as np
 
-from tdpu_tui.engine.agreement import Verdict, versus_reference
-from tdpu_tui.engine.artifacts import Artifacts
-from tdpu_tui.engine.checkpoint import Checkpoint, open_checkpoint
-from tdpu_tui.engine.config import Config
-from tdpu_tui.engine.errors import StageFailed
-from tdpu_tui.engine.fsutil import (
+from tdpu_tui.engine.model.agreement import Verdict, versus_reference
+from tdpu_tui.engine.core.artifacts import Artifacts
+from tdpu_tui.engine.model.checkpoint import Checkpoint, open_checkpoint
+from tdpu_tui.engine.core.config import Config
+from tdpu_tui.engine.core.errors import StageFailed
+from tdpu_tui.engine.osutil.files import (
     atomic_write_text,
     commit_files,
     human_bytes,
     staging_dir,
 )
-from tdpu_tui.engine.pipeline import Stage, StageContext
-from tdpu_tui.engine.verify import (
+from tdpu_tui.engine.core.pipeline import Stage, StageContext
+from tdpu_tui.engine.model.compare import (
     MIN_ARGMAX_AGREEMENT,
     format_comparison,
     onnx_logits,
@@ -44,7 +44,7 @@ def resolve_checkpoint(cfg: Config, ctx: StageContext | None = None) -> Path:
     """The checkpoint directory of `[model].source`, writing the synthetic one if needed."""
     source = cfg.model_source
     if source == "synthetic":
-        from tdpu_tui.engine.synthetic import ensure_synthetic
+        from tdpu_tui.engine.model.synthetic import ensure_synthetic
 
         def progress(done: float, total: float | None = None, note: str = "") -> None:
             if ctx is not None:
@@ -114,7 +114,7 @@ class ExportStage(Stage):
     def run(self, ctx: StageContext) -> str:
         import onnx
 
-        from tdpu_tui.engine.onnx_builder import BitNetOnnx, ExternalData
+        from tdpu_tui.engine.graph.builder import BitNetOnnx, ExternalData
 
         cfg, paths = ctx.config, ctx.paths
         profile = cfg.export.profile

@@ -20,9 +20,9 @@ import onnx
 from onnx import helper
 
 from kernels.packing import unpack
-from tdpu_tui.engine.fsutil import human_bytes
-from tdpu_tui.engine.inventory import BITLINEAR_DOMAIN, GraphIndex, bitlinear_attrs, tensor_bytes
-from tdpu_tui.engine.replace import placeholder_tensor, save_streamed
+from tdpu_tui.engine.osutil.files import human_bytes
+from tdpu_tui.engine.rewrite.inventory import BITLINEAR_DOMAIN, GraphIndex, bitlinear_attrs, tensor_bytes
+from tdpu_tui.engine.stages.replace import placeholder_tensor, save_streamed
 
 NBITS_DOMAIN = "com.microsoft"
 NBITS_BLOCK = 128

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from tdpu_tui.engine.checkpoint import Checkpoint
+from tdpu_tui.engine.model.checkpoint import Checkpoint
 
 # Tensors above this size go to the external-data file; smaller ones stay in the .onnx.
 EXTERNAL_THRESHOLD = 1024

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tdpu_tui.engine.events import StageResult, Status
-from tdpu_tui.engine.fsutil import atomic_path, lock_for
+from tdpu_tui.engine.core.events import StageResult, Status
+from tdpu_tui.engine.osutil.files import atomic_path, lock_for
 
 FORMAT = "tdpu-status/1"
 MESSAGE_LIMIT = 2000

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from tdpu_tui.engine import icraft as ic
-from tdpu_tui.engine.compile_log import StageRecord
-from tdpu_tui.engine.errors import Cancelled, StageFailed, TdpuError
-from tdpu_tui.engine.fsutil import atomic_write_bytes
-from tdpu_tui.engine.pipeline import Skip, Stage, StageContext
+from tdpu_tui.engine.icraft import driver as ic
+from tdpu_tui.engine.records.compile_log import StageRecord
+from tdpu_tui.engine.core.errors import Cancelled, StageFailed, TdpuError
+from tdpu_tui.engine.osutil.files import atomic_write_bytes
+from tdpu_tui.engine.core.pipeline import Skip, Stage, StageContext
 
 ELEM_DTYPES = {1: np.float32, 6: np.int32, 7: np.int64, 10: np.float16, 11: np.float64}
 
@@ -41,7 +41,7 @@ def read_export_meta(ctx: StageContext) -> dict[str, Any]:
 
 
 def exported_graph(ctx: StageContext) -> Path:
-    from tdpu_tui.engine.verify import require_graph
+    from tdpu_tui.engine.model.compare import require_graph
     return require_graph(ctx.paths.full_onnx, "export")
 
 
@@ -51,7 +51,7 @@ def graph_inputs(onnx_path: Path, seq_len: int) -> list[tuple[str, list[int], An
     Icraft parses fixed shapes only: a dynamic first axis becomes the batch 1, any other
     dynamic axis the sequence length `seq_len`.
     """
-    from tdpu_tui.engine.precheck import load_graph
+    from tdpu_tui.engine.icraft.rules import load_graph
 
     graph = load_graph(onnx_path).graph
     inits = {t.name for t in graph.initializer}
@@ -82,8 +82,8 @@ class PrecheckStage(Stage):
     needs = ("export",)
 
     def run(self, ctx: StageContext) -> str:
-        from tdpu_tui.engine.opsupport import table_for
-        from tdpu_tui.engine.precheck import (
+        from tdpu_tui.engine.icraft.optable import table_for
+        from tdpu_tui.engine.icraft.rules import (
             precheck_model,
             summary_markdown,
             write_precheck_csv,
@@ -291,7 +291,7 @@ class OptimizeStage(Stage):
 
 def validation_inputs(ctx: StageContext, meta: dict[str, Any], onnx_path: Path, ckpt):
     """Seeded token ids, and the graph's inputs built from them (embeddings for `icraft`)."""
-    from tdpu_tui.engine.verify import seeded_inputs
+    from tdpu_tui.engine.model.compare import seeded_inputs
 
     inputs = graph_inputs(onnx_path, ctx.config.export.seq_len)
     if len(inputs) != 1:
@@ -308,7 +308,7 @@ def validation_inputs(ctx: StageContext, meta: dict[str, Any], onnx_path: Path, 
 
 
 def onnxruntime_logits(onnx_path: Path, name: str, feed: np.ndarray) -> np.ndarray:
-    from tdpu_tui.engine.verify import onnx_logits
+    from tdpu_tui.engine.model.compare import onnx_logits
 
     return np.asarray(onnx_logits(onnx_path, {name: feed}), dtype=np.float32)
 
@@ -333,8 +333,8 @@ class SimulateStage(Stage):
     needs = ("export",)
 
     def run(self, ctx: StageContext) -> str:
-        from tdpu_tui.engine.agreement import versus_reference
-        from tdpu_tui.engine.checkpoint import open_checkpoint
+        from tdpu_tui.engine.model.agreement import versus_reference
+        from tdpu_tui.engine.model.checkpoint import open_checkpoint
 
         started = time.time()
         cfg = ctx.config

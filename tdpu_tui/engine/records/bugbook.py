@@ -50,8 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tdpu_tui.engine.errors import TdpuError
-from tdpu_tui.engine.fsutil import FileLock, atomic_path
+from tdpu_tui.engine.core.errors import TdpuError
+from tdpu_tui.engine.osutil.files import FileLock, atomic_path
 
 
 STAGE_VALUES = ("导出", "编译", "仿真", "替换")

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from kernels import packing
-from tdpu_tui.engine.errors import CheckpointError
+from tdpu_tui.engine.core.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"

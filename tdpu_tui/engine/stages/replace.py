@@ -32,17 +32,17 @@ import onnx
 from onnx import helper
 
 from kernels.packing import pack
-from tdpu_tui.engine.config import LM_HEAD_MODES, ReplaceConfig
-from tdpu_tui.engine.errors import StageFailed
-from tdpu_tui.engine.fsutil import commit_files, human_bytes, staging_dir
-from tdpu_tui.engine.inventory import (
+from tdpu_tui.engine.core.config import LM_HEAD_MODES, ReplaceConfig
+from tdpu_tui.engine.core.errors import StageFailed
+from tdpu_tui.engine.osutil.files import commit_files, human_bytes, staging_dir
+from tdpu_tui.engine.rewrite.inventory import (
     ALREADY, BITLINEAR_DOMAIN, GraphIndex, InventoryError, Projection, candidate_nodes, free_name, iter_nodes,
     load_selection, resolve_selection, selection_reason, tensor_bytes,
 )
-from tdpu_tui.engine.lm_head import bf16_source, plan_bf16
-from tdpu_tui.engine.onnx_builder import EXTERNAL_THRESHOLD, ExternalData, set_external
-from tdpu_tui.engine.pipeline import Stage, StageContext
-from tdpu_tui.engine.verify import require_graph
+from tdpu_tui.engine.rewrite.lm_head import bf16_source, plan_bf16
+from tdpu_tui.engine.graph.builder import EXTERNAL_THRESHOLD, ExternalData, set_external
+from tdpu_tui.engine.core.pipeline import Stage, StageContext
+from tdpu_tui.engine.model.compare import require_graph
 
 
 @dataclass
@@ -164,7 +164,7 @@ def replace_model(src: str | Path, dst: str | Path, *, layout: str = "tdpu",
     """Replace the selected ternary MatMuls of `src`, writing `dst` (+ `dst.data`) atomically.
 
     `lm_head`: "float" keeps the lm_head as exported; "bf16" holds it (and a tied embedding
-    table) in bfloat16 behind ai.tdpu::LinearBF16 (`tdpu_tui.engine.lm_head`).
+    table) in bfloat16 behind ai.tdpu::LinearBF16 (`tdpu_tui.engine.rewrite.lm_head`).
     """
     if lm_head not in LM_HEAD_MODES:
         raise InventoryError(f"[replace].lm_head: expected one of {LM_HEAD_MODES}, found {lm_head!r}")

@@ -33,11 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from tdpu_tui.engine.artifacts import Artifacts
-from tdpu_tui.engine.checkpoint import ATTN_PROJECTIONS, CONFIG_FILE, MLP_PROJECTIONS, SINGLE_FILE
-from tdpu_tui.engine.config import Config, SyntheticConfig
-from tdpu_tui.engine.errors import ConfigError
-from tdpu_tui.engine.fsutil import fsync_dir
+from tdpu_tui.engine.core.artifacts import Artifacts
+from tdpu_tui.engine.model.checkpoint import ATTN_PROJECTIONS, CONFIG_FILE, MLP_PROJECTIONS, SINGLE_FILE
+from tdpu_tui.engine.core.config import Config, SyntheticConfig
+from tdpu_tui.engine.core.errors import ConfigError
+from tdpu_tui.engine.osutil.files import fsync_dir
 
 FORMAT_VERSION = 2  # bump whenever the bytes written for a stamp change
 STAMP_FILE = "tdpu_synthetic.json"

@@ -32,10 +32,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tdpu_tui.engine.config import Config
-from tdpu_tui.engine.events import LEVEL_MARK_RE
-from tdpu_tui.engine.tail import EchoFilter, Tailer
-from tdpu_tui.engine.tail import decode_line as _decode
+from tdpu_tui.engine.core.config import Config
+from tdpu_tui.engine.core.events import LEVEL_MARK_RE
+from tdpu_tui.engine.osutil.tail import EchoFilter, Tailer
+from tdpu_tui.engine.osutil.tail import decode_line as _decode
 
 # Icraft's error codes, as the manuals document them. Only icraft-run (XRun) publishes a table
 # (3_Component_run.md §3.1); the Adapter's "错误码说明" table (3_Component_adapt.md §2.3) is

@@ -16,7 +16,7 @@ def require_graph(path: str | Path, made_by: str) -> Path:
     missing file and the stage that writes it."""
     import onnx
 
-    from tdpu_tui.engine.errors import StageFailed
+    from tdpu_tui.engine.core.errors import StageFailed
 
     path = Path(path)
     if not path.is_file():

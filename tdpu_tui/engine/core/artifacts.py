@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tdpu_tui.engine.config import Config
+from tdpu_tui.engine.core.config import Config
 
 
 @dataclass(frozen=True)
@@ -91,5 +91,5 @@ class Artifacts:
 
     @property
     def run_status(self) -> Path:
-        """Each stage's latest outcome, whichever process ran it (`engine/run_status.py`)."""
+        """Each stage's latest outcome, whichever process ran it (`engine/core/run_status.py`)."""
         return self.run_logs / "status.json"

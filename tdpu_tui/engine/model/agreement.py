@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from tdpu_tui.engine.verify import MIN_ARGMAX_AGREEMENT, compare_logits
+from tdpu_tui.engine.model.compare import MIN_ARGMAX_AGREEMENT, compare_logits
 
 
 def one_ulp_perturbation(x: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -31,7 +31,7 @@ def one_ulp_perturbation(x: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def reference_model(ckpt: Any, quantize: bool) -> Any:
-    from tdpu_tui.engine.reference import BitNetForCausalLM
+    from tdpu_tui.engine.model.reference import BitNetForCausalLM
 
     model = BitNetForCausalLM.from_checkpoint(ckpt)
     model.quantize_activations = quantize

@@ -30,11 +30,11 @@ import numpy as np
 import onnx
 
 from kernels.packing import LAYOUTS, unpack
-from tdpu_tui.engine.agreement import Verdict, judge, versus_reference
-from tdpu_tui.engine.errors import StageFailed
-from tdpu_tui.engine.fsutil import atomic_write_text, human_bytes
-from tdpu_tui.engine.inventory import BITLINEAR_DOMAIN, GraphIndex, bitlinear_attrs
-from tdpu_tui.engine.perf_report import (
+from tdpu_tui.engine.model.agreement import Verdict, judge, versus_reference
+from tdpu_tui.engine.core.errors import StageFailed
+from tdpu_tui.engine.osutil.files import atomic_write_text, human_bytes
+from tdpu_tui.engine.rewrite.inventory import BITLINEAR_DOMAIN, GraphIndex, bitlinear_attrs
+from tdpu_tui.engine.records.perf_report import (
     GraphTiming,
     PerfResult,
     ProjectionTiming,
@@ -43,8 +43,8 @@ from tdpu_tui.engine.perf_report import (
     projection_graphs,
     render_report,
 )
-from tdpu_tui.engine.pipeline import Stage, StageContext
-from tdpu_tui.engine.verify import (
+from tdpu_tui.engine.core.pipeline import Stage, StageContext
+from tdpu_tui.engine.model.compare import (
     MIN_ARGMAX_AGREEMENT,
     compare_logits,
     format_comparison,
@@ -82,7 +82,7 @@ class NodeCheck:
 
 def _length_one_copy(path: Path) -> Path:
     """The icraft graph at `path` rebuilt for sequence length 1, saved beside it (same data file)."""
-    from tdpu_tui.engine.onnx_builder import with_sequence_length
+    from tdpu_tui.engine.graph.builder import with_sequence_length
 
     model = with_sequence_length(onnx.load(str(path), load_external_data=False), 1, path.parent)
     fd, name = tempfile.mkstemp(prefix=".validate-step1-", suffix=".onnx", dir=path.parent)
@@ -240,7 +240,7 @@ class Validation:
         return seq
 
     def inputs(self, tokens: int) -> dict[str, np.ndarray]:
-        from tdpu_tui.engine.checkpoint import open_checkpoint
+        from tdpu_tui.engine.model.checkpoint import open_checkpoint
 
         batch = 1 if self.profile == "icraft" else self.cfg.validate.batch
         with open_checkpoint(self.meta["checkpoint"]) as ckpt:
@@ -273,7 +273,7 @@ class Validation:
         return out
 
     def versus_reference(self, inputs: dict[str, np.ndarray], got: np.ndarray) -> Verdict:
-        from tdpu_tui.engine.checkpoint import open_checkpoint
+        from tdpu_tui.engine.model.checkpoint import open_checkpoint
 
         with open_checkpoint(self.meta["checkpoint"]) as ckpt:
             return versus_reference(ckpt, {"inputs_embeds": inputs["inputs_embeds"]}, got, quantize=True)
@@ -497,7 +497,7 @@ class Validation:
         """Both graphs are there, whole, and the BitLinear graph was made from this export."""
         require_graph(self.paths.full_onnx, "export")
         require_graph(self.paths.bitlinear_onnx, "replace")
-        from tdpu_tui.engine.replace import source_stamp
+        from tdpu_tui.engine.stages.replace import source_stamp
         made_from = self.report.get("source_stamp")
         if made_from and made_from != source_stamp(self.paths.full_onnx):
             raise StageFailed(f"{self.paths.bitlinear_onnx} was made from an earlier export: "

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tdpu_tui.engine.fsutil import atomic_write_bytes, human_bytes, lock_for
+from tdpu_tui.engine.osutil.files import atomic_write_bytes, human_bytes, lock_for
 
 TITLE = "# Icraft 编译记录 (icraft compile log)"
 INTRO = ("Written by `tdpu`: each stage rewrites its own section (between the `tdpu:section` "

@@ -17,7 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from tdpu_tui.engine.errors import ConfigError
+from tdpu_tui.engine.core.errors import ConfigError
 
 PRESETS = ("tiny", "2b4t")
 PROFILES = ("reference", "icraft")

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tdpu_tui.engine.checkpoint import BitNetConfig, Checkpoint
-from tdpu_tui.engine.errors import CheckpointError
+from tdpu_tui.engine.model.checkpoint import BitNetConfig, Checkpoint
+from tdpu_tui.engine.core.errors import CheckpointError
 
 
 class RMSNorm(nn.Module):

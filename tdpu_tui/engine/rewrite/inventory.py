@@ -32,8 +32,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from tdpu_tui.engine.errors import TdpuError
-from tdpu_tui.engine.fsutil import atomic_write_text
+from tdpu_tui.engine.core.errors import TdpuError
+from tdpu_tui.engine.osutil.files import atomic_write_text
 
 TERNARY = "ternary"
 ALREADY = "already BitLinear"

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from tdpu_tui.engine.config import Config
-from tdpu_tui.engine.errors import ConfigError
+from tdpu_tui.engine.core.config import Config
+from tdpu_tui.engine.core.errors import ConfigError
 
 COLUMNS = ("onnx_op", "supported", "targets", "constraints", "source")
 SUPPORT_VALUES = ("yes", "partial", "no")

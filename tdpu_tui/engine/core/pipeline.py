@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from tdpu_tui.engine.artifacts import Artifacts
-from tdpu_tui.engine.config import Config
-from tdpu_tui.engine.errors import Cancelled, StageFailed, TdpuError
-from tdpu_tui.engine.events import (
+from tdpu_tui.engine.core.artifacts import Artifacts
+from tdpu_tui.engine.core.config import Config
+from tdpu_tui.engine.core.errors import Cancelled, StageFailed, TdpuError
+from tdpu_tui.engine.core.events import (
     Event, RunFinished, RunSummary, StageFinished, StageLog, StageProgress, StageResult,
     StageStarted, Status,
 )
@@ -125,7 +125,7 @@ class Pipeline:
                  on_event: EventSink | None = None, cancel: threading.Event | None = None,
                  on_failure: FailureHook | None = None):
         if stages is None:
-            from tdpu_tui.engine.stages import all_stages
+            from tdpu_tui.engine.stages.registry import all_stages
             stages = all_stages()
         self.config = config
         self.stages = list(stages)
@@ -205,7 +205,7 @@ class Pipeline:
     def _note_status(self, path: Path, name: str, result: StageResult | None) -> None:
         """Record a stage's start (result None) or outcome for other processes (the app).
         A failure to write is a warning, never the stage's failure."""
-        from tdpu_tui.engine import run_status
+        from tdpu_tui.engine.core import run_status
         try:
             if result is None:
                 run_status.record_started(path, name)

@@ -1,0 +1,1 @@
+"""ONNX graphs: building them node by node, external data, running them."""

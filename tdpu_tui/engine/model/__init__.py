@@ -1,0 +1,1 @@
+"""BitNet b1.58 itself: the checkpoint, the synthetic one, the PyTorch reference, comparisons with it."""

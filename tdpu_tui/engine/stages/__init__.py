@@ -1,0 +1,1 @@
+"""One module per pipeline stage, named after it, and the registry that orders them."""

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tdpu_tui.engine.core.config import parse_config  # noqa: E402
 from tdpu_tui.engine.core.events import StageFinished, StageLog, Status  # noqa: E402
-from tdpu_tui.engine.core.pipeline import Pipeline  # noqa: E402
+from tdpu_tui.engine.core.pipeline import Pipeline
+from tdpu_tui.engine.stages import all_stages  # noqa: E402
 
 # The targets (whole graphs, as the user runs them) ...
 TARGETS = (("ratio_step_vs_float", 0.5, "whole graph, step: BitLinear / float"),
@@ -104,7 +105,7 @@ logs = "{root / 'phase3_logs'}"
         if i or (args.reuse and (root / "models" / "output" / "bitnet_b1.58_full.onnx").exists()):
             stages.remove("export")
         print(f"--- [replace].lm_head = {lm_head!r}: {', '.join(stages)}", file=sys.stderr)
-        summary = Pipeline(config(lm_head), on_event=on_event).run(stages)
+        summary = Pipeline(config(lm_head), all_stages(), on_event=on_event).run(stages)
         results = {r.name: r for r in summary.results}
         if any(r.status is not Status.OK for r in results.values()):
             print("benchmark did not complete: " + "; ".join(f"{r.name} {r.status.value}: {r.message}"
@@ -145,7 +146,8 @@ def together(root: Path, repeats: int, seq_len: int) -> bool:
     import numpy as np
 
     from kernels.ort import create_session
-    from tdpu_tui.engine.records.perf_report import interleaved_medians, lower_to_matmulnbits
+    from tdpu_tui.engine.validation.timing import interleaved_medians
+    from tdpu_tui.engine.rewrite.matmulnbits import lower_to_matmulnbits
     from tdpu_tui.engine.model.compare import ort_session
 
     full = root / "models" / "output" / "bitnet_b1.58_full.onnx"

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from tdpu_tui.app.app import TdpuApp  # noqa: E402
 from tdpu_tui.engine.core.config import parse_config  # noqa: E402
-from tdpu_tui.engine.core.pipeline import Stage  # noqa: E402
+from tdpu_tui.engine.core.stage import Stage  # noqa: E402
 
 WRITER = textwrap.dedent("""\
     import sys, time

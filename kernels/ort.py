@@ -276,7 +276,7 @@ def session_options(threads: int | None = None) -> onnxruntime.SessionOptions:
 _DTYPE_NAMES = {v: k for k, v in TensorProto.DataType.items()}
 
 
-def _attr(node: onnx.NodeProto, name: str, kind: str, where: str):
+def attr(node: onnx.NodeProto, name: str, kind: str, where: str):
     for a in node.attribute:
         if a.name == name:
             if kind == "int" and a.type == onnx.AttributeProto.INT:
@@ -302,8 +302,8 @@ def _rewrite_bf16(node: onnx.NodeProto, index: int, inits: dict, last_dims: dict
                   base_dir: str | None, keys: list[int], graph: onnx.GraphProto) -> str:
     """Check one LinearBF16 node and move its W into the registry; return W's name if moved."""
     where = f"LinearBF16 node {node.name or f'#{index}'!r}"
-    k = _attr(node, "in_features", "int", where)
-    n = _attr(node, "out_features", "int", where)
+    k = attr(node, "in_features", "int", where)
+    n = attr(node, "out_features", "int", where)
     if len(node.input) != 2:
         raise BitLinearError(f"{where}: expected 2 inputs (X, W), found {len(node.input)}")
     x_name, w_name = node.input
@@ -382,9 +382,9 @@ def _rewrite(model: onnx.ModelProto, base_dir: str | None,
             if node.domain != DOMAIN or node.op_type != OP_TYPE:
                 continue
             where = f"BitLinear node {node.name or f'#{index}'!r}"
-            k = _attr(node, "in_features", "int", where)
-            n = _attr(node, "out_features", "int", where)
-            layout = _attr(node, "layout", "string", where)
+            k = attr(node, "in_features", "int", where)
+            n = attr(node, "out_features", "int", where)
+            layout = attr(node, "layout", "string", where)
             if layout not in packing.LAYOUTS:
                 raise BitLinearError(f"{where}: unknown layout {layout!r}, expected one of {packing.LAYOUTS}")
             if len(node.input) != 3:

@@ -17,6 +17,7 @@ from tdpu_tui.engine.core.events import (
     Event, RunSummary, StageFinished, StageLog, StageProgress, StageResult, StageStarted, Status,
 )
 from tdpu_tui.engine.osutil.files import atomic_write_text
+from tdpu_tui.engine import stages as registry
 from tdpu_tui.engine.core.pipeline import Pipeline
 
 PLAIN_PROGRESS_INTERVAL_S = 2.0
@@ -116,7 +117,8 @@ def _draft_bug(result: StageResult, cfg: Config) -> None:
 def run_batch(cfg: Config, stages: list[str] | None, *, json_path: str | None = None,
               bug_drafts: bool = True) -> int:
     printer = ProgressPrinter()
-    pipeline = Pipeline(cfg, on_event=printer, on_failure=_draft_bug if bug_drafts else None)
+    pipeline = Pipeline(cfg, registry.all_stages(), on_event=printer,
+                        on_failure=_draft_bug if bug_drafts else None)
     try:
         pipeline.select(stages)
     except KeyError as exc:

@@ -41,7 +41,7 @@ def exported_tiny(tmp_path_factory):
     """One tiny reference-profile export shared by the tests that only read it."""
     from tdpu_tui.engine.core.config import load_config
     from tdpu_tui.engine.core.pipeline import Pipeline
-    from tdpu_tui.engine.stages.registry import all_stages
+    from tdpu_tui.engine.stages import all_stages
 
     d = tmp_path_factory.mktemp("exported_tiny")
     cfg = load_config(write_config(d))

@@ -23,7 +23,8 @@ from tdpu_tui.app.screens import BugForm, ConfirmScreen, HelpScreen
 from tdpu_tui.engine.core.artifacts import Artifacts
 from tdpu_tui.engine.core.config import load_config
 from tdpu_tui.engine.core.errors import StageFailed
-from tdpu_tui.engine.core.pipeline import Pipeline, Skip, Stage
+from tdpu_tui.engine.core.pipeline import Pipeline
+from tdpu_tui.engine.core.stage import Skip, Stage
 
 SIZES = [(120, 40), (80, 24)]
 
@@ -522,7 +523,7 @@ def test_error_and_warning_lines_are_highlighted():
 @pytest.fixture(scope="module")
 def exported_dir(tmp_path_factory):
     """A tiny export (real export stage) that tests copy before changing anything."""
-    from tdpu_tui.engine.stages.registry import all_stages
+    from tdpu_tui.engine.stages import all_stages
     d = tmp_path_factory.mktemp("app_export")
     cfg = load_config(write_config(d))
     export = [s for s in all_stages() if s.name == "export"]
@@ -546,7 +547,7 @@ def _row_names(table) -> list[str]:
 @pytest.mark.parametrize("size", SIZES)
 @aio
 async def test_nodes_toggles_are_saved_to_the_selection_file(exported, size):
-    from tdpu_tui.engine.rewrite.inventory import load_selection
+    from tdpu_tui.engine.rewrite.selection import load_selection
     app = TdpuApp(exported, stages=fake_stages())
     selection_file = Artifacts.of(exported).replace_selection
     async with app.run_test(size=size) as pilot:
@@ -596,7 +597,7 @@ async def test_nodes_filter_and_reload_after_a_new_export(exported):
 @pytest.mark.slow
 @aio
 async def test_all_and_none_act_on_the_filtered_nodes_only(exported):
-    from tdpu_tui.engine.rewrite.inventory import load_selection
+    from tdpu_tui.engine.rewrite.selection import load_selection
     app = TdpuApp(exported, stages=fake_stages())
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.press("3")
@@ -634,7 +635,7 @@ async def test_toggled_nodes_are_kept_by_replace(exported):
     """Deselect a node in the app, run `replace` from the app, find it still a MatMul."""
     import onnx
 
-    from tdpu_tui.engine.stages.registry import all_stages
+    from tdpu_tui.engine.stages import all_stages
     if "replace" not in [s.name for s in all_stages()]:
         pytest.skip("the replace stage is not registered yet")
     app = TdpuApp(exported)

@@ -68,7 +68,7 @@ def project(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def exported_dir(tmp_path_factory):
-    from tdpu_tui.engine.stages.registry import all_stages
+    from tdpu_tui.engine.stages import all_stages
     d = tmp_path_factory.mktemp("snap_export")
     cfg = load_config(write_config(d))
     export = [s for s in all_stages() if s.name == "export"]

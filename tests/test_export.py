@@ -198,16 +198,17 @@ def test_graph_builder_never_holds_the_whole_embedding(tmp_path, monkeypatch, pr
     """The embedding (and the icraft profile's transposed lm_head) is written a block at a time."""
     import tracemalloc
 
-    from tdpu_tui.engine.graph import builder as onnx_builder
+    from tdpu_tui.engine.graph.external import ExternalData
+    from tdpu_tui.engine.model import onnx_graph
     from tdpu_tui.engine.model.synthetic import write_synthetic
 
     ckpt_dir = write_synthetic(tmp_path / "ckpt", "tiny", 0, {"vocab_size": 32768, "layers": 1})
-    monkeypatch.setattr(onnx_builder, "STREAM_ELEMENTS", 1 << 16)
+    monkeypatch.setattr(onnx_graph, "STREAM_ELEMENTS", 1 << 16)
     with open_checkpoint(ckpt_dir) as ckpt:
-        data = onnx_builder.ExternalData(tmp_path / "g.onnx.data", "g.onnx.data")
+        data = ExternalData(tmp_path / "g.onnx.data", "g.onnx.data")
         tracemalloc.start()
         try:
-            model = onnx_builder.BitNetOnnx(ckpt, profile, 8, 17, data).build()
+            model = onnx_graph.BitNetOnnx(ckpt, profile, 8, 17, data).build()
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()

@@ -20,7 +20,9 @@ from tdpu_tui.engine.core.artifacts import Artifacts  # noqa: E402
 from tdpu_tui.engine.records.compile_log import read_section, update_section  # noqa: E402
 from tdpu_tui.engine.core.config import load_config  # noqa: E402
 from tdpu_tui.engine.core.events import StageLog, Status  # noqa: E402
-from tdpu_tui.engine.stages.icraft import OptimizeStage, ParseStage, PrecheckStage  # noqa: E402
+from tdpu_tui.engine.stages.optimize import OptimizeStage  # noqa: E402
+from tdpu_tui.engine.stages.parse import ParseStage  # noqa: E402
+from tdpu_tui.engine.stages.precheck import PrecheckStage  # noqa: E402
 from tdpu_tui.engine.core.pipeline import Pipeline  # noqa: E402
 
 
@@ -368,7 +370,7 @@ def test_bin_as_a_path_relative_to_the_config(tmp_path, monkeypatch):
     assert "not found or not executable" in ic.missing_cli_reason(cfg)
 
 
-@pytest.mark.parametrize("module", ["tdpu_tui.engine.icraft.driver", "tdpu_tui.engine.stages.icraft",
+@pytest.mark.parametrize("module", ["tdpu_tui.engine.icraft.driver", "tdpu_tui.engine.stages.simulate",
                                     "tdpu_tui.engine.icraft.rules", "tdpu_tui.engine.icraft.optable",
                                     "tdpu_tui.engine.records.compile_log"])
 def test_icraft_modules_import_without_textual_or_rich(module):

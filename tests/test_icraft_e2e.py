@@ -16,12 +16,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "icraft"))
 import helpers  # noqa: E402
 
-from tdpu_tui.engine.stages import icraft as icraft_stages  # noqa: E402
+from tdpu_tui.engine.stages import simulate as icraft_stages  # noqa: E402
 from tdpu_tui.engine.records.compile_log import read_section  # noqa: E402
 from tdpu_tui.engine.core.config import load_config  # noqa: E402
 from tdpu_tui.engine.core.events import Status  # noqa: E402
 from tdpu_tui.engine.core.pipeline import Pipeline  # noqa: E402
-from tdpu_tui.engine.stages.registry import all_stages  # noqa: E402
+from tdpu_tui.engine.stages import all_stages  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -11,10 +11,10 @@ from onnx import helper, numpy_helper
 
 import bitlinear_graphs as bg
 from tdpu_tui.engine.core.config import ReplaceConfig
-from tdpu_tui.engine.rewrite.inventory import (
-    PERMUTATION, InventoryError, classify_values, inventory, load_selection, resolve_selection,
-    save_selection,
-)
+from tdpu_tui.engine.rewrite.inventory import inventory
+from tdpu_tui.engine.rewrite.patterns import PERMUTATION, classify_values
+from tdpu_tui.engine.rewrite.selection import load_selection, resolve_selection, save_selection
+from tdpu_tui.engine.core.errors import GraphError
 
 
 @pytest.fixture(params=["reference", "icraft"])
@@ -108,7 +108,7 @@ def test_inventory_reads_weights_through_a_memory_map_not_the_whole_model(tmp_pa
 
 
 def test_missing_graph_is_a_clear_error(tmp_path):
-    with pytest.raises(InventoryError, match="run the export stage first"):
+    with pytest.raises(GraphError, match="run the export stage first"):
         inventory(tmp_path / "nope.onnx")
 
 
@@ -144,7 +144,7 @@ def test_selection_file_overrides_globs(nodes):
 
 
 def test_selecting_a_node_that_is_not_ternary_names_node_and_reason(nodes):
-    with pytest.raises(InventoryError, match=r"'/lm_head/Gemm'.*not ternary: tied embedding"):
+    with pytest.raises(GraphError, match=r"'/lm_head/Gemm'.*not ternary: tied embedding"):
         resolve_selection(nodes, ReplaceConfig(), {"/lm_head/Gemm": True})
 
 
@@ -161,7 +161,7 @@ def test_selection_file_round_trips_atomically(tmp_path):
 def test_bad_selection_file_is_an_error_naming_the_file(tmp_path):
     path = tmp_path / "sel.json"
     path.write_text('{"a": "yes"}')
-    with pytest.raises(InventoryError, match="sel.json"):
+    with pytest.raises(GraphError, match="sel.json"):
         load_selection(path)
 
 
@@ -173,5 +173,5 @@ def test_external_data_that_does_not_fit_its_tensor_names_file_and_tensor(tmp_pa
     entry = next(e for e in t.external_data if e.key == "length")
     entry.value = str(int(entry.value) - 4)
     path.write_bytes(model.SerializeToString())
-    with pytest.raises(InventoryError, match=rf"g\.onnx\.data: tensor '{name}'.*length"):
+    with pytest.raises(GraphError, match=rf"g\.onnx\.data: tensor '{name}'.*length"):
         inventory(path)

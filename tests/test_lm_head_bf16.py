@@ -16,11 +16,13 @@ import bitlinear_graphs as bg
 from conftest import write_config
 from kernels.bf16 import bf16_to_float32
 from kernels.ort import create_session
-from tdpu_tui.engine.core.config import ConfigError, load_config, parse_config
+from tdpu_tui.engine.core.config import load_config, parse_config
+from tdpu_tui.engine.core.errors import ConfigError
 from tdpu_tui.engine.core.events import Status
-from tdpu_tui.engine.rewrite.inventory import InventoryError
+from tdpu_tui.engine.core.errors import GraphError
 from tdpu_tui.engine.core.pipeline import Pipeline
-from tdpu_tui.engine.stages.replace import replace_model
+from tdpu_tui.engine.stages import all_stages
+from tdpu_tui.engine.rewrite.bitlinear import replace_model
 
 OUT = Path("out")          # conftest.write_config: [paths].output
 
@@ -37,7 +39,7 @@ def _config(root: Path, profile: str = "reference", lm_head: str = "bf16"):
 
 
 def _run(root: Path, stages: list[str], profile: str = "reference", lm_head: str = "bf16"):
-    return {r.name: r for r in Pipeline(_config(root, profile, lm_head)).run(stages).results}
+    return {r.name: r for r in Pipeline(_config(root, profile, lm_head), all_stages()).run(stages).results}
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +157,7 @@ def test_weights_that_are_not_bf16_values_are_refused_naming_the_node(tmp_path):
     # The test graphs' lm_head weights are arbitrary float32 values, not bf16 ones.
     src = bg.save(bg.build("reference", layers=1), tmp_path / "in" / "g.onnx")
     dst = tmp_path / "out" / "g.onnx"
-    with pytest.raises(InventoryError) as err:
+    with pytest.raises(GraphError) as err:
         replace_model(src, dst, lm_head="bf16")
     message = str(err.value)
     assert "'/lm_head/Gemm'" in message and "not bfloat16 values" in message
@@ -206,7 +208,7 @@ def _ids() -> dict[str, np.ndarray]:
 
 
 def test_a_tied_lm_head_behind_a_transpose_is_held_in_bf16_and_checked(tmp_path):
-    from tdpu_tui.engine.stages.validate import check_bf16_node
+    from tdpu_tui.engine.validation.nodes import check_bf16_node
     src = _tied_transpose_graph(tmp_path / "in" / "g.onnx")
     dst = tmp_path / "out" / "g.onnx"
     report = replace_model(src, dst, lm_head="bf16")
@@ -261,7 +263,7 @@ def test_unnamed_nodes_convert_the_lm_head_not_the_first_node_with_the_same_empt
 
 def test_a_table_that_is_also_a_graph_input_is_refused(tmp_path):
     src = _tied_transpose_graph(tmp_path / "in" / "g.onnx", emb_is_input=True)
-    with pytest.raises(InventoryError, match="'model.embed_tokens.weight' is also a graph input"):
+    with pytest.raises(GraphError, match="'model.embed_tokens.weight' is also a graph input"):
         replace_model(src, tmp_path / "out" / "g.onnx", lm_head="bf16")
 
 
@@ -291,7 +293,7 @@ def test_two_lm_heads_are_refused_naming_both(tmp_path):
     m = onnx.load(str(src))
     m.graph.output.append(onnx.helper.make_tensor_value_info("logits2", TensorProto.FLOAT, None))
     onnx.save(m, str(src))
-    with pytest.raises(InventoryError, match=r"2 lm_head nodes \('/lm_head/MatMul', '/extra/lm_head/MatMul'\)"):
+    with pytest.raises(GraphError, match=r"2 lm_head nodes \('/lm_head/MatMul', '/extra/lm_head/MatMul'\)"):
         replace_model(src, tmp_path / "out" / "g.onnx", lm_head="bf16")
 
 
@@ -306,7 +308,7 @@ def test_the_not_bf16_error_gives_the_position_in_the_whole_table(tmp_path, monk
     emb[35, 0] = np.float32(0.1)
     t.CopyFrom(numpy_helper.from_array(emb, t.name))
     onnx.save(m, str(src))
-    with pytest.raises(InventoryError) as err:
+    with pytest.raises(GraphError) as err:
         replace_model(src, tmp_path / "out" / "g.onnx", lm_head="bf16")
     text = str(err.value)
     assert text.startswith(f"{src}: lm_head node '/lm_head/MatMul': 2 of {V * H} values")
@@ -314,7 +316,7 @@ def test_the_not_bf16_error_gives_the_position_in_the_whole_table(tmp_path, monk
 
 
 def test_the_matmulnbits_peer_keeps_the_ai_tdpu_import_for_linear_bf16(exported, tmp_path):
-    from tdpu_tui.engine.records.perf_report import lower_to_matmulnbits
+    from tdpu_tui.engine.rewrite.matmulnbits import lower_to_matmulnbits
     src = exported["reference"] / OUT / "bitnet_b1.58_full.onnx"
     mid = tmp_path / "bl" / "g.onnx"
     replace_model(src, mid, lm_head="bf16")

@@ -7,7 +7,8 @@ from tdpu_tui.batch import run_batch
 from tdpu_tui.engine.core.config import load_config
 from tdpu_tui.engine.core.errors import StageFailed
 from tdpu_tui.engine.core.events import StageFinished, StageLog, StageProgress, StageStarted, Status
-from tdpu_tui.engine.core.pipeline import Pipeline, Skip, Stage
+from tdpu_tui.engine.core.pipeline import Pipeline
+from tdpu_tui.engine.core.stage import Skip, Stage
 
 
 class Fake(Stage):
@@ -86,7 +87,7 @@ def test_failure_hook_gets_the_failed_result(tmp_config):
 
 def test_batch_exit_codes_and_json_summary(tmp_config, tmp_path, monkeypatch, capsys):
     cfg = load_config(tmp_config)
-    import tdpu_tui.engine.stages.registry as registry
+    import tdpu_tui.engine.stages as registry
     monkeypatch.setattr(registry, "all_stages", lambda: [Fake("a"), Fake("b", outcome="skip")])
     out = tmp_path / "summary.json"
     assert run_batch(cfg, None, json_path=str(out)) == 0
@@ -108,7 +109,7 @@ def test_batch_exit_codes_and_json_summary(tmp_config, tmp_path, monkeypatch, ca
 
 def test_batch_drafts_one_bug_record_per_distinct_failure(tmp_config, monkeypatch, capsys):
     cfg = load_config(tmp_config)
-    import tdpu_tui.engine.stages.registry as registry
+    import tdpu_tui.engine.stages as registry
     from tdpu_tui.engine.records.bugbook import BugBook
 
     monkeypatch.setattr(registry, "all_stages", lambda: [Fake("export", outcome="fail")])
@@ -145,7 +146,7 @@ def test_cli_rejects_a_missing_model_dir_and_an_unwritable_json_before_running(t
 def test_batch_reports_a_json_summary_it_cannot_write(tmp_config, monkeypatch, capsys):
     cfg = load_config(tmp_config)
     import tdpu_tui.batch as batch
-    import tdpu_tui.engine.stages.registry as registry
+    import tdpu_tui.engine.stages as registry
     monkeypatch.setattr(registry, "all_stages", lambda: [Fake("a")])
 
     def disk_full(path, text):

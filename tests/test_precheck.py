@@ -19,7 +19,7 @@ from tdpu_tui.engine.records.compile_log import read_section  # noqa: E402
 from tdpu_tui.engine.core.config import load_config  # noqa: E402
 from tdpu_tui.engine.core.errors import ConfigError  # noqa: E402
 from tdpu_tui.engine.core.events import Status  # noqa: E402
-from tdpu_tui.engine.stages.icraft import PrecheckStage  # noqa: E402
+from tdpu_tui.engine.stages.precheck import PrecheckStage  # noqa: E402
 from tdpu_tui.engine.icraft.optable import load_op_table, table_for  # noqa: E402
 from tdpu_tui.engine.core.pipeline import Pipeline  # noqa: E402
 from tdpu_tui.engine.icraft.rules import precheck_model  # noqa: E402

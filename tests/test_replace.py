@@ -16,8 +16,9 @@ from onnx import numpy_helper
 
 import bitlinear_graphs as bg
 from kernels.packing import unpack
-from tdpu_tui.engine.rewrite.inventory import inventory, save_selection
-from tdpu_tui.engine.stages.replace import replace_model
+from tdpu_tui.engine.rewrite.inventory import inventory
+from tdpu_tui.engine.rewrite.selection import save_selection
+from tdpu_tui.engine.rewrite.bitlinear import replace_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,9 +13,10 @@ from onnx import numpy_helper
 from kernels.packing import pack, repack
 from tdpu_tui.engine.core.config import parse_config
 from tdpu_tui.engine.core.events import Status
-from tdpu_tui.engine.records.perf_report import nbits_pack
+from tdpu_tui.engine.rewrite.matmulnbits import nbits_pack
 from tdpu_tui.engine.core.pipeline import Pipeline
-from tdpu_tui.engine.stages.validate import check_node, explain_disagreement
+from tdpu_tui.engine.stages import all_stages
+from tdpu_tui.engine.validation.nodes import check_node, explain_disagreement
 
 
 def _config(root: Path, profile: str = "reference", layout: str = "tdpu"):
@@ -37,7 +38,7 @@ logs = "{root / 'phase3_logs'}"
 
 
 def _run(root: Path, stages: list[str], profile: str = "reference", layout: str = "tdpu"):
-    pipe = Pipeline(_config(root, profile, layout))
+    pipe = Pipeline(_config(root, profile, layout), all_stages())
     return {r.name: r for r in pipe.run(stages).results}
 
 
@@ -204,7 +205,7 @@ def test_deep_icraft_model_validates_against_the_references_rounding_floor(tmp_p
         'intermediate_size = 512\nvocab_size = 2048\n'
         '[export]\nprofile = "icraft"\nseq_len = 64\n[validate]\nrepeats = 1\nsample_nodes = 2\n'
         f'[paths]\noutput = "{tmp_path / "out"}"\nlogs = "{tmp_path / "logs"}"\n', tmp_path / "tdpu.toml")
-    from tdpu_tui.engine.stages.registry import all_stages
+    from tdpu_tui.engine.stages import all_stages
     stages = [s for s in all_stages() if s.name in ("export", "replace", "validate")]
     results = {r.name: r for r in Pipeline(cfg, stages).run().results}
     v = results["validate"]
@@ -249,7 +250,7 @@ def test_a_missing_graph_file_names_it_and_the_stage_to_run(replaced, tmp_path, 
 
 def test_timing_stops_at_the_next_run_once_the_stage_is_cancelled():
     from tdpu_tui.engine.core.errors import Cancelled
-    from tdpu_tui.engine.records.perf_report import interleaved_medians
+    from tdpu_tui.engine.validation.timing import interleaved_medians
     calls = []
 
     def check():

@@ -41,7 +41,8 @@ from tdpu_tui.engine.core.events import (
     StageStarted,
     Status,
 )
-from tdpu_tui.engine.core.pipeline import Pipeline, Stage
+from tdpu_tui.engine.core.pipeline import Pipeline
+from tdpu_tui.engine.core.stage import Stage
 from tdpu_tui.engine.osutil.tail import EchoFilter, Tailer
 
 StageSource = Iterable[Stage] | Callable[[], Iterable[Stage]] | None
@@ -204,7 +205,7 @@ class TdpuApp(App[int]):
 
     def _make_stages(self) -> list[Stage]:
         if self._stage_source is None:
-            from tdpu_tui.engine.stages.registry import all_stages
+            from tdpu_tui.engine.stages import all_stages
             return list(all_stages())
         if callable(self._stage_source):
             return list(self._stage_source())
@@ -387,7 +388,7 @@ class TdpuApp(App[int]):
             return
         # Stages that did not run because of a failure run again with it.
         blocked = [n for n, r in rows.items()
-                   if r.status is Status.SKIPPED and r.message.startswith("not run:")]
+                   if r.status is Status.SKIPPED and r.blocked_by is not None]
         self.start_run([n for n in rows if n in failed or n in blocked])
 
     def action_cancel(self) -> None:

@@ -153,7 +153,8 @@ class NodesPanel(Vertical):
             error = "no export yet: run the export stage (r runs every stage)"
         else:
             try:
-                from tdpu_tui.engine.rewrite.inventory import inventory, load_selection
+                from tdpu_tui.engine.rewrite.inventory import inventory
+                from tdpu_tui.engine.rewrite.selection import load_selection
                 nodes = inventory(self.paths.full_onnx)
                 overrides = load_selection(self.paths.replace_selection)
             except Exception as exc:  # shown in the panel; the app stays usable
@@ -171,7 +172,7 @@ class NodesPanel(Vertical):
         self.set_columns(self.size.width)
 
     def resolve(self) -> None:
-        from tdpu_tui.engine.rewrite.inventory import resolve_selection
+        from tdpu_tui.engine.rewrite.selection import resolve_selection
         try:
             self.selection = resolve_selection(self.nodes, self.config, self.overrides)
         except Exception as exc:
@@ -236,7 +237,7 @@ class NodesPanel(Vertical):
         if node is None:
             detail.update("")
             return
-        from tdpu_tui.engine.rewrite.inventory import selection_reason
+        from tdpu_tui.engine.rewrite.selection import selection_reason
         try:
             why = selection_reason(node, self.config, self.overrides)
         except Exception as exc:
@@ -296,7 +297,7 @@ class NodesPanel(Vertical):
             self.set_selected(names, msg.what == "all")
 
     def set_selected(self, names: list[str], value: bool) -> None:
-        from tdpu_tui.engine.rewrite.inventory import save_selection
+        from tdpu_tui.engine.rewrite.selection import save_selection
         for name in names:
             self.overrides[name] = value
         try:

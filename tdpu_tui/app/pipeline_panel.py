@@ -14,7 +14,7 @@ from textual.message import Message
 from textual.widgets import DataTable, Static
 
 from tdpu_tui.engine.core.events import StageResult, Status
-from tdpu_tui.engine.core.pipeline import LOG_TAIL_LINES
+from tdpu_tui.engine.core.stage import LOG_TAIL_LINES
 
 _STATUS_STYLE = {
     Status.PENDING: ("·", "pending", "dim"),
@@ -61,6 +61,7 @@ class StageRow:
     message: str = ""
     bug_number: int | None = None  # the record drafted for this stage's failure
     stale_after: str = ""  # a stage this one needs ran again after it: its result is old
+    blocked_by: str | None = None  # not run because this needed stage failed
     origin: str = ""  # set when the row shows another process's run (phase3_logs/runs/status.json)
     log_tail: collections.deque[str] = field(
         default_factory=lambda: collections.deque(maxlen=LOG_TAIL_LINES))
@@ -178,7 +179,7 @@ class PipelinePanel(Vertical):
         if row is None:
             return
         row.status, row.seconds, row.message = result.status, result.seconds, result.message
-        row.started, row.origin = None, ""
+        row.started, row.origin, row.blocked_by = None, "", result.blocked_by
         if result.log_tail:
             row.log_tail.clear()
             row.log_tail.extend(result.log_tail)
@@ -240,6 +241,7 @@ class PipelinePanel(Vertical):
                     row.origin = f"run by {where}, which is gone"
             else:
                 row.status, row.seconds, row.started, row.message = st.status, st.seconds, None, st.message
+                row.blocked_by = st.blocked_by
                 row.origin = f"run by {where}, finished {when}"
             self.update_row(name)
         self._mark_stale([n for n in shown if self.rows[n].status is Status.RUNNING])

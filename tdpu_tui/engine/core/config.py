@@ -7,15 +7,10 @@ relative to the configuration file.
 from __future__ import annotations
 
 import dataclasses
-import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 from tdpu_tui.engine.core.errors import ConfigError
 
@@ -88,6 +83,50 @@ class ValidateConfig:
 
 
 @dataclass
+class RtlPortsConfig:
+    """Port names of the BitLinear core (SPEC §8); the defaults are the team's core."""
+    clk: str = "clk"
+    rst_n: str = "rst_n"
+    data_valid: str = "i_data_valid"
+    load_weight: str = "i_load_weight"
+    data: str = "i_data"
+    weight: str = "i_weight"
+    ready: str = "o_data_ready"
+    result: str = "o_result"
+
+
+@dataclass
+class RtlCodesConfig:
+    """The 2-bit weight code of each ternary value on the core's `i_weight` lanes."""
+    neg: int = 0
+    zero: int = 1
+    pos: int = 2
+
+
+@dataclass
+class RtlConfig:
+    # .sv/.v files, relative to tdpu.toml; empty: the rtl stage is skipped.
+    sources: list[str] = field(default_factory=list)
+    top: str = "vec_multi_core"
+    # Default: the directories of the sources.
+    include_dirs: list[str] = field(default_factory=list)
+    lanes: int = 32
+    nodes: int = 4
+    max_tiles: int = 250000
+    timeout_s: float = 600
+    ports: RtlPortsConfig = field(default_factory=RtlPortsConfig)
+    codes: RtlCodesConfig = field(default_factory=RtlCodesConfig)
+
+
+@dataclass
+class TdpuConfig:
+    """The board the cost model of SPEC §9 describes."""
+    cores: int = 1
+    clock_mhz: float = 200
+    ddr_gb_s: float = 4.0
+
+
+@dataclass
 class PathsConfig:
     output: str = "models/output"
     logs: str = "phase3_logs"
@@ -100,6 +139,8 @@ class Config:
     icraft: IcraftConfig = field(default_factory=IcraftConfig)
     replace: ReplaceConfig = field(default_factory=ReplaceConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
+    rtl: RtlConfig = field(default_factory=RtlConfig)
+    tdpu: TdpuConfig = field(default_factory=TdpuConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     # Where the file was read from; relative paths resolve against its directory.
     file: Path | None = None
@@ -139,12 +180,14 @@ _POSITIVE = {
     "icraft.timeout_s", "validate.batch", "validate.repeats",
     "model.synthetic.layers", "model.synthetic.hidden_size", "model.synthetic.intermediate_size",
     "model.synthetic.num_heads", "model.synthetic.num_kv_heads", "model.synthetic.vocab_size",
+    "rtl.lanes", "rtl.max_tiles", "rtl.timeout_s", "tdpu.cores", "tdpu.clock_mhz", "tdpu.ddr_gb_s",
 }
 
 
 # Seeds (NumPy's generators reject negative ones) and counts that may be zero.
 _NON_NEGATIVE = {"model.synthetic.seed", "export.verify_seed", "validate.seed",
-                 "validate.sample_nodes"}
+                 "validate.sample_nodes", "rtl.nodes", "rtl.codes.neg", "rtl.codes.zero",
+                 "rtl.codes.pos"}
 
 
 def _type_name(t: Any) -> str:
@@ -207,6 +250,10 @@ _SECTIONS: dict[str, type] = {
     "IcraftConfig": IcraftConfig,
     "ReplaceConfig": ReplaceConfig,
     "ValidateConfig": ValidateConfig,
+    "RtlConfig": RtlConfig,
+    "RtlPortsConfig": RtlPortsConfig,
+    "RtlCodesConfig": RtlCodesConfig,
+    "TdpuConfig": TdpuConfig,
     "PathsConfig": PathsConfig,
 }
 
@@ -218,6 +265,13 @@ def parse_config(text: str, file: Path | None = None) -> Config:
         raise ConfigError(f"not valid TOML: {exc}", file=file) from None
     cfg = _build(Config, data, "", file)
     cfg.file = file
+    lanes = cfg.rtl.lanes
+    if lanes & (lanes - 1):
+        raise ConfigError(f"expected a power of two, found {lanes}", file=file, key="rtl.lanes")
+    codes = (cfg.rtl.codes.neg, cfg.rtl.codes.zero, cfg.rtl.codes.pos)
+    if len(set(codes)) != 3 or max(codes) > 3:
+        raise ConfigError(f"expected three different 2-bit codes (0..3), found neg, zero, pos = "
+                          f"{codes}", file=file, key="rtl.codes")
     if cfg.export.opset < 17:
         raise ConfigError(f"expected 17 or later (Icraft's PyTorch route), found {cfg.export.opset}",
                           file=file, key="export.opset")

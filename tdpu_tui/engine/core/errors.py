@@ -37,6 +37,11 @@ class CheckpointError(TdpuError):
     """A checkpoint that cannot be read as BitNet b1.58 (names the file and the tensor)."""
 
 
+class GraphError(TdpuError):
+    """An ONNX graph (or its external data, or a selection file over it) that cannot be read
+    or rewritten; the message names the file and the node or tensor."""
+
+
 class StageFailed(TdpuError):
     """Raised inside a stage to end it as `failed` with a one-line message."""
 

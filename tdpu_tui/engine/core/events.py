@@ -27,6 +27,8 @@ class StageResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     # The last lines the stage logged (for bug drafts and the app's error view).
     log_tail: list[str] = field(default_factory=list)
+    # Skipped because this stage (failed, at the root of the chain) is needed and broke.
+    blocked_by: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "status": self.status.value,

@@ -1,105 +1,26 @@
-"""Stages, their dependencies, and the runner that both faces drive.
+"""The runner both faces drive: the stages it is given, in that order, honouring `needs`.
 
-A stage is an object with a `name`, the names it `needs`, and `run(ctx)`. It reports through
-its context (progress, log lines, artifacts, metrics) and never prints. It ends
-- `ok` by returning a one-line message,
-- `skipped` by raising `Skip(reason)`,
-- `failed` by raising anything else (`StageFailed` for an expected failure, no traceback).
-A failed stage stops the stages that depend on it in the same run, not the others.
+A failed stage stops the stages that depend on it in the same run, not the others: they end
+`skipped` with `blocked_by` naming the failed stage at the root.
 """
 
 from __future__ import annotations
 
-import collections
 import errno
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
+from tdpu_tui.engine.core import run_status
 from tdpu_tui.engine.core.artifacts import Artifacts
 from tdpu_tui.engine.core.config import Config
 from tdpu_tui.engine.core.errors import Cancelled, StageFailed, TdpuError
 from tdpu_tui.engine.core.events import (
-    Event, RunFinished, RunSummary, StageFinished, StageLog, StageProgress, StageResult,
-    StageStarted, Status,
+    Event, RunFinished, RunSummary, StageFinished, StageLog, StageResult, StageStarted, Status,
 )
-
-EventSink = Callable[[Event], None]
-LOG_TAIL_LINES = 40
-
-
-class Skip(TdpuError):
-    """Raised by a stage to end as `skipped`; the message is the reason."""
-
-
-class StageContext:
-    """What a running stage sees: configuration, artifact paths, and the reporting calls."""
-
-    def __init__(self, config: Config, stage: str, emit: EventSink, cancel: threading.Event,
-                 state: dict[str, Any], log_file: Path | None = None):
-        self.config = config
-        self.paths = Artifacts.of(config)
-        self.stage = stage
-        self.state = state  # shared by the stages of one run (e.g. the loaded checkpoint)
-        self.artifacts: dict[str, str] = {}
-        self.metrics: dict[str, Any] = {}
-        self._emit = emit
-        self._cancel = cancel
-        self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
-        self._log_fh = None
-        if log_file is not None:
-            log_file.parent.mkdir(parents=True, exist_ok=True)
-            self._log_fh = open(log_file, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
-        self.log_file = log_file
-
-    def progress(self, done: float, total: float | None = None, note: str = "") -> None:
-        self.check_cancelled()
-        self._emit(StageProgress(self.stage, done, total, note))
-
-    def log(self, line: str, level: str = "info", source: str = "") -> None:
-        for part in str(line).splitlines() or [""]:
-            if level != "debug":           # the tail feeds bug drafts and the app's error view
-                self._tail.append(part)
-            event = StageLog(self.stage, part, level, source)
-            if self._log_fh is not None:
-                self._log_fh.write(f"{event.text}\n")
-            self._emit(event)
-
-    def artifact(self, name: str, path: str | Path) -> None:
-        self.artifacts[name] = str(path)
-
-    def metric(self, name: str, value: Any) -> None:
-        self.metrics[name] = value
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    def check_cancelled(self) -> None:
-        if self._cancel.is_set():
-            raise Cancelled(f"stage '{self.stage}' cancelled")
-
-    @property
-    def log_tail(self) -> list[str]:
-        return list(self._tail)
-
-    def close(self) -> None:
-        if self._log_fh is not None:
-            self._log_fh.close()
-            self._log_fh = None
-
-
-class Stage:
-    name: str = ""
-    title: str = ""
-    needs: tuple[str, ...] = ()
-
-    def run(self, ctx: StageContext) -> str:  # pragma: no cover - interface
-        raise NotImplementedError
-
+from tdpu_tui.engine.core.stage import EventSink, Skip, Stage, StageContext
 
 FailureHook = Callable[[StageResult, Config], None]
 
@@ -121,12 +42,9 @@ def os_error_message(exc: OSError) -> str:
 class Pipeline:
     """Runs stages in registry order, honouring dependencies, emitting events."""
 
-    def __init__(self, config: Config, stages: Iterable[Stage] | None = None,
+    def __init__(self, config: Config, stages: Iterable[Stage],
                  on_event: EventSink | None = None, cancel: threading.Event | None = None,
                  on_failure: FailureHook | None = None):
-        if stages is None:
-            from tdpu_tui.engine.stages.registry import all_stages
-            stages = all_stages()
         self.config = config
         self.stages = list(stages)
         self.by_name = {s.name: s for s in self.stages}
@@ -162,7 +80,6 @@ class Pipeline:
         # Stages that failed, or were not run because something they need failed: what needs
         # them must not run on the artifacts of an earlier run either.
         broken: dict[str, str] = {}     # stage -> the failed stage at the root
-        state: dict[str, Any] = {}
         paths = Artifacts.of(self.config)
         try:
             for stage in selected:
@@ -171,12 +88,13 @@ class Pipeline:
                     result = StageResult(stage.name, Status.SKIPPED, message="not run: cancelled")
                     self.emit(StageStarted(stage.name))
                 elif blocked:
+                    root = broken[blocked[0]]
                     result = StageResult(stage.name, Status.SKIPPED,
-                                         message=f"not run: {broken[blocked[0]]} failed")
+                                         message=f"not run: {root} failed", blocked_by=root)
                     self.emit(StageStarted(stage.name))
                 else:
                     self._note_status(paths.run_status, stage.name, None)
-                    result = self._run_one(stage, state, paths.run_logs / f"{stage.name}.log")
+                    result = self._run_one(stage, paths.run_logs / f"{stage.name}.log")
                 self._note_status(paths.run_status, stage.name, result)
                 outcome[stage.name] = result.status
                 if result.status is Status.FAILED:
@@ -205,7 +123,6 @@ class Pipeline:
     def _note_status(self, path: Path, name: str, result: StageResult | None) -> None:
         """Record a stage's start (result None) or outcome for other processes (the app).
         A failure to write is a warning, never the stage's failure."""
-        from tdpu_tui.engine.core import run_status
         try:
             if result is None:
                 run_status.record_started(path, name)
@@ -217,8 +134,8 @@ class Pipeline:
                 self.emit(StageLog(name, f"{path}: could not record the stage's status ({exc})",
                                    "warning"))
 
-    def _run_one(self, stage: Stage, state: dict[str, Any], log_file: Path) -> StageResult:
-        ctx = StageContext(self.config, stage.name, self.emit, self.cancel, state, log_file)
+    def _run_one(self, stage: Stage, log_file: Path) -> StageResult:
+        ctx = StageContext(self.config, stage.name, self.emit, self.cancel, log_file)
         self.emit(StageStarted(stage.name))
         start = time.perf_counter()
         status, message = Status.OK, ""

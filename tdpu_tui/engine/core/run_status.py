@@ -43,6 +43,7 @@ class StageStatus:
     finished_at: str
     started_ts: float | None = None     # epoch seconds (time zones differ between sessions)
     host: str = ""
+    blocked_by: str | None = None
 
     @property
     def elsewhere(self) -> bool:
@@ -91,7 +92,7 @@ def record_started(path: str | Path, name: str) -> None:
 def record_finished(path: str | Path, result: StageResult) -> None:
     _update(Path(path), result.name, {
         "status": result.status.value, "seconds": round(result.seconds, 3),
-        "message": result.message[:MESSAGE_LIMIT], "pid": os.getpid(), "host": socket.gethostname(),
+        "message": result.message[:MESSAGE_LIMIT], "blocked_by": result.blocked_by, "pid": os.getpid(), "host": socket.gethostname(),
         "finished_at": _now()})
 
 
@@ -123,7 +124,8 @@ def load(path: str | Path) -> dict[str, StageStatus]:
                                     str(row.get("message", "")), pid,
                                     str(row.get("started_at", "")), str(row.get("finished_at", "")),
                                     float(ts) if isinstance(ts, (int, float)) else None,
-                                    str(row.get("host", "")))
+                                    str(row.get("host", "")),
+                                    str(row["blocked_by"]) if row.get("blocked_by") else None)
         except (ValueError, TypeError, KeyError, OverflowError):
             continue
     return out

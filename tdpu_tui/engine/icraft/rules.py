@@ -21,7 +21,6 @@ import csv
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -29,6 +28,7 @@ from onnx import numpy_helper
 
 from tdpu_tui.engine.osutil.files import atomic_write_text
 from tdpu_tui.engine.icraft.optable import OpTable
+from tdpu_tui.engine.graph.index import attr
 
 CATEGORIES = ("unsupported", "undocumented", "custom", "constraint", "dynamic", "advisory")
 BLOCKING = frozenset(CATEGORIES) - {"advisory"}
@@ -117,13 +117,13 @@ class _Graph:
         node = self.constant_nodes.get(name)
         if node is None:
             return None
-        for attr in node.attribute:
-            if attr.name == "value":
-                return numpy_helper.to_array(attr.t)
-            if attr.name in ("value_float", "value_int"):
-                return np.asarray(onnx.helper.get_attribute_value(attr))
-            if attr.name in ("value_floats", "value_ints"):
-                return np.asarray(list(onnx.helper.get_attribute_value(attr)))
+        for a in node.attribute:
+            if a.name == "value":
+                return numpy_helper.to_array(a.t)
+            if a.name in ("value_float", "value_int"):
+                return np.asarray(onnx.helper.get_attribute_value(a))
+            if a.name in ("value_floats", "value_ints"):
+                return np.asarray(list(onnx.helper.get_attribute_value(a)))
         return None
 
     def rank(self, name: str) -> int | None:
@@ -162,13 +162,6 @@ def _infer_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
         if dims is not None:
             shapes[vi.name] = dims
     return shapes
-
-
-def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def _input(node: onnx.NodeProto, i: int) -> str:
@@ -227,7 +220,7 @@ def _check_slice(node, g: _Graph) -> list[str]:
 
 def _check_squeeze(node, g: _Graph) -> list[str]:
     axes_name = _input(node, 1)
-    axes = _attr(node, "axes")
+    axes = attr(node, "axes")
     if axes_name:
         if not g.is_const(axes_name):
             return [f"axes '{axes_name}' are not constant; Icraft needs fixed Squeeze axes"]
@@ -257,7 +250,7 @@ def _check_pad(node, g: _Graph) -> list[str]:
     elif rank not in (4, 5):
         out.append(f"input is {rank}-D; Icraft pads only 4-D or 5-D inputs")
     pads_name = _input(node, 1)
-    pads = _attr(node, "pads")
+    pads = attr(node, "pads")
     if pads_name:
         if not g.is_const(pads_name):
             return out + [f"pads '{pads_name}' are not constant; Icraft needs fixed padding"]

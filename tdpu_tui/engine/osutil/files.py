@@ -8,6 +8,7 @@ so logs and reports stay readable by the rest of a shared board host's group.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
@@ -16,7 +17,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tdpu_tui.engine.core.errors import TdpuError
 
 try:
     import fcntl
@@ -26,12 +26,16 @@ except ImportError:  # pragma: no cover - Windows: no advisory lock, writes stay
 LOCK_TIMEOUT_S = 30.0
 
 
+class LockTimeout(TimeoutError):
+    """Another process held a lock longer than we wait; `filename` is the lock file."""
+
+
 class FileLock:
     """An advisory `fcntl` lock on `path` (a lock file beside the data it guards).
 
     Read-modify-write cycles of a shared file (the bug book, the compile log) run under it, so
     two processes (`tdpu --batch` and the app, two batch runs) never lose each other's edits.
-    Waiting longer than `timeout` raises TdpuError naming the lock file.
+    Waiting longer than `timeout` raises LockTimeout naming the lock file.
     """
 
     def __init__(self, path: Path, timeout: float = LOCK_TIMEOUT_S):
@@ -57,8 +61,8 @@ class FileLock:
                 if time.monotonic() > deadline:
                     os.close(self.fd)
                     self.fd = None
-                    raise TdpuError(f"{self.path}: another process has held this lock for "
-                                    f"{self.timeout:.0f} s; try again") from None
+                    raise LockTimeout(errno.ETIMEDOUT, f"another process has held this lock "
+                                      f"for {self.timeout:.0f} s; try again", str(self.path)) from None
                 time.sleep(0.02)
 
     def __exit__(self, *exc: object) -> None:

@@ -30,7 +30,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from tdpu_tui.engine.rewrite.inventory import BITLINEAR_DOMAIN, GraphIndex, InventoryError, _attr, free_name
+from tdpu_tui.engine.rewrite.inventory import BITLINEAR_DOMAIN, free_name
+from tdpu_tui.engine.graph.index import attr
+from tdpu_tui.engine.graph.index import GraphIndex
+from tdpu_tui.engine.core.errors import GraphError
 
 OP_TYPE = "LinearBF16"
 ROWS_PER_CHUNK = 4096
@@ -76,39 +79,39 @@ def linear_bf16_name(node_name: str) -> str:
 
 
 def plan_bf16(g: GraphIndex, node: onnx.NodeProto, taken: set[str]) -> Bf16Plan:
-    """Match and check `node` (the lm_head); raise InventoryError naming it when it does not fit."""
+    """Match and check `node` (the lm_head); raise GraphError naming it when it does not fit."""
     where = f"lm_head node {node.name!r}"
     if node.op_type == "Gemm":
         if len(node.input) > 2 and node.input[2]:
-            raise InventoryError(f"{where}: Gemm with a bias; [replace].lm_head = \"bf16\" takes "
+            raise GraphError(f"{where}: Gemm with a bias; [replace].lm_head = \"bf16\" takes "
                                  "x·Wᵀ only")
-        if _attr(node, "transA", 0) or abs(float(_attr(node, "alpha", 1.0)) - 1.0) > 1e-12:
-            raise InventoryError(f"{where}: Gemm with transA or alpha ≠ 1")
+        if attr(node, "transA", 0) or abs(float(attr(node, "alpha", 1.0)) - 1.0) > 1e-12:
+            raise GraphError(f"{where}: Gemm with transA or alpha ≠ 1")
     a, b = node.input[0], node.input[1]
     absorbed: list[onnx.NodeProto] = []
     if b in g.inits:
         weight = b
-        nk = node.op_type == "Gemm" and bool(_attr(node, "transB", 0))
+        nk = node.op_type == "Gemm" and bool(attr(node, "transB", 0))
     elif ((p := g.producer.get(b)) is not None and p.op_type == "Transpose" and p.input[0] in g.inits
-          and node.op_type == "MatMul" and list(_attr(p, "perm", [1, 0])) == [1, 0]
+          and node.op_type == "MatMul" and list(attr(p, "perm", [1, 0])) == [1, 0]
           and g.sole_consumer(b) is node):
         weight, nk = p.input[0], True
         absorbed.append(p)
     else:
-        raise InventoryError(f"{where}: its weight {b!r} is not a constant initializer "
+        raise GraphError(f"{where}: its weight {b!r} is not a constant initializer "
                              "(or a transposed one)")
     t = g.inits[weight]
     if len(t.dims) != 2 or t.data_type != TensorProto.FLOAT:
-        raise InventoryError(f"{where}: weight {weight!r} is "
+        raise GraphError(f"{where}: weight {weight!r} is "
                              f"{helper.tensor_dtype_to_string(t.data_type)} {list(t.dims)}, "
                              "expected a 2-D float32 matrix")
     n, k = (int(t.dims[0]), int(t.dims[1])) if nk else (int(t.dims[1]), int(t.dims[0]))
     own = {id(node)} | {id(x) for x in absorbed}
     others = [c for c in g.consumers.get(weight, []) if id(c) not in own]
     gathers = [c for c in others if c.op_type == "Gather" and c.domain in ("", "ai.onnx")
-               and c.input[0] == weight and int(_attr(c, "axis", 0)) == 0 and nk]
+               and c.input[0] == weight and int(attr(c, "axis", 0)) == 0 and nk]
     if weight in {v.name for v in g.graph.input}:
-        raise InventoryError(f"{where}: its weight {weight!r} is also a graph input (a value that can "
+        raise GraphError(f"{where}: its weight {weight!r} is also a graph input (a value that can "
                              "be fed at run time); held in bf16 it would ignore what is fed: keep "
                              "[replace].lm_head = \"float\" for this graph")
     rest = [c for c in others if c not in gathers]
@@ -139,7 +142,7 @@ def plan_bf16(g: GraphIndex, node: onnx.NodeProto, taken: set[str]) -> Bf16Plan:
 def bf16_source(g: GraphIndex, plan: Bf16Plan, graph_file: str) -> Callable[[], np.ndarray]:
     """The bf16 bit patterns [N, K] of the plan's float32 weight, converted a block of rows at a
     time (a 1.31 GB float table never sits in memory twice). Values that are not exactly
-    bfloat16 raise InventoryError naming the graph, the node, how many there are and the first."""
+    bfloat16 raise GraphError naming the graph, the node, how many there are and the first."""
     def make() -> np.ndarray:
         from kernels.bf16 import split_bf16  # numba: imported when a table is converted, not at start-up
 
@@ -160,7 +163,7 @@ def bf16_source(g: GraphIndex, plan: Bf16Plan, graph_file: str) -> Callable[[], 
                 out[:, r:r + step] = bits.T
         if bad:
             i, j, value = first
-            raise InventoryError(
+            raise GraphError(
                 f"{graph_file}: lm_head node {plan.node.name!r}: {bad} of {w.size} values of "
                 f"{plan.weight!r} are not bfloat16 values (the first, {value!r} at [{i}, {j}], has "
                 "mantissa bits below bfloat16's); holding them as bf16 would round them: keep "

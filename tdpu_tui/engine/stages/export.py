@@ -24,7 +24,7 @@ from tdpu_tui.engine.osutil.files import (
     human_bytes,
     staging_dir,
 )
-from tdpu_tui.engine.core.pipeline import Stage, StageContext
+from tdpu_tui.engine.core.stage import Stage, StageContext
 from tdpu_tui.engine.model.compare import (
     MIN_ARGMAX_AGREEMENT,
     format_comparison,
@@ -110,11 +110,13 @@ class ExportStage(Stage):
     name = "export"
     title = "Export ONNX"
     needs = ()
+    bug_stage = "导出"
 
     def run(self, ctx: StageContext) -> str:
         import onnx
 
-        from tdpu_tui.engine.graph.builder import BitNetOnnx, ExternalData
+        from tdpu_tui.engine.model.onnx_graph import BitNetOnnx
+        from tdpu_tui.engine.graph.external import ExternalData
 
         cfg, paths = ctx.config, ctx.paths
         profile = cfg.export.profile

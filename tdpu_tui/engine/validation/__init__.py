@@ -1,0 +1,1 @@
+"""Validation of the replaced graph: node checks against the kernel, timing of the graphs."""

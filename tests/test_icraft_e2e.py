@@ -126,8 +126,8 @@ def test_simulate_fails_below_99_percent_argmax_agreement(icraft_project, monkey
     monkeypatch.setenv("PATH", str(tmp_path))          # no icraft: the onnxruntime path
     real = icraft_stages.onnxruntime_logits
 
-    def scrambled(onnx_path, name, feed):
-        logits = real(onnx_path, name, feed)
+    def scrambled(onnx_path, name, feed, cache=None):
+        logits = real(onnx_path, name, feed, cache)
         return np.ascontiguousarray(logits[..., ::-1])
     monkeypatch.setattr(icraft_stages, "onnxruntime_logits", scrambled)
     cfg = load_config(icraft_project)

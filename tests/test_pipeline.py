@@ -96,8 +96,9 @@ def test_batch_exit_codes_and_json_summary(tmp_config, tmp_path, monkeypatch, ca
     assert summary["stages"][1] == {"name": "b", "status": "skipped", "seconds": summary["stages"][1]["seconds"],
                                     "message": "nothing to do"}
     assert summary["artifacts"] == {"a": "/tmp/a"} and summary["metrics"] == {"a": {"value": 42}}
-    stdout = capsys.readouterr().out
-    assert "a" in stdout and "skipped" in stdout
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert rows["a"].split()[1] == "ok" and rows["a"].endswith("a done"), rows
+    assert rows["b"].split()[1] == "skipped" and rows["b"].endswith("nothing to do"), rows
 
     monkeypatch.setattr(registry, "all_stages", lambda: [Fake("a", outcome="fail")])
     assert run_batch(cfg, None, bug_drafts=False) == 1

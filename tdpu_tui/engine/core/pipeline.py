@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tdpu_tui.engine.core import run_status
 from tdpu_tui.engine.core.artifacts import Artifacts
+from tdpu_tui.engine.core.cache import RunCache
 from tdpu_tui.engine.core.config import Config
 from tdpu_tui.engine.core.errors import Cancelled, StageFailed, TdpuError
 from tdpu_tui.engine.core.events import (
@@ -55,6 +56,7 @@ class Pipeline:
         self._interrupted = False
         self._status_warned = False
         self.summary: RunSummary | None = None
+        self.cache: RunCache | None = None
 
     @property
     def names(self) -> list[str]:
@@ -80,6 +82,7 @@ class Pipeline:
         # Stages that failed, or were not run because something they need failed: what needs
         # them must not run on the artifacts of an earlier run either.
         broken: dict[str, str] = {}     # stage -> the failed stage at the root
+        cache = self.cache = RunCache()   # kept after the run for its load counts
         paths = Artifacts.of(self.config)
         try:
             for stage in selected:
@@ -94,7 +97,7 @@ class Pipeline:
                     self.emit(StageStarted(stage.name))
                 else:
                     self._note_status(paths.run_status, stage.name, None)
-                    result = self._run_one(stage, paths.run_logs / f"{stage.name}.log")
+                    result = self._run_one(stage, paths.run_logs / f"{stage.name}.log", cache)
                 self._note_status(paths.run_status, stage.name, result)
                 outcome[stage.name] = result.status
                 if result.status is Status.FAILED:
@@ -117,6 +120,7 @@ class Pipeline:
             summary.interrupted = True
             raise
         finally:
+            cache.clear()
             self.emit(RunFinished(None, summary))
         return summary
 
@@ -134,8 +138,8 @@ class Pipeline:
                 self.emit(StageLog(name, f"{path}: could not record the stage's status ({exc})",
                                    "warning"))
 
-    def _run_one(self, stage: Stage, log_file: Path) -> StageResult:
-        ctx = StageContext(self.config, stage.name, self.emit, self.cancel, log_file)
+    def _run_one(self, stage: Stage, log_file: Path, cache: RunCache) -> StageResult:
+        ctx = StageContext(self.config, stage.name, self.emit, self.cancel, log_file, cache)
         self.emit(StageStarted(stage.name))
         start = time.perf_counter()
         status, message = Status.OK, ""

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from tdpu_tui.engine.core.artifacts import Artifacts
+from tdpu_tui.engine.core.cache import RunCache
 from tdpu_tui.engine.core.config import Config
 from tdpu_tui.engine.core.errors import Cancelled, TdpuError
 from tdpu_tui.engine.core.events import Event, StageLog, StageProgress
@@ -34,10 +35,12 @@ class StageContext:
     """What a running stage sees: configuration, artifact paths, and the reporting calls."""
 
     def __init__(self, config: Config, stage: str, emit: EventSink, cancel: threading.Event,
-                 log_file: Path | None = None):
+                 log_file: Path | None = None, cache: RunCache | None = None):
         self.config = config
         self.paths = Artifacts.of(config)
         self.stage = stage
+        # Loads shared with the other stages of this run (graphs, sessions, the reference).
+        self.cache = cache if cache is not None else RunCache()
         self.artifacts: dict[str, str] = {}
         self.metrics: dict[str, Any] = {}
         self._emit = emit

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tdpu_tui.engine.core.cache import RunCache, file_key
 from tdpu_tui.engine.model.compare import MIN_ARGMAX_AGREEMENT, compare_logits
 
 
@@ -30,10 +32,18 @@ def one_ulp_perturbation(x: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.where(up, np.nextafter(x, np.float32(np.inf)), np.nextafter(x, np.float32(-np.inf)))
 
 
-def reference_model(ckpt: Any, quantize: bool) -> Any:
+def reference_model(ckpt: Any, quantize: bool, cache: RunCache | None = None) -> Any:
+    """The PyTorch reference of `ckpt`; with the run cache, built once per run and checkpoint."""
     from tdpu_tui.engine.model.reference import BitNetForCausalLM
 
-    model = BitNetForCausalLM.from_checkpoint(ckpt)
+    if cache is None:
+        model = BitNetForCausalLM.from_checkpoint(ckpt)
+    else:
+        # int8 projections (4 weights per packed byte) and float32 tables: ~3x the bf16 files.
+        model = cache.for_file("reference", Path(ckpt.path) / "config.json",
+                               lambda: BitNetForCausalLM.from_checkpoint(ckpt),
+                               *(file_key(f) for f in ckpt.files),
+                               nbytes=3 * sum(Path(f).stat().st_size for f in ckpt.files))
     model.quantize_activations = quantize
     return model
 
@@ -50,10 +60,6 @@ def run_reference(model: Any, inputs: dict[str, np.ndarray]) -> np.ndarray:
     return out.float().numpy()
 
 
-def reference_logits(ckpt: Any, inputs: dict[str, np.ndarray], quantize: bool) -> np.ndarray:
-    return run_reference(reference_model(ckpt, quantize), inputs)
-
-
 @dataclass
 class Verdict:
     metrics: dict[str, float]          # the graph against the reference
@@ -64,9 +70,10 @@ class Verdict:
 
 
 def versus_reference(ckpt: Any, inputs: dict[str, np.ndarray], got: np.ndarray, quantize: bool,
-                     minimum: float = MIN_ARGMAX_AGREEMENT, seed: int = 0) -> Verdict:
+                     minimum: float = MIN_ARGMAX_AGREEMENT, seed: int = 0,
+                     cache: RunCache | None = None) -> Verdict:
     """Compare a graph's logits with the PyTorch reference; below the bar, measure the floor."""
-    model = reference_model(ckpt, quantize)
+    model = reference_model(ckpt, quantize, cache)
     want = run_reference(model, inputs)
     m = compare_logits(got, want)
     floor = None

@@ -62,9 +62,24 @@ def ort_session(model: str | Path | bytes, external_dir: str | Path | None = Non
     return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
 
 
-def onnx_logits(model: str | Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    """The `logits` of a graph, fed those of `inputs` that it takes."""
-    sess = ort_session(model)
+def graph_bytes(path: str | Path) -> int:
+    """Bytes of a graph file and its `<name>.data` external data (what a session loads)."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def shared_session(cache, path: str | Path, factory=None):
+    """The run's one session over the graph at `path` (`cache`: the run cache), made by
+    `factory(path)` (default `ort_session`) the first time, kept while memory allows."""
+    factory = factory or ort_session
+    return cache.for_file("ort-session", path, lambda: factory(path), factory.__name__,
+                          nbytes=graph_bytes(path))
+
+
+def onnx_logits(model: str | Path, inputs: dict[str, np.ndarray], session=None) -> np.ndarray:
+    """The `logits` of a graph, fed those of `inputs` that it takes (on `session` if given)."""
+    sess = session if session is not None else ort_session(model)
     names = {i.name for i in sess.get_inputs()}
     return sess.run(["logits"], {k: v for k, v in inputs.items() if k in names})[0]
 

@@ -28,7 +28,9 @@ from tdpu_tui.engine.core.stage import Stage, StageContext
 from tdpu_tui.engine.model.compare import (
     MIN_ARGMAX_AGREEMENT,
     format_comparison,
+    graph_bytes,
     onnx_logits,
+    ort_session,
     seeded_inputs,
 )
 
@@ -167,8 +169,16 @@ class ExportStage(Stage):
             t = time.perf_counter()
             ctx.progress(0, None, "verifying against the PyTorch reference")
             inputs = verification_inputs(cfg, ckpt, profile)
-            got = onnx_logits(onnx_tmp, inputs)
-            verdict = versus_reference(ckpt, inputs, got, quantize=profile == "reference")
+            # The session outlives the staging folder: simulate (and the app's next stages) run
+            # the same graph, so it is handed to the run cache under the graph's final name.
+            session = ort_session(onnx_tmp)
+            got = onnx_logits(onnx_tmp, inputs, session)
+            st = onnx_tmp.stat()     # a rename keeps size and mtime: the key of the final file
+            ctx.cache.put("ort-session", (str(paths.full_onnx.resolve()), st.st_size, st.st_mtime_ns,
+                                          ort_session.__name__), session, graph_bytes(onnx_tmp))
+            del session              # not held (too large for the cache): freed before the reference
+            verdict = versus_reference(ckpt, inputs, got, quantize=profile == "reference",
+                                       cache=ctx.cache)
             m = verdict.metrics
             timings["verification"] = time.perf_counter() - t
             ctx.log(f"ONNX Runtime vs PyTorch reference: {format_comparison(m)}")

@@ -18,10 +18,12 @@ from tdpu_tui.engine.osutil.files import atomic_write_bytes
 from tdpu_tui.engine.records.compile_log import StageRecord
 from tdpu_tui.engine.stages.common import exported_graph, read_export_meta, validation_inputs
 
-def onnxruntime_logits(onnx_path: Path, name: str, feed: np.ndarray) -> np.ndarray:
-    from tdpu_tui.engine.model.compare import onnx_logits
+def onnxruntime_logits(onnx_path: Path, name: str, feed: np.ndarray, cache=None) -> np.ndarray:
+    """Logits of the graph at `onnx_path` on ONNX Runtime (the run's shared session with `cache`)."""
+    from tdpu_tui.engine.model.compare import onnx_logits, shared_session
 
-    return np.asarray(onnx_logits(onnx_path, {name: feed}), dtype=np.float32)
+    session = shared_session(cache, onnx_path) if cache is not None else None
+    return np.asarray(onnx_logits(onnx_path, {name: feed}, session), dtype=np.float32)
 
 
 def find_output_ftmp(log_dir: Path, cwd: Path, nbytes: int) -> Path | None:
@@ -79,7 +81,7 @@ class SimulateStage(Stage):
         else:
             ctx.log(f"simulated on onnxruntime ({fallback})", "warning")
             t0 = time.perf_counter()
-            logits = onnxruntime_logits(onnx_path, name, feed)
+            logits = onnxruntime_logits(onnx_path, name, feed, ctx.cache)
             record.notes.append(f"ONNX Runtime on `{onnx_path}` in {time.perf_counter() - t0:.2f} s")
             backend = "onnxruntime (Icraft not installed)" if exe is None else "onnxruntime"
             record.notes.append(f"why not Icraft: {fallback}")
@@ -88,7 +90,8 @@ class SimulateStage(Stage):
         # The reference profile quantizes activations inside the graph; the icraft one is float.
         reference_inputs = ({"inputs_embeds": feed} if profile == "icraft"
                             else {"input_ids": ids.astype(np.int64)})
-        verdict = versus_reference(ckpt, reference_inputs, logits, quantize=profile != "icraft")
+        verdict = versus_reference(ckpt, reference_inputs, logits, quantize=profile != "icraft",
+                                   cache=ctx.cache)
         cmp = verdict.metrics
         agreement = float(cmp["argmax_agreement"])
         for key in ("max_abs", "mean_abs", "argmax_agreement"):

@@ -43,9 +43,11 @@ from tdpu_tui.engine.model.compare import (
     MIN_ARGMAX_AGREEMENT,
     compare_logits,
     format_comparison,
+    graph_bytes,
     ort_session,
     require_graph,
     seeded_inputs,
+    shared_session,
 )
 from tdpu_tui.engine.validation.nodes import NodeCheck, check_bf16_node, check_node, explain_disagreement
 
@@ -53,11 +55,6 @@ from tdpu_tui.engine.validation.nodes import NodeCheck, check_bf16_node, check_n
 SMALL_HIDDEN = 1024
 # A float graph (with its external data) below this is loaded beside the other two and timed in turns.
 TOGETHER_LIMIT = 6 << 30
-
-
-def _data_bytes(onnx_path: Path) -> int:
-    data = onnx_path.with_name(onnx_path.name + ".data")
-    return onnx_path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def _length_one_copy(path: Path) -> Path:
@@ -105,11 +102,42 @@ class Validation:
         self.profile = self.meta.get("profile", "reference")
         self.replaced = [d for d in self.report["nodes"] if d["action"] == "replaced"]
         self.bf16 = [d for d in self.report["nodes"] if d["action"] == "bf16"]
+        self.captured: tuple[str, ...] = ()   # the float session's extra outputs
+        # This stage runs its own float session (with the sampled nodes' tensors as outputs).
+        ctx.cache.drop("ort-session")
 
     @functools.cached_property
     def original(self) -> GraphIndex:
         """The exported graph's structure (weights stay on disk), read once per run."""
-        return GraphIndex.load(self.paths.full_onnx)
+        return self.index(self.paths.full_onnx)
+
+    def index(self, path: Path) -> GraphIndex:
+        return self.ctx.cache.for_file("graph-index", path, lambda: GraphIndex.load(path))
+
+    def float_session(self, extra: tuple[str, ...] = ()):
+        """The float graph's session, with `extra` tensors as outputs (the sampled nodes' X and Y):
+        one for the capture run and the prefill timing, held while memory allows."""
+        src = self.paths.full_onnx
+
+        def load():
+            model = onnx.load(str(src), load_external_data=False)
+            for name in extra:
+                model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            return ort_session(model.SerializeToString(), src.parent)
+
+        return self.ctx.cache.for_file("ort-capture", src, load, extra, nbytes=graph_bytes(src))
+
+    def bitlinear_session(self, path: Path):
+        return shared_session(self.ctx.cache, path, _bitlinear_session)
+
+    # The timed sessions: the run's shared ones for the graphs themselves, fresh ones for the
+    # length-1 copies the single-token step of the icraft profile runs on.
+    def timed_float_session(self, path: Path):
+        return self.float_session(self.captured) if path == self.paths.full_onnx else ort_session(path)
+
+    def timed_bitlinear_session(self, path: Path):
+        return (self.bitlinear_session(path) if path == self.paths.bitlinear_onnx
+                else _bitlinear_session(path))
 
     # inputs --------------------------------------------------------------------------------
 
@@ -143,13 +171,10 @@ class Validation:
 
     def run_original(self, feed: dict[str, np.ndarray], extra: list[str]) -> dict[str, np.ndarray]:
         """Logits and the `extra` tensors from the original graph (extra outputs, in memory)."""
-        src = self.paths.full_onnx
-        model = onnx.load(str(src), load_external_data=False)
-        have = {o.name for o in model.graph.output}
+        have = {o.name for o in self.original.graph.output}
         wanted = [t for t in dict.fromkeys(extra) if t not in have and t not in feed]
-        for name in wanted:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-        sess = ort_session(model.SerializeToString(), src.parent)
+        self.captured = tuple(wanted)
+        sess = self.float_session(self.captured)
         names = ["logits", *wanted]
         out = dict(zip(names, sess.run(names, feed), strict=True))
         out.update({k: v for k, v in feed.items() if k in extra})
@@ -159,7 +184,8 @@ class Validation:
         from tdpu_tui.engine.model.checkpoint import open_checkpoint
 
         with open_checkpoint(self.meta["checkpoint"]) as ckpt:
-            return versus_reference(ckpt, {"inputs_embeds": inputs["inputs_embeds"]}, got, quantize=True)
+            return versus_reference(ckpt, {"inputs_embeds": inputs["inputs_embeds"]}, got, quantize=True,
+                                    cache=self.ctx.cache)
 
     def check_nodes(self, captured: dict[str, np.ndarray], sample: list[dict], g: GraphIndex
                     ) -> list[NodeCheck]:
@@ -213,8 +239,8 @@ class Validation:
             nbits_bytes = lower_to_matmulnbits(self.paths.bitlinear_onnx, nbits_path)
             # The peer is lowered from the BitLinear graph: with a bf16 lm_head it holds the same
             # LinearBF16 node, so both differ from each other in the projections only.
-            graphs = [("float", self.paths.full_onnx, before, ort_session),
-                      ("bitlinear", self.paths.bitlinear_onnx, after, _bitlinear_session),
+            graphs = [("float", self.paths.full_onnx, before, self.timed_float_session),
+                      ("bitlinear", self.paths.bitlinear_onnx, after, self.timed_bitlinear_session),
                       ("matmulnbits", nbits_path, nbits_bytes,
                        _bitlinear_session if self.bf16 else ort_session)]
             step_paths: dict[str, Path] = {}
@@ -273,7 +299,7 @@ class Validation:
         repeats = self.cfg.validate.repeats
         # Timing in turns needs the three graphs loaded at once; a float graph this large
         # (the full 2B model: ~10 GiB) is timed on its own instead, to bound memory.
-        together = _data_bytes(self.paths.full_onnx) < TOGETHER_LIMIT
+        together = graph_bytes(self.paths.full_onnx) < TOGETHER_LIMIT
         if not together:
             perf.notes.append("the float graph is too large to hold beside the others: "
                               "graphs timed one after another, not in turns")
@@ -397,7 +423,7 @@ class Validation:
             ctx.log(n, "warning")
         inputs = self.inputs(tokens)
         feed = self.feed(inputs)
-        g = GraphIndex.load(self.paths.bitlinear_onnx)
+        g = self.index(self.paths.bitlinear_onnx)
         sample = self.sample()
         bl_nodes = {n.name: n for n in g.graph.node if n.domain == BITLINEAR_DOMAIN}
         missing = [d["bitlinear"] for d in sample if d["bitlinear"] not in bl_nodes]
@@ -413,9 +439,7 @@ class Validation:
         ctx.progress(0, 4, "running the original graph")
         original = self.run_original(feed, extra)
         ctx.progress(1, 4, "running the BitLinear graph")
-        sess = _bitlinear_session(self.paths.bitlinear_onnx)
-        got = sess.run(["logits"], feed)[0]
-        del sess
+        got = self.bitlinear_session(self.paths.bitlinear_onnx).run(["logits"], feed)[0]
         accuracy: dict[str, Any] = {}
         floor_why = ""
         if self.profile == "icraft":

@@ -60,6 +60,7 @@ class Pipeline:
         self._interrupted = False
         self._status_warned = False
         self._notes: list[str] = []
+        self._open_rows: set[str] = set()
         self.summary: RunSummary | None = None
 
     @property
@@ -122,6 +123,10 @@ class Pipeline:
                                            "warning"))
         except KeyboardInterrupt:
             summary.interrupted = True
+            # Interrupted between recording a start and its outcome: the row must not stay "running".
+            for name in list(self._open_rows):
+                self._note_status(paths.run_status, name,
+                                  StageResult(name, Status.FAILED, message="interrupted"))
             raise
         finally:
             self.emit(RunFinished(None, summary))
@@ -132,8 +137,10 @@ class Pipeline:
         A failure to write is a warning, never the stage's failure."""
         try:
             if result is None:
+                self._open_rows.add(name)
                 run_status.record_started(path, name)
             else:
+                self._open_rows.discard(name)
                 run_status.record_finished(path, result)
         except Exception as exc:
             if not self._status_warned:

@@ -14,6 +14,7 @@ and the value), 1 anything else (e.g. the file cannot be written).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import unicodedata
@@ -131,7 +132,10 @@ def _read_error(args: argparse.Namespace) -> str | None:
     name = "stdin" if args.error_file == "-" else args.error_file
     try:
         if args.error_file == "-":
-            data, cut = _read_capped(sys.stdin.buffer, ERROR_FILE_CAP)
+            stdin = getattr(sys.stdin, "buffer", None)
+            if stdin is None:    # a text-only stream stands in for stdin (an embedding program)
+                stdin = io.BytesIO(sys.stdin.read(ERROR_FILE_CAP + 1).encode("utf-8", "surrogateescape"))
+            data, cut = _read_capped(stdin, ERROR_FILE_CAP)
         else:
             with open(args.error_file, "rb") as fh:
                 data, cut = _read_capped(fh, ERROR_FILE_CAP)

@@ -437,7 +437,7 @@ def test_a_stop_signal_ends_the_icraft_child_closes_statuses_and_exits_130(icraf
     rows = status_rows(icraft_export.parent / "phase3_logs")
     assert rows["parse"]["status"] == "failed" and rows["parse"]["message"] == "interrupted"
     assert json.loads(summary.read_text(encoding="utf-8"))["stages"][0]["status"] == "failed"
-    assert "parse     failed" in out
+    assert "parse  failed" in out
     out_dir = icraft_export.parent / "models" / "output"
     assert not [p for p in out_dir.rglob("*.tmp")]
 

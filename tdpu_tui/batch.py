@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import TextIO
 
 from tdpu_tui.engine.core.config import Config
@@ -17,6 +21,7 @@ from tdpu_tui.engine.core.events import (
     Event, RunSummary, StageFinished, StageLog, StageProgress, StageResult, StageStarted, Status,
 )
 from tdpu_tui.engine.osutil.files import atomic_write_text
+from tdpu_tui.engine.osutil.platform import termination_signals
 from tdpu_tui.engine import stages as registry
 from tdpu_tui.engine.core.pipeline import Pipeline
 
@@ -36,6 +41,7 @@ class ProgressPrinter:
         self._live_shown = False
         self._last_plain: dict[str | None, float] = {}
         self._lock = threading.Lock()
+        self.gone = False
 
     def _paint(self, text: str, status: Status) -> str:
         code = _COLORS.get(status)
@@ -48,8 +54,13 @@ class ProgressPrinter:
 
     def __call__(self, event: Event) -> None:
         with self._lock:
-            self._handle(event)
-            self.stream.flush()
+            if self.gone:
+                return
+            try:
+                self._handle(event)
+                self.stream.flush()
+            except OSError:   # the terminal went away (SSH closed): the run goes on without it
+                self.gone = True
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, StageStarted):
@@ -114,6 +125,47 @@ def _draft_bug(result: StageResult, cfg: Config) -> None:
         print(f"[{result.name}] {verb} Bug #{record.number} in {path}", file=sys.stderr)
 
 
+def _say(text: str, stream: TextIO) -> None:
+    """print, except to a terminal that is gone (SIGHUP): the summary and --json still follow."""
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=stream, flush=True)
+
+
+@contextlib.contextmanager
+def stop_signals_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM and SIGHUP (SIGBREAK on Windows) end the run as Ctrl-C does: the stage running
+    is interrupted, Icraft's process tree ended, statuses closed, nothing half-written, exit 130.
+
+    The signal goes to whatever handles SIGINT at that moment, so it is held while ONNX Runtime
+    runs Python operators, as Ctrl-C is. A signal ignored at start (`nohup` ignores SIGHUP) stays
+    ignored.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def as_ctrl_c(_signum: int, frame: FrameType | None) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    previous = {}
+    for sig in termination_signals():
+        try:
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                continue
+            previous[sig] = signal.signal(sig, as_ctrl_c)
+        except (ValueError, OSError):
+            continue
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_batch(cfg: Config, stages: list[str] | None, *, json_path: str | None = None,
               bug_drafts: bool = True) -> int:
     printer = ProgressPrinter()
@@ -126,23 +178,35 @@ def run_batch(cfg: Config, stages: list[str] | None, *, json_path: str | None = 
         return ExitCode.USAGE
     summary: RunSummary | None = None
     code = ExitCode.OK
-    try:
-        summary = pipeline.run(stages)
-        code = ExitCode.FAILURE if summary.failed else ExitCode.OK
-    except KeyboardInterrupt:
-        printer._clear_live()
-        print("tdpu: interrupted", file=sys.stderr)
-        summary = pipeline.summary
+    with stop_signals_as_ctrl_c():
+        try:
+            summary = pipeline.run(stages)
+            code = ExitCode.FAILURE if summary.failed else ExitCode.OK
+        except KeyboardInterrupt:
+            with contextlib.suppress(OSError):
+                printer._clear_live()
+            _say("tdpu: interrupted", sys.stderr)
+            summary = pipeline.summary
+            if summary is not None:
+                summary.interrupted = True
+            code = ExitCode.INTERRUPT
         if summary is not None:
-            summary.interrupted = True
-        code = ExitCode.INTERRUPT
-    if summary is not None:
-        print(summary_table(summary.results))
+            code = _finish(summary, json_path, code)
+    return int(code)
+
+
+def _finish(summary: RunSummary, json_path: str | None, code: int) -> int:
+    """The summary table on stdout and the --json file (a stop signal meanwhile ends as Ctrl-C)."""
+    try:
+        _say(summary_table(summary.results), sys.stdout)
         if json_path:
             try:
                 atomic_write_text(Path(json_path),
                                   json.dumps(summary.as_json(), indent=2, ensure_ascii=False) + "\n")
             except OSError as exc:
-                print(f"tdpu: error: --json {json_path}: {exc}", file=sys.stderr)
+                _say(f"tdpu: error: --json {json_path}: {exc}", sys.stderr)
                 code = max(code, ExitCode.FAILURE)
-    return int(code)
+    except KeyboardInterrupt:
+        _say("tdpu: interrupted", sys.stderr)
+        code = ExitCode.INTERRUPT
+    return code

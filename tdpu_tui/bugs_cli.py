@@ -14,10 +14,12 @@ and the value), 1 anything else (e.g. the file cannot be written).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import unicodedata
 from pathlib import Path
+from typing import BinaryIO
 
 from tdpu_tui.engine.core.artifacts import Artifacts
 from tdpu_tui.engine.records.bugbook import (
@@ -28,6 +30,8 @@ from tdpu_tui.engine.core.errors import ConfigError, ExitCode, TdpuError
 from tdpu_tui.engine.osutil.tail import decode_line
 
 DEFAULT_CONFIG = Path("tdpu.toml")
+# 错误信息 is an excerpt for a reader, not the log itself (the log stays where it is).
+ERROR_FILE_CAP = 64 * 1024
 DEFAULT_BUGS = Path("phase3_logs") / "bugs_found.md"
 _OPTIONS = {"title": "--title", "stage": "--stage", "status": "--status", "error": "--error",
             "cause": "--cause", "fix": "--fix", "time": "--time", "number": "N"}
@@ -112,19 +116,39 @@ def format_table(records: list[BugRecord]) -> str:
     return "\n".join(lines)
 
 
+def _read_capped(fh: BinaryIO, cap: int) -> tuple[bytes, bool]:
+    """At most `cap` bytes of `fh` (a pipe or /dev/zero never ends), and whether there was more."""
+    data = fh.read(cap + 1)
+    if len(data) <= cap:
+        return data, False
+    data = data[:cap]
+    cut = data.rfind(b"\n")
+    return (data[:cut] if cut > 0 else data), True
+
+
 def _read_error(args: argparse.Namespace) -> str | None:
     if getattr(args, "error_file", None) is None:
         return args.error
-    if args.error_file == "-":
-        text = sys.stdin.read()
-    else:
-        try:
-            data = Path(args.error_file).read_bytes()
-        except OSError as exc:
-            raise _UsageError(f"tdpu bugs: --error-file: cannot read {args.error_file}: {exc.strerror}") from None
-        # Icraft logs from the Windows host are GBK, in part: decoded line by line as the app does.
-        text = "\n".join(decode_line(line.rstrip(b"\r")) for line in data.split(b"\n"))
-    return text.strip("\r\n")
+    name = "stdin" if args.error_file == "-" else args.error_file
+    try:
+        if args.error_file == "-":
+            stdin = getattr(sys.stdin, "buffer", None)
+            if stdin is None:    # a text-only stream stands in for stdin (an embedding program)
+                stdin = io.BytesIO(sys.stdin.read(ERROR_FILE_CAP + 1).encode("utf-8", "surrogateescape"))
+            data, cut = _read_capped(stdin, ERROR_FILE_CAP)
+        else:
+            with open(args.error_file, "rb") as fh:
+                data, cut = _read_capped(fh, ERROR_FILE_CAP)
+    except OSError as exc:
+        raise _UsageError(f"tdpu bugs: --error-file: cannot read {name}: {exc.strerror or exc}") from None
+    # Icraft logs from the Windows host are GBK, in part: decoded line by line as the app does.
+    text = "\n".join(decode_line(line.rstrip(b"\r")) for line in data.split(b"\n")).strip("\r\n")
+    if cut:
+        note = (f"[cut: {name} holds more than {ERROR_FILE_CAP // 1024} KiB; the first "
+                f"{len(data)} bytes are kept]")
+        print(f"tdpu bugs: --error-file: {note}", file=sys.stderr)
+        text = f"{text}\n{note}"
+    return text
 
 
 def _say(messages: list[str]) -> None:

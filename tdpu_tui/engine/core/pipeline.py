@@ -22,8 +22,10 @@ from tdpu_tui.engine.core.events import (
     Event, RunFinished, RunSummary, StageFinished, StageLog, StageResult, StageStarted, Status,
 )
 from tdpu_tui.engine.core.stage import EventSink, Skip, Stage, StageContext
+from tdpu_tui.engine.osutil.files import human_bytes, remove_leftovers, with_filename
 
 FailureHook = Callable[[StageResult, Config], None]
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def os_error_message(exc: OSError) -> str:
@@ -33,8 +35,11 @@ def os_error_message(exc: OSError) -> str:
     if isinstance(exc, PermissionError) or exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         hint = (" — check its permissions (outputs go to [paths].output and [paths].logs of tdpu.toml; "
                 "inputs are [model].source and the graphs the stages before wrote)")
-    elif exc.errno == errno.ENOSPC:
+    elif exc.errno in _SPACE_ERRNOS:
         hint = " — the disk is full"
+    elif isinstance(exc, (NotADirectoryError, FileExistsError)):
+        hint = (" — a file stands where a directory is expected (check [paths].output and "
+                "[paths].logs of tdpu.toml)")
     where = exc.filename if exc.filename is not None else ""
     also = f" → {exc.filename2}" if getattr(exc, "filename2", None) else ""
     return f"{where}{also}: {what}{hint}" if where else f"{type(exc).__name__}: {what}{hint}"
@@ -55,6 +60,8 @@ class Pipeline:
         self._lock = threading.Lock()
         self._interrupted = False
         self._status_warned = False
+        self._notes: list[str] = []
+        self._open_rows: set[str] = set()
         self.summary: RunSummary | None = None
         self.cache: RunCache | None = None
 
@@ -84,6 +91,7 @@ class Pipeline:
         broken: dict[str, str] = {}     # stage -> the failed stage at the root
         cache = self.cache = RunCache()   # kept after the run for its load counts
         paths = Artifacts.of(self.config)
+        self._notes = self._remove_leftovers(paths)
         try:
             for stage in selected:
                 blocked = [d for d in stage.needs if d in broken]
@@ -118,6 +126,10 @@ class Pipeline:
                                            "warning"))
         except KeyboardInterrupt:
             summary.interrupted = True
+            # Interrupted between recording a start and its outcome: the row must not stay "running".
+            for name in list(self._open_rows):
+                self._note_status(paths.run_status, name,
+                                  StageResult(name, Status.FAILED, message="interrupted"))
             raise
         finally:
             cache.clear()
@@ -129,8 +141,10 @@ class Pipeline:
         A failure to write is a warning, never the stage's failure."""
         try:
             if result is None:
+                self._open_rows.add(name)
                 run_status.record_started(path, name)
             else:
+                self._open_rows.discard(name)
                 run_status.record_finished(path, result)
         except Exception as exc:
             if not self._status_warned:
@@ -138,10 +152,31 @@ class Pipeline:
                 self.emit(StageLog(name, f"{path}: could not record the stage's status ({exc})",
                                    "warning"))
 
+    @staticmethod
+    def _remove_leftovers(paths: Artifacts) -> list[str]:
+        """Remove what killed runs left in the output folder (staging copies, validation
+        graphs); the lines to log about it."""
+        removed = remove_leftovers(paths.output)
+        if not removed:
+            return []
+        total = sum(size for _, size in removed)
+        names = ", ".join(p.name for p, _ in removed[:3]) + (", …" if len(removed) > 3 else "")
+        return [f"removed {len(removed)} leftover(s) of an interrupted run in {paths.output} "
+                f"({human_bytes(total)}): {names}"]
+
     def _run_one(self, stage: Stage, log_file: Path, cache: RunCache) -> StageResult:
-        ctx = StageContext(self.config, stage.name, self.emit, self.cancel, log_file, cache)
         self.emit(StageStarted(stage.name))
         start = time.perf_counter()
+        try:
+            ctx = StageContext(self.config, stage.name, self.emit, self.cancel, log_file, cache)
+        except OSError as exc:      # [paths].logs unusable: the stage cannot keep its log
+            message = f"cannot write the stage log: {os_error_message(with_filename(exc, log_file))}"
+            self.emit(StageLog(stage.name, message, "error"))
+            return StageResult(stage.name, Status.FAILED, time.perf_counter() - start, message,
+                               log_tail=[message])
+        for note in self._notes:
+            ctx.log(note)
+        self._notes = []
         status, message = Status.OK, ""
         try:
             message = stage.run(ctx) or "done"
@@ -162,6 +197,12 @@ class Pipeline:
                 ctx.log(message, "error")
                 for line in traceback.format_exc().rstrip().splitlines():
                     ctx.log(line, "debug")
+            elif exc.errno in _SPACE_ERRNOS:   # a write that hit a full disk, somewhere
+                status, message = Status.FAILED, (
+                    f"{type(exc).__name__}: {exc.strerror or exc} — the disk is full (this stage writes "
+                    f"to {ctx.paths.output} and {ctx.paths.logs})")
+                for line in traceback.format_exc().rstrip().splitlines():
+                    ctx.log(line, "error")
             else:                          # a pipe, a socket, a library: as any other error
                 status, message = Status.FAILED, f"{type(exc).__name__}: {exc}"
                 for line in traceback.format_exc().rstrip().splitlines():

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tdpu_tui.engine.core.events import StageResult, Status
+from tdpu_tui.engine.osutil import platform
 from tdpu_tui.engine.osutil.files import atomic_path, lock_for
 
 FORMAT = "tdpu-status/1"
@@ -56,15 +57,7 @@ class StageStatus:
         a row from another host counts as alive: it cannot be checked from here)."""
         if self.elsewhere:
             return True
-        if not self.pid:
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except (PermissionError, OverflowError, OSError):
-            return True
-        return True
+        return platform.process_alive(self.pid, started_before=self.started_ts)
 
 
 def _now() -> str:

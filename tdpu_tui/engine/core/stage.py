@@ -12,6 +12,7 @@ never prints. It ends
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -62,7 +63,12 @@ class StageContext:
                 self._tail.append(part)
             event = StageLog(self.stage, part, level, source)
             if self._log_fh is not None:
-                self._log_fh.write(f"{event.text}\n")
+                try:
+                    self._log_fh.write(f"{event.text}\n")
+                except OSError as exc:   # a full disk must not turn one log line into the failure
+                    self.close()
+                    self._emit(StageLog(self.stage, f"{self.log_file}: the stage log stops here "
+                                        f"({exc.strerror or exc})", "warning"))
             self._emit(event)
 
     def artifact(self, name: str, path: str | Path) -> None:
@@ -84,9 +90,10 @@ class StageContext:
         return list(self._tail)
 
     def close(self) -> None:
-        if self._log_fh is not None:
-            self._log_fh.close()
-            self._log_fh = None
+        fh, self._log_fh = self._log_fh, None
+        if fh is not None:
+            with contextlib.suppress(OSError):   # its last line could not be written (a full disk)
+                fh.close()
 
 
 class Stage:

@@ -11,6 +11,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from tdpu_tui.engine.core.errors import GraphError
+from tdpu_tui.engine.osutil.files import confined, with_filename
 
 
 # Tensors above this size go to the external-data file; smaller ones stay in the .onnx.
@@ -44,22 +45,38 @@ class ExternalData:
 
     def write(self, chunks: Iterable[np.ndarray]) -> tuple[int, int]:
         """Append one tensor, given as consecutive pieces; returns (offset, length) of its bytes."""
-        pad = (-self.offset) % ALIGN
-        if pad:
-            self._fh.write(b"\0" * pad)
-            self.offset += pad
-        start = self.offset
-        for chunk in chunks:
-            chunk = np.ascontiguousarray(chunk)
-            self._fh.write(memoryview(chunk.reshape(-1)).cast("B"))
-            self.offset += chunk.nbytes
+        try:
+            pad = (-self.offset) % ALIGN
+            if pad:
+                self._fh.write(b"\0" * pad)
+                self.offset += pad
+            start = self.offset
+            for chunk in chunks:
+                chunk = np.ascontiguousarray(chunk)
+                self._fh.write(memoryview(chunk.reshape(-1)).cast("B"))
+                self.offset += chunk.nbytes
+        except OSError as exc:   # a full disk names no file: it is this one
+            raise with_filename(exc, self.path) from exc
         return start, self.offset - start
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.flush()
-            self._fh.close()
-            self._fh = None
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            try:
+                fh.close()
+            except OSError as exc:
+                raise with_filename(exc, self.path) from exc
+
+
+def data_file(base_dir: Path, tensor: str, location: str) -> Path:
+    """The external-data file of `tensor`: `location`, which must name a file inside the graph's
+    directory `base_dir` (a graph must not make tdpu read or copy anything outside it)."""
+    path = confined(base_dir, location)
+    if path is None:
+        raise GraphError(f"{base_dir}: tensor {tensor!r}: external data location {location!r} is not "
+                         "inside the graph's directory; expected a file name relative to it (no "
+                         "absolute path, drive or '..')")
+    return path
 
 
 def tensor_array(t: onnx.TensorProto, base_dir: Path) -> np.ndarray:
@@ -73,7 +90,7 @@ def tensor_array(t: onnx.TensorProto, base_dir: Path) -> np.ndarray:
         info = {e.key: e.value for e in t.external_data}
         if "location" not in info:
             raise GraphError(f"tensor {t.name!r}: external data without a 'location'")
-        path = base_dir / info["location"]
+        path = data_file(base_dir, t.name, info["location"])
         offset = int(info.get("offset", 0))
         count = int(np.prod(shape, dtype=np.int64))
         if "length" in info and int(info["length"]) != count * dtype.itemsize:
@@ -131,4 +148,7 @@ def save_streamed(model: onnx.ModelProto, source: Callable[[onnx.TensorProto], n
             set_external(t, data.location, offset, length)
     finally:
         data.close()
-    onnx_path.write_bytes(model.SerializeToString())
+    try:
+        onnx_path.write_bytes(model.SerializeToString())
+    except OSError as exc:
+        raise with_filename(exc, onnx_path) from exc

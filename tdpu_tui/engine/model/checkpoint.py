@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ import numpy as np
 
 from kernels import packing
 from tdpu_tui.engine.core.errors import CheckpointError
+from tdpu_tui.engine.osutil.files import confined
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -60,6 +62,9 @@ _DTYPES: dict[str, np.dtype] = {
 }
 _FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 _MAX_HEADER = 100 * 1024 * 1024
+# 2B4T has 4096; the reference graph's causal mask is positions² float32 (1 GiB at this limit).
+MAX_POSITIONS = 16384
+_LAYER_RE = re.compile(r"model\.layers\.(\d{1,9})\.")
 
 
 def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -147,9 +152,20 @@ class BitNetConfig:
             quantized=bool(qc),
         )
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "vocab_size"):
+                    "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings"):
             if getattr(cfg, key) <= 0:
                 raise CheckpointError(f"{file}: key '{key}': expected a positive integer, found {getattr(cfg, key)}")
+        if cfg.max_position_embeddings > MAX_POSITIONS:
+            raise CheckpointError(
+                f"{file}: key 'max_position_embeddings': expected at most {MAX_POSITIONS} (the reference "
+                f"graph holds a [positions, positions] float32 causal mask), found {cfg.max_position_embeddings}")
+        if cfg.head_dim % 2:
+            raise CheckpointError(f"{file}: key 'head_dim': expected an even number (RoPE rotates halves), "
+                                  f"found {cfg.head_dim}")
+        for key in ("rms_norm_eps", "rope_theta"):
+            value = getattr(cfg, key)
+            if not math.isfinite(value) or value <= 0:
+                raise CheckpointError(f"{file}: key '{key}': expected a finite positive number, found {value}")
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise CheckpointError(
                 f"{file}: num_attention_heads = {heads} is not a multiple of num_key_value_heads = {kv_heads}")
@@ -245,7 +261,16 @@ def _load_index(directory: Path) -> list[Path]:
         files = sorted(set(weight_map.values()))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{index}: not a safetensors index (expected {{\"weight_map\": {{...}}}}): {exc}") from None
-    return [directory / f for f in files]
+    shards = []
+    for name in files:
+        shard = confined(directory, name)
+        if shard is None:
+            tensor = next(t for t, f in weight_map.items() if f == name)
+            raise CheckpointError(
+                f"{index}: tensor '{tensor}' is mapped to shard {name!r}, which is not inside the checkpoint "
+                f"directory {directory}; expected a file name relative to it (no absolute path, drive or '..')")
+        shards.append(shard)
+    return shards
 
 
 class Checkpoint:
@@ -262,8 +287,40 @@ class Checkpoint:
         self._validate()
 
     # -- structure -------------------------------------------------------------------------
+    def _check_config_against_tensors(self) -> None:
+        """config.json's sizes against the tensors present, before anything is sized by them
+        (a layer count of 10⁹ would otherwise build billions of tensor names first)."""
+        cfg, config_file = self.config, self.path / CONFIG_FILE
+
+        def mismatch(key: str, value: int, tensor: str, found: object) -> CheckpointError:
+            return CheckpointError(
+                f"{config_file}: key '{key}' = {value} does not match the checkpoint: tensor '{tensor}' "
+                f"in {self._entry(tensor).file} has {found}")
+
+        emb = self._entry("model.embed_tokens.weight")
+        if len(emb.shape) == 2:
+            if emb.shape[0] != cfg.vocab_size:
+                raise mismatch("vocab_size", cfg.vocab_size, "model.embed_tokens.weight", f"{emb.shape[0]} rows")
+            if emb.shape[1] != cfg.hidden_size:
+                raise mismatch("hidden_size", cfg.hidden_size, "model.embed_tokens.weight",
+                               f"{emb.shape[1]} columns")
+        layers = {int(m.group(1)) for name in self._entries if (m := _LAYER_RE.match(name))}
+        if cfg.num_hidden_layers > len(layers):
+            held = f"layers 0..{max(layers)}" if layers else "no model.layers.* tensors"
+            raise CheckpointError(
+                f"{config_file}: key 'num_hidden_layers' = {cfg.num_hidden_layers}, but the checkpoint holds "
+                f"tensors of {len(layers)} layers ({held}); expected at most {len(layers)}")
+        for tensor, key, value in (
+                ("model.layers.0.mlp.ffn_sub_norm.weight", "intermediate_size", cfg.intermediate_size),
+                ("model.layers.0.self_attn.attn_sub_norm.weight", "num_attention_heads × head_dim",
+                 cfg.num_attention_heads * cfg.head_dim)):
+            e = self._entries.get(tensor)
+            if e is not None and e.shape != (value,):
+                raise mismatch(key, value, tensor, f"shape {list(e.shape)}")
+
     def _validate(self) -> None:
         cfg = self.config
+        self._check_config_against_tensors()
         if cfg.hidden_act != "relu2":
             self.warnings.append(f"{self.path / CONFIG_FILE}: hidden_act = {cfg.hidden_act!r}, BitNet b1.58 uses 'relu2'")
         self._expect("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size), float_only=True)
@@ -456,7 +513,7 @@ def read_config(directory: str | Path) -> BitNetConfig:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (a checkpoint directory needs config.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path}: cannot read: {exc}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")

@@ -9,21 +9,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
+import re
+import shutil
+import socket
 import stat
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
+import filelock
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no advisory lock, writes stay atomic
-    fcntl = None  # type: ignore[assignment]
+from tdpu_tui.engine.osutil import platform
 
 LOCK_TIMEOUT_S = 30.0
+# A file system out of room: the write that hit it names no file.
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 class LockTimeout(TimeoutError):
@@ -31,7 +34,8 @@ class LockTimeout(TimeoutError):
 
 
 class FileLock:
-    """An advisory `fcntl` lock on `path` (a lock file beside the data it guards).
+    """An exclusive lock on `path` (a lock file beside the data it guards), held with
+    `filelock`: `flock` on POSIX, `msvcrt.locking` on Windows.
 
     Read-modify-write cycles of a shared file (the bug book, the compile log) run under it, so
     two processes (`tdpu --batch` and the app, two batch runs) never lose each other's edits.
@@ -41,36 +45,24 @@ class FileLock:
     def __init__(self, path: Path, timeout: float = LOCK_TIMEOUT_S):
         self.path = Path(path)
         self.timeout = timeout
-        self.fd: int | None = None
+        self._lock: filelock.BaseFileLock | None = None
 
     def __enter__(self) -> FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # 0o666 minus the umask, like the files it guards: a group member must open it too.
+        lock = filelock.FileLock(str(self.path), timeout=self.timeout, mode=0o666 & ~current_umask())
         try:
-            # 0o666 minus the umask, like the files it guards: a group member must open it too.
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except PermissionError:
-            self.fd = os.open(self.path, os.O_RDONLY)   # someone else's lock file: flock still works
-        if fcntl is None:
-            return self
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return self
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(self.fd)
-                    self.fd = None
-                    raise LockTimeout(errno.ETIMEDOUT, f"another process has held this lock "
-                                      f"for {self.timeout:.0f} s; try again", str(self.path)) from None
-                time.sleep(0.02)
+            lock.acquire()
+        except filelock.Timeout:
+            raise LockTimeout(errno.ETIMEDOUT, f"another process has held this lock "
+                              f"for {self.timeout:.0f} s; try again", str(self.path)) from None
+        self._lock = lock
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            if fcntl is not None:
-                fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 def lock_for(path: str | Path) -> FileLock:
@@ -146,17 +138,22 @@ def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
         # the rename. A file system without modes (some network mounts) keeps what it gives.
         with contextlib.suppress(OSError):
             os.chmod(tmp_path, mode_for(path))
-        with contextlib.suppress(OSError):   # keep the replaced file's group (shared projects)
-            group = os.stat(path).st_gid
-            if os.stat(tmp_path).st_gid != group:
-                os.chown(tmp_path, -1, group)
+        if hasattr(os, "chown"):   # POSIX: keep the replaced file's group (shared projects)
+            with contextlib.suppress(OSError):
+                group = os.stat(path).st_gid
+                if os.stat(tmp_path).st_gid != group:
+                    os.chown(tmp_path, -1, group)
         os.replace(tmp_path, path)
         if fsync:
             fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
-        raise
+        named = with_filename(exc, path)
+        if named is exc:
+            raise
+        # The caller's write that failed (a full disk) names no file: it was this one.
+        raise named from exc
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -168,17 +165,117 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def confined(base_dir: str | Path, name: str) -> Path | None:
+    """`base_dir / name` when `name` is a relative path that stays inside `base_dir`, else None
+    (absolute, a drive or UNC form, or a `..` part, whichever the separator). A file that a
+    graph or an index names is read only there; symlinks inside are the user's own doing."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        return None
+    windows = PureWindowsPath(name)    # splits on both separators, knows drives
+    if PurePosixPath(name).is_absolute() or windows.drive or windows.root or ".." in windows.parts:
+        return None
+    return Path(base_dir) / name
+
+
+def with_filename(exc: BaseException, path: str | Path) -> BaseException:
+    """`exc`, or for an OSError that names no file, the same error naming `path`."""
+    if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+        return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path))
+    return exc
+
+
+# Temporary files and directories that a killed run leaves behind start with one of these,
+# followed by their owner (`owner_tag`), so a later run can tell whose they are.
+STAGING_PREFIX = ".staging-"
+LEFTOVER_PREFIXES = (STAGING_PREFIX, ".validate-step1-", ".validate-")
+
+
+def _host_label() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "host"
+
+
+@functools.lru_cache(maxsize=4)
+def _owner_tag(pid: int) -> str:
+    return f"{pid}.{int(platform.process_start_time(pid))}.{_host_label()}"
+
+
+def owned_prefix(prefix: str) -> str:
+    """`prefix` followed by this process's `PID.START.HOST.` (pid, its start time in epoch
+    seconds, the host): a temp name made with it can be removed once that process is gone."""
+    return f"{prefix}{_owner_tag(os.getpid())}."
+
+
+def _owner(name: str) -> tuple[int, int] | None:
+    """(pid, start) of a leftover name made on this host, or None."""
+    for prefix in LEFTOVER_PREFIXES:
+        if not name.startswith(prefix):
+            continue
+        parts = name[len(prefix):].split(".", 3)
+        if len(parts) == 4 and parts[0].isdigit() and parts[1].isdigit() and parts[3] \
+                and len(parts[0]) < 12 and len(parts[1]) < 15 and parts[2] == _host_label():
+            return int(parts[0]), int(parts[1])
+    return None
+
+
+def _tree_bytes(path: Path) -> int:
+    if not path.is_dir() or path.is_symlink():
+        with contextlib.suppress(OSError):
+            return path.lstat().st_size
+        return 0
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, f)).st_size
+    return total
+
+
+def remove_leftovers(directory: str | Path) -> list[tuple[Path, int]]:
+    """Remove the temporary files and directories in `directory` whose owner process is gone
+    (killed, or the machine restarted); returns each removed path with its size in bytes.
+
+    Only names made with `owned_prefix` on this host are considered: another host's (a shared
+    project directory) cannot be checked from here, and a live owner's are in use.
+    """
+    directory = Path(directory)
+    removed: list[tuple[Path, int]] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        owner = _owner(entry.name)
+        if owner is None or platform.process_alive(owner[0], started_before=owner[1]):
+            continue
+        path = Path(entry.path)
+        size = _tree_bytes(path)
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:
+            continue
+        removed.append((path, size))
+    return removed
+
+
 @contextlib.contextmanager
 def staging_dir(final_dir: str | Path) -> Iterator[Path]:
     """A temporary directory inside `final_dir` for artifacts that must appear together.
 
-    Move the finished files out with `commit_files`; the directory is removed either way.
+    Move the finished files out with `commit_files`; the directory is removed either way. Its
+    name carries this process (`owned_prefix`): if the process is killed, a later run removes it.
     """
     final_dir = Path(final_dir)
     final_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=final_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=owned_prefix(STAGING_PREFIX), dir=final_dir))
     try:
         yield tmp
+    except OSError as exc:
+        if exc.filename is None and exc.errno in _SPACE_ERRNOS:
+            raise with_filename(exc, final_dir) from exc
+        raise
     finally:
         for p in sorted(tmp.rglob("*"), reverse=True):
             with contextlib.suppress(OSError):

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tdpu_tui.engine.osutil import platform
+
 CHUNK_SIZE = 64 * 1024
 # How many bytes of a file's start identify it (a rewrite changes its first timestamp).
 HEAD_BYTES = 64
@@ -263,7 +265,7 @@ class Tailer:
             return "truncated"
         if f.head:
             try:
-                now = os.pread(f.fh.fileno(), len(f.head), 0)
+                now = platform.pread(f.fh, len(f.head), 0)
             except OSError:
                 return None
             if now != f.head:

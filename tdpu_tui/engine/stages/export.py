@@ -6,7 +6,6 @@ import collections
 import datetime as dt
 import hashlib
 import json
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from tdpu_tui.engine.osutil.files import (
     staging_dir,
 )
 from tdpu_tui.engine.core.stage import Stage, StageContext
+from tdpu_tui.engine.osutil.platform import peak_rss_bytes
 from tdpu_tui.engine.model.compare import (
     MIN_ARGMAX_AGREEMENT,
     format_comparison,
@@ -36,10 +36,6 @@ from tdpu_tui.engine.model.compare import (
 
 RAW_ALIGN = 64
 RAW_LAYOUT = "tdpu"
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def resolve_checkpoint(cfg: Config, ctx: StageContext | None = None) -> Path:

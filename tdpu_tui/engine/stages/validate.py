@@ -31,7 +31,8 @@ import onnx
 
 from tdpu_tui.engine.model.agreement import Verdict, judge, versus_reference
 from tdpu_tui.engine.core.errors import StageFailed
-from tdpu_tui.engine.osutil.files import atomic_write_text, human_bytes
+from tdpu_tui.engine.osutil.files import atomic_write_text, human_bytes, owned_prefix
+from tdpu_tui.engine.osutil.platform import load_average
 from tdpu_tui.engine.rewrite.inventory import BITLINEAR_DOMAIN, bitlinear_attrs
 from tdpu_tui.engine.graph.index import GraphIndex
 from tdpu_tui.engine.records.perf_report import GraphTiming, PerfResult, render_report
@@ -62,7 +63,7 @@ def _length_one_copy(path: Path) -> Path:
     from tdpu_tui.engine.graph.builder import with_sequence_length
 
     model = with_sequence_length(onnx.load(str(path), load_external_data=False), 1, path.parent)
-    fd, name = tempfile.mkstemp(prefix=".validate-step1-", suffix=".onnx", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=owned_prefix(".validate-step1-"), suffix=".onnx", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(model.SerializeToString())
@@ -229,11 +230,13 @@ class Validation:
         perf = PerfResult([], tokens, len(self.replaced), [])
         # Timings on a shared machine mean little without its load; the OpenMP wait policy
         # decides whether the numba kernel's idle threads spin against ONNX Runtime's.
-        perf.notes.append(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} when "
+        load = load_average()
+        load_text = "n/a (not reported by this system)" if load is None else f"{load:.2f}"
+        perf.notes.append(f"machine: {os.cpu_count()} CPUs, load average {load_text} when "
                           f"timing started; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
         before = self.report.get("weight_bytes_before", 0)
         after = self.report.get("weight_bytes_after", 0)
-        with tempfile.TemporaryDirectory(prefix=".validate-", dir=self.paths.output) as tmp:
+        with tempfile.TemporaryDirectory(prefix=owned_prefix(".validate-"), dir=self.paths.output) as tmp:
             nbits_path = Path(tmp) / "bitnet_b1.58_matmulnbits.onnx"
             self.ctx.log("lowering the BitLinear graph to com.microsoft::MatMulNBits (bits=2) for the peer")
             nbits_bytes = lower_to_matmulnbits(self.paths.bitlinear_onnx, nbits_path)

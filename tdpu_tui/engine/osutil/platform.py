@@ -1,0 +1,123 @@
+"""What differs between Linux and Windows, one function per concern.
+
+Nothing else in tdpu calls a POSIX-only API (`resource`, `fcntl`, `os.pread`, `os.killpg`,
+`os.getloadavg`, `os.kill(pid, 0)`): it asks here. Each function picks its branch when it is
+called, from what the running Python offers, so both branches run (and are tested) on Linux.
+Locks are `filelock`'s (`osutil/files.py`); process trees are the Icraft driver's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import Any, BinaryIO
+
+import psutil
+
+# A process started within this many seconds of a recorded time counts as the same one
+# (creation times are read back with limited precision).
+START_TIME_SLACK_S = 1.0
+
+
+def peak_rss_bytes() -> int:
+    """The largest resident set this process has had, in bytes.
+
+    POSIX keeps it in `getrusage` (kB on Linux, bytes on macOS); Windows in the process's peak
+    working set, which psutil reads. Where neither exists the current RSS is the best there is.
+    """
+    try:
+        import resource
+    except ImportError:
+        return peak_rss_from_memory_info(psutil.Process().memory_info())
+    return peak_rss_from_rusage(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, sys.platform)
+
+
+def peak_rss_from_rusage(ru_maxrss: int, platform: str) -> int:
+    return int(ru_maxrss) if platform == "darwin" else int(ru_maxrss) * 1024
+
+
+def peak_rss_from_memory_info(info: Any) -> int:
+    """psutil's `memory_info()`: `peak_wset` on Windows, else the current `rss`."""
+    peak = getattr(info, "peak_wset", None)
+    return int(peak) if peak else int(info.rss)
+
+
+def load_average() -> float | None:
+    """The 1-minute system load average, or None where the system gives none.
+
+    psutil takes it from the kernel on POSIX and emulates it on Windows, where it reads
+    (0, 0, 0) for the first 5 s after the first call: that is "not known yet", not "idle".
+    """
+    getloadavg = getattr(psutil, "getloadavg", None)
+    if getloadavg is None:
+        return None
+    try:
+        loads = getloadavg()
+    except OSError:
+        return None
+    if sys.platform == "win32" and not any(loads):
+        return None
+    return float(loads[0])
+
+
+def process_alive(pid: int | None, *, started_before: float | None = None) -> bool:
+    """Whether `pid` is a running process (a zombie is not), asked through psutil.
+
+    Never `os.kill(pid, 0)`: on Windows signal 0 is CTRL_C_EVENT and would interrupt it.
+    With `started_before` (epoch seconds), a process created later is a reused pid, not the one
+    that was recorded. A process we may not inspect exists: it counts as alive.
+    """
+    if not pid or pid <= 0:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if started_before is not None and proc.create_time() > started_before + START_TIME_SLACK_S:
+            return False
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except (psutil.AccessDenied, OverflowError, ValueError):
+        return True
+    return True
+
+
+def process_start_time(pid: int | None = None) -> float:
+    """When process `pid` (default: this one) was created, in epoch seconds."""
+    return psutil.Process(pid).create_time()
+
+
+_SEEK_LOCK = threading.Lock()
+
+
+def pread(fh: BinaryIO, size: int, offset: int) -> bytes:
+    """Up to `size` bytes of open file `fh` at `offset`, leaving its position where it was.
+
+    `os.pread` where it exists; on Windows a seek and read under a lock, the position restored.
+    """
+    positional = getattr(os, "pread", None)
+    if positional is not None:
+        return positional(fh.fileno(), size, offset)
+    return pread_by_seek(fh, size, offset)
+
+
+def pread_by_seek(fh: BinaryIO, size: int, offset: int) -> bytes:
+    with _SEEK_LOCK:
+        where = fh.tell()
+        try:
+            fh.seek(offset)
+            return fh.read(size)
+        finally:
+            fh.seek(where)
+
+
+def termination_signals() -> list[signal.Signals]:
+    """The signals that ask this process to stop, besides SIGINT (Ctrl-C).
+
+    POSIX: SIGTERM (kill, systemd, CI) and SIGHUP (the SSH session closed). Windows: SIGTERM
+    exists only for `signal.raise_signal`, and SIGBREAK is Ctrl-Break in a console.
+    """
+    names = ("SIGTERM", "SIGBREAK") if os.name == "nt" else ("SIGTERM", "SIGHUP")
+    return [getattr(signal, n) for n in names if hasattr(signal, n)]

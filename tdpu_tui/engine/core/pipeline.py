@@ -16,7 +16,7 @@ from pathlib import Path
 from tdpu_tui.engine.core import run_status
 from tdpu_tui.engine.core.artifacts import Artifacts
 from tdpu_tui.engine.core.config import Config
-from tdpu_tui.engine.core.errors import Cancelled, StageFailed, TdpuError
+from tdpu_tui.engine.core.errors import Cancelled, StageFailed, TdpuError, UsageError
 from tdpu_tui.engine.core.events import (
     Event, RunFinished, RunSummary, StageFinished, StageLog, StageResult, StageStarted, Status,
 )
@@ -138,7 +138,7 @@ class Pipeline:
         ctx = StageContext(self.config, stage.name, self.emit, self.cancel, log_file)
         self.emit(StageStarted(stage.name))
         start = time.perf_counter()
-        status, message = Status.OK, ""
+        status, message, usage = Status.OK, "", False
         try:
             message = stage.run(ctx) or "done"
         except Skip as exc:
@@ -150,7 +150,7 @@ class Pipeline:
             ctx.log(message, "error")
             self._interrupted = True
         except TdpuError as exc:
-            status, message = Status.FAILED, str(exc)
+            status, message, usage = Status.FAILED, str(exc), isinstance(exc, UsageError)
             ctx.log(message, "error")
         except OSError as exc:
             if exc.filename is not None:   # the file system said no: name the file first
@@ -169,7 +169,7 @@ class Pipeline:
         finally:
             ctx.close()
         return StageResult(stage.name, status, time.perf_counter() - start, message,
-                           ctx.artifacts, ctx.metrics, ctx.log_tail)
+                           ctx.artifacts, ctx.metrics, ctx.log_tail, usage_error=usage)
 
 
 __all__ = ["Pipeline", "Skip", "Stage", "StageContext", "StageFailed", "Status"]

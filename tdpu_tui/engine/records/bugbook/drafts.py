@@ -46,7 +46,8 @@ _VOLATILE = [
     (re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b"), "<id>"),
     (re.compile(r"\b0x[0-9a-fA-F]+\b"), "<hex>"),
     (re.compile(r"\b(?=[0-9a-fA-F]*[a-fA-F])(?=[0-9a-fA-F]*\d)[0-9a-fA-F]{8,}\b"), "<hex>"),
-    (re.compile(r"\b(pid|process|thread)\b[ =:#]*\d+", re.IGNORECASE), r"\1 <n>"),
+    (re.compile(r"\b(pid|process|thread)\b[ =:#]*\d+", re.IGNORECASE),
+     lambda m: m.group(1).lower() + " <n>"),
     (re.compile(r"\b\d+(?:\.\d+)?\s*(?:ms|s|sec|seconds|秒)\b"), "<duration>"),
 ]
 _PATH_RE = re.compile(r"(?:[A-Za-z]:)?[\w.~<>-]*(?:[\\/][\w.~<>-]+)+")

@@ -117,12 +117,27 @@ def summary_table(results: list[StageResult]) -> str:
 
 def _draft_bug(result: StageResult, cfg: Config) -> None:
     from tdpu_tui.engine.core.artifacts import Artifacts
-    from tdpu_tui.engine.records.bugbook import record_failure
+    from tdpu_tui.engine.records.bugbook import is_filed, record_failure
     path = Artifacts.of(cfg).bugs
-    record, created = record_failure(path, result.name, result.message, result.log_tail)
-    if record is not None:
-        verb = "drafted" if created else "already recorded as"
-        print(f"[{result.name}] {verb} Bug #{record.number} in {path}", file=sys.stderr)
+    if not is_filed(result):
+        print(f"[{result.name}] a usage mistake, not a bug: not filed in {path.name}", file=sys.stderr)
+        return
+    record, created = record_failure(path, result.name, result.message, result.log_tail,
+                                     bug_stages=registry.bug_stages())
+    verb = "drafted" if created else "already recorded as"
+    print(f"[{result.name}] {verb} Bug #{record.number} in {path}", file=sys.stderr)
+
+
+def _open_bug_book(cfg: Config) -> None:
+    """A run starts the bug book (the template's title line) where the plan keeps it."""
+    from tdpu_tui.engine.core.artifacts import Artifacts
+    from tdpu_tui.engine.core.errors import TdpuError
+    from tdpu_tui.engine.records.bugbook import ensure_book
+    path = Artifacts.of(cfg).bugs
+    try:
+        ensure_book(path)
+    except (OSError, TdpuError) as exc:  # the stages report an unusable [paths].logs themselves
+        print(f"tdpu: warning: {path}: cannot create the bug book: {exc}", file=sys.stderr)
 
 
 def _say(text: str, stream: TextIO) -> None:
@@ -176,6 +191,7 @@ def run_batch(cfg: Config, stages: list[str] | None, *, json_path: str | None = 
     except KeyError as exc:
         print(f"tdpu: error: {exc.args[0]}", file=sys.stderr)
         return ExitCode.USAGE
+    _open_bug_book(cfg)
     summary: RunSummary | None = None
     code = ExitCode.OK
     with stop_signals_as_ctrl_c():

@@ -4,8 +4,13 @@ The book is `<[paths].logs>/bugs_found.md` of `--config PATH` or ./tdpu.toml, as
 itself. Without either, `add` and `set` refuse (they would create or edit a stray book);
 `list` still reads ./phase3_logs/bugs_found.md when one is there.
 
-`--stage` takes a 发现阶段 value or a pipeline stage name (`export` -> 导出, see
-`bugbook.parse_stage`); the record holds the 发现阶段 value.
+`--stage` takes a 发现阶段 value or a pipeline stage name (`export` -> 导出, from the stage
+registry); `--status` a 状态 value or its English alias (`resolved` -> 已解决). The record holds
+the template's values.
+
+`set` reads and writes the record under the book's lock (`BugBook.set`), so two `set`s at the
+same time apply one after the other. `list --json` is UTF-8 whatever the terminal's encoding;
+bytes of the file that are not UTF-8 come out as JSON escapes (`\\udcXX`, the byte plus 0xDC00).
 
 Exit status: 0 ok, 2 usage, configuration or validation error (the message names the field
 and the value), 1 anything else (e.g. the file cannot be written).
@@ -16,14 +21,17 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import sys
 import unicodedata
+from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
 
 from tdpu_tui.engine.core.artifacts import Artifacts
 from tdpu_tui.engine.records.bugbook import (
-    STAGE_LABELS, STAGE_VALUES, STATUS_VALUES, BugBook, BugRecord, BugValidationError, parse_stage,
+    STAGE_VALUES, STATUS_ALIASES, STATUS_VALUES, BugBook, BugRecord, BugValidationError,
+    parse_stage, parse_status,
 )
 from tdpu_tui.engine.core.config import load_config
 from tdpu_tui.engine.core.errors import ConfigError, ExitCode, TdpuError
@@ -48,7 +56,16 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{self.format_usage().rstrip()}\n{self.prog}: error: {message}")
 
 
-def _parser() -> _Parser:
+def _bug_stages() -> dict[str, str]:
+    """Stage name -> 发现阶段, from the registry (imported only when a name is to be resolved:
+    loading the stages takes a while)."""
+    from tdpu_tui.engine.stages import bug_stages
+    return bug_stages()
+
+
+def _parser(bug_stages: Mapping[str, str] | None = None) -> _Parser:
+    """The parser; `bug_stages` only for `--help`, which lists the stage names."""
+    names = ", ".join(bug_stages) if bug_stages else "export, precheck, …"
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
                         help="tdpu.toml to take the bug file's location from (default ./tdpu.toml)")
@@ -57,9 +74,10 @@ def _parser() -> _Parser:
         p.add_argument("--title", required=required, help="one line")
         p.add_argument("--stage", required=required, metavar="STAGE",
                        help=f"发现阶段: {' | '.join(STAGE_VALUES)}, or a pipeline stage name "
-                            f"({', '.join(STAGE_LABELS)})")
+                            f"({names})")
         p.add_argument("--status", default="未解决" if required else None, metavar="STATUS",
-                       help=f"状态: {' | '.join(STATUS_VALUES)}" + (" (default 未解决)" if required else ""))
+                       help=f"状态: {' | '.join(STATUS_VALUES)}, or in English "
+                            f"{' | '.join(STATUS_ALIASES)}" + (" (default 未解决)" if required else ""))
         err = p.add_mutually_exclusive_group()
         err.add_argument("--error", help="错误信息 (multi-line text is kept as a code block)")
         err.add_argument("--error-file", metavar="F", help="read 错误信息 from file F ('-' = stdin)")
@@ -73,7 +91,8 @@ def _parser() -> _Parser:
     p_list.add_argument("--json", action="store_true", help="print the records as JSON")
     fields(sub.add_parser("add", parents=[common], help="append a record"), required=True)
     p_set = sub.add_parser("set", parents=[common], help="change fields of record N")
-    p_set.add_argument("number", type=int, metavar="N")
+    p_set.add_argument("number", type=int, metavar="N",
+                       help="the record's number: N of its heading '## Bug #N' (tdpu bugs list)")
     fields(p_set, required=False)
     return parser
 
@@ -151,9 +170,44 @@ def _read_error(args: argparse.Namespace) -> str | None:
     return text
 
 
+_SURROGATE_RE = re.compile("[\\ud800-\\udfff]")
+
+
+def _write_out(text: str) -> None:
+    """`text` + newline on stdout as UTF-8, whatever the stream's encoding. Bytes of the file
+    that are not UTF-8 (held as lone surrogates) must already be escaped."""
+    data = (text + "\n").encode("utf-8")
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a text-only stream (tests, embedding)
+        sys.stdout.write(data.decode("utf-8"))
+        return
+    sys.stdout.flush()
+    buffer.write(data)
+    buffer.flush()
+
+
+def records_json(records: list[BugRecord]) -> str:
+    """The records as JSON text: Chinese as is, undecodable bytes as `\\udcXX` escapes."""
+    text = json.dumps([r.to_dict() for r in records], ensure_ascii=False, indent=2)
+    return _SURROGATE_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _print_table(text: str) -> None:
+    """The table in the terminal's encoding; what it cannot show is escaped, never an error."""
+    text = _SURROGATE_RE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", text)
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(text.encode(encoding, "backslashreplace").decode(encoding, "replace"))
+
+
 def _say(messages: list[str]) -> None:
     for m in messages:
         print(f"tdpu bugs: {m}", file=sys.stderr)
+
+
+def _stage(value: str) -> str:
+    if value.strip() in STAGE_VALUES:
+        return value.strip()
+    return parse_stage(value, _bug_stages())
 
 
 def _run(args: argparse.Namespace, path: Path) -> int:
@@ -161,28 +215,28 @@ def _run(args: argparse.Namespace, path: Path) -> int:
     if args.command == "list":
         records = book.load()
         if args.json:
-            print(json.dumps([r.to_dict() for r in records], ensure_ascii=False, indent=2))
+            _write_out(records_json(records))
         elif records:
-            print(format_table(records))
+            _print_table(format_table(records))
         else:
             print(f"no bug records in {path}")
         return ExitCode.OK
     error = _read_error(args)
-    stage = None if args.stage is None else parse_stage(args.stage)
+    stage = None if args.stage is None else _stage(args.stage)
+    status = None if args.status is None else parse_status(args.status)
     if args.command == "add":
         rec = book.add(args.title, stage, error=error or "", cause=args.cause or "",
-                       fix=args.fix or "", status=args.status)
+                       fix=args.fix or "", status=status)
         _say(book.messages)
         print(f"Bug #{rec.number} added to {path}")
         return ExitCode.OK
-    changes = {"title": args.title, "stage": stage, "status": args.status, "error": error,
+    changes = {"title": args.title, "stage": stage, "status": status, "error": error,
                "cause": args.cause, "fix": args.fix}
     changes = {k: v for k, v in changes.items() if v is not None}
     if not changes:
         raise _UsageError("tdpu bugs set: nothing to change (give --title, --stage, --status, "
                           "--error, --error-file, --cause or --fix)")
-    book.load()
-    rec = book.update(args.number, **changes)
+    rec = book.set(args.number, **changes)
     _say(book.messages)
     print(f"Bug #{rec.number} updated in {path}")
     return ExitCode.OK
@@ -190,7 +244,8 @@ def _run(args: argparse.Namespace, path: Path) -> int:
 
 def main(argv: list[str]) -> int:
     """`tdpu bugs ...`; `argv` is everything after `bugs`."""
-    parser = _parser()
+    wants_help = any(a in ("-h", "--help") for a in argv)
+    parser = _parser(_bug_stages() if wants_help else None)
     try:
         args = parser.parse_args(argv)
         if args.command is None:

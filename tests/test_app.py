@@ -281,7 +281,8 @@ async def test_keys_answer_while_a_stage_runs_and_c_cancels_it(cfg):
             assert "cancelled" in app.pipeline_panel.rows["export"].message
             await wait_for(pilot, lambda: statuses(app)["validate"] == "skipped")
             assert app.pipeline_panel.rows["precheck"].message == "not run: cancelled"
-            assert not _bugs(cfg).exists()  # a cancel drafts no bug record
+            # A run starts the book (its title line); a cancel drafts no record in it.
+            assert _bugs(cfg).read_text(encoding="utf-8") == "# Phase 3 Bug记录\n"
             assert not any(n.title == "stage failed" for n in app._notifications)
     finally:
         hold.set()

@@ -1,6 +1,7 @@
 """The bug book's codec, validation, numbering and failure drafts (SPEC §7)."""
 
 import difflib
+import json
 import os
 import subprocess
 import sys
@@ -8,24 +9,34 @@ from pathlib import Path
 
 import pytest
 
+from tdpu_tui.engine.records import bugbook
 from tdpu_tui.engine.records.bugbook import (
     STAGE_VALUES, STATUS_VALUES, TEMPLATE_HEADER, BugBook, BugDocument, BugRecord,
-    BugValidationError, draft_from_failure, failure_signature, parse_bugs, parse_stage, stage_label,
+    BugValidationError, failure_signature, parse_bugs,
 )
+from tdpu_tui.engine.stages import bug_stages
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bugs"
 FIXTURE_NAMES = sorted(p.name for p in FIXTURES.glob("*.md"))
+BUG_STAGES = bug_stages()
+
+
+def stage_label(name):
+    return bugbook.stage_label(name, BUG_STAGES)
+
+
+def parse_stage(value):
+    return bugbook.parse_stage(value, BUG_STAGES)
+
+
+def draft_from_failure(path, stage, message, tail=()):
+    return bugbook.draft_from_failure(path, stage, message, tail, bug_stages=BUG_STAGES)
 
 
 def copy_fixture(name: str, tmp_path: Path) -> Path:
     dst = tmp_path / "bugs_found.md"
     dst.write_bytes((FIXTURES / name).read_bytes())
     return dst
-
-
-def without_marker(data: bytes) -> bytes:
-    """The document minus the hidden high-water line that `add` keeps after the title."""
-    return b"".join(ln for ln in data.splitlines(keepends=True) if b"tdpu:last-bug-number" not in ln)
 
 
 def changed_line_numbers(before: bytes, after: bytes) -> list[int]:
@@ -174,7 +185,7 @@ def test_record_without_trailing_rule_gets_one_before_the_next_record(tmp_path):
     path = copy_fixture("no_trailing_rule.md", tmp_path)
     before = path.read_bytes()
     rec = BugBook(path).add("第三条", "仿真", time="2026-02-16 09:00")
-    after = without_marker(path.read_bytes())
+    after = path.read_bytes()
     assert rec.number == 3
     assert after.startswith(before)
     tail = after[len(before):].decode()
@@ -325,7 +336,9 @@ def test_numbers_of_records_deleted_by_hand_are_not_reused(tmp_path):
     _remove_record(path, 2)
     assert [r.number for r in BugBook(path).load()] == [1]
     assert BugBook(path).add("next", "编译").number == 4
-    assert "<!-- tdpu:last-bug-number 4 " in path.read_text(encoding="utf-8")
+    # Remembered beside the book, not in the user's text.
+    assert "tdpu:" not in path.read_text(encoding="utf-8")
+    assert json.loads((tmp_path / ".tdpu" / "bugs_found.md.json").read_text())["last_number"] == 4
 
 
 def test_hand_written_higher_number_wins(tmp_path):
@@ -333,14 +346,12 @@ def test_hand_written_higher_number_wins(tmp_path):
     assert BugBook(path).add("next", "编译").number == 8
 
 
-def test_a_session_remembers_numbers_it_saw_even_without_the_marker(tmp_path):
+def test_a_session_remembers_numbers_it_saw_even_without_the_state_file(tmp_path):
     path = tmp_path / "bugs_found.md"
     book = BugBook(path)
     book.add("a", "导出")
     book.add("b", "导出")
-    text = path.read_text(encoding="utf-8")
-    text = "\n".join(ln for ln in text.splitlines() if "tdpu:last-bug-number" not in ln) + "\n"
-    path.write_text(text, encoding="utf-8")
+    book.state_path.unlink()
     _remove_record(path, 2)
     book.reload()
     assert book.add("c", "导出").number == 3
@@ -483,5 +494,5 @@ def test_a_duplicate_made_on_disk_while_a_book_is_open_is_refused(tmp_path):
     before = path.read_bytes()
     with pytest.raises(BugValidationError) as err:
         book.update(1, status="已解决")
-    assert "Bug #1" in str(err.value) and "lines 4, 14" in str(err.value)
+    assert "Bug #1" in str(err.value) and "lines 3, 13" in str(err.value)  # no marker line above
     assert path.read_bytes() == before

@@ -143,5 +143,5 @@ def test_a_lock_file_is_made_for_the_group_like_the_files_it_guards(tmp_path):
             pass
     finally:
         os.umask(old)
-    lock = tmp_path / ".icraft_compile_log.md.lock"
+    lock = tmp_path / ".tdpu" / "icraft_compile_log.md.lock"  # not littering the records folder
     assert stat.S_IMODE(lock.stat().st_mode) == 0o664

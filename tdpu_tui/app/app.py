@@ -13,7 +13,6 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -24,11 +23,12 @@ from textual.css.query import NoMatches
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
+from tdpu_tui.app.bug_actions import BugActions, BugNotFiled, BugRecorded
 from tdpu_tui.app.bugs_panel import BugsPanel, BugsTable
 from tdpu_tui.app.log_panel import LogPanel, LogView
 from tdpu_tui.app.nodes_panel import NodesPanel, NodesTable
 from tdpu_tui.app.pipeline_panel import PipelinePanel, StagesTable
-from tdpu_tui.app.screens import BugForm, ConfirmScreen, HelpScreen, now_minutes
+from tdpu_tui.app.screens import ConfirmScreen, HelpScreen
 from tdpu_tui.engine.core.artifacts import Artifacts
 from tdpu_tui.engine.core.config import Config
 from tdpu_tui.engine.core.events import (
@@ -37,7 +37,6 @@ from tdpu_tui.engine.core.events import (
     StageFinished,
     StageLog,
     StageProgress,
-    StageResult,
     StageStarted,
     Status,
 )
@@ -48,19 +47,13 @@ from tdpu_tui.engine.osutil.tail import EchoFilter, Tailer
 StageSource = Iterable[Stage] | Callable[[], Iterable[Stage]] | None
 
 
-@dataclass(frozen=True)
-class BugRecorded(Event):
-    """A failed stage's bug record, drafted now (`created`) or found from an earlier run."""
-
-    number: int
-    created: bool
 TABS = ("pipeline", "log", "nodes", "bugs")
 _FOCUS = {"pipeline": StagesTable, "log": LogView, "nodes": NodesTable, "bugs": BugsTable}
 # App-level actions that must not fire behind a modal screen (a form, the quit question).
 _GUARDED = {"quit", "help", "run_all", "rerun_failed", "cancel", "add_bug", "show_tab"}
 
 
-class TdpuApp(App[int]):
+class TdpuApp(BugActions, App[int]):
     CSS_PATH = Path(__file__).with_name("tdpu.tcss")  # absolute: subclasses live elsewhere
     TITLE = "tdpu"
     ENABLE_COMMAND_PALETTE = False
@@ -97,8 +90,7 @@ class TdpuApp(App[int]):
         self.tailer = Tailer()
         # A run elsewhere writes Icraft's lines to its stage log and Icraft to its own: shown once.
         self._echo = EchoFilter()
-        # Failures this app drafted into the bug book (run thread), shared with the Bugs tab.
-        self._own_signatures: set[str] = set()
+        self._init_bug_actions()
         self._follow = [Path(p) for p in follow]
         self.pipeline: Pipeline | None = None
         self.worker: Worker | None = None
@@ -229,15 +221,6 @@ class TdpuApp(App[int]):
         self.tailer.follow(Path(path).resolve(), label)
 
     # -- engine events (worker thread) -> inbox -> pump (UI thread) ---------------------------
-    def _record_failure(self, result: StageResult, config: Config) -> None:
-        """Draft the failed stage's bug record (worker thread), as `--batch` does."""
-        from tdpu_tui.engine.records.bugbook import failure_signature, record_failure
-        # Before the write, so the Bugs tab never reports this draft as someone else's.
-        self._own_signatures.add(failure_signature(result.name, result.message))
-        record, created = record_failure(self.paths.bugs, result.name, result.message, result.log_tail)
-        if record is not None:
-            self._post_event(BugRecorded(result.name, record.number, created))
-
     def _post_event(self, event: Event) -> None:
         """The pipeline's event sink; runs in the worker thread. Waits while the UI catches up."""
         with self._inbox_cond:
@@ -308,18 +291,13 @@ class TdpuApp(App[int]):
             cancelled = self.pipeline is not None and self.pipeline.cancel.is_set()
             if result.status is Status.FAILED and not cancelled:  # a cancel says so at the end
                 first = result.message.splitlines()[0] if result.message else ""
-                self.say(f"{result.name} failed: {first}\nPipeline tab, d opens its bug record",
+                hint = "" if result.usage_error else "\nPipeline tab, d opens its bug record"
+                self.say(f"{result.name} failed: {first}{hint}",
                          severity="error", title="stage failed", timeout=8)
             if result.name == "export" and result.status is Status.OK:
                 self.nodes_panel.reload()
-        elif isinstance(ev, BugRecorded):
-            row = panel.rows.get(ev.stage)
-            if row is not None:
-                row.bug_number = ev.number
-            verb = "drafted" if ev.created else "already recorded as"
-            self.say(f"{ev.stage}: {verb} Bug #{ev.number} in {self.paths.bugs.name} (d edits it)",
-                     title="bug records")
-            self.bugs_panel.check_disk()
+        elif isinstance(ev, (BugRecorded, BugNotFiled)):
+            self.show_bug_event(ev)
         elif isinstance(ev, RunFinished):
             self._follow_other_runs(history=False)
             self.last_summary = ev.summary
@@ -354,6 +332,7 @@ class TdpuApp(App[int]):
         except KeyError as exc:
             self.say(str(exc.args[0]), severity="error")
             return False
+        self.prepare_bug_book()
         self.pipeline_panel.mark_pending([s.name for s in selected])
         # This run's lines (its stages' and Icraft's) come as events; the files they also go
         # to are not followed until it ends, and then only for what others add.
@@ -400,77 +379,6 @@ class TdpuApp(App[int]):
 
     def on_stages_table_run_stage(self, msg: StagesTable.RunStage) -> None:
         self.start_run([msg.name])
-
-    # -- bugs ---------------------------------------------------------------------------------
-    def open_bug_form(self, heading: str, values: dict[str, str], number: int | None,
-                      base=None) -> None:
-        """The form; `base` is the record being edited as shown (changes made to the file while
-        the form is open are merged against it, not overwritten)."""
-        from tdpu_tui.engine.records.bugbook import STAGE_VALUES, STATUS_VALUES, field_problems
-        form = BugForm(heading, values, STAGE_VALUES, STATUS_VALUES,
-                       partial(field_problems, base=base))
-        self.push_screen(form, partial(self._bug_saved, number, heading, base))
-
-    def _bug_saved(self, number: int | None, heading: str, base,
-                   values: dict[str, str] | None) -> None:
-        if values is None:
-            return
-        panel = self.bugs_panel
-        book = panel.book
-        try:
-            if book is None:
-                raise RuntimeError(panel.error or "the bug book is not open")
-            seen = len(book.messages)
-            if number is None:
-                record = book.add(values["title"], values["stage"], values["error"], values["cause"],
-                                  values["fix"], values["status"], values["time"])
-            else:
-                record = book.update(number, base=base, **values)
-        except Exception as exc:
-            self.say(f"not saved: {exc}", severity="error", title="bug record")
-            # Reopen with what was typed so nothing is lost.
-            self.call_later(self.open_bug_form, heading, values, number, base)
-            return
-        for message in book.messages[seen:]:
-            self.say(message, title="bug records", severity="warning", timeout=10)
-        number = record.number
-        panel.rebuild()
-        self.say(f"Bug #{number} saved to {self.paths.bugs.name}")
-
-    def action_add_bug(self) -> None:
-        self.open_bug_form("New bug record", {"time": now_minutes(), "status": "未解决"}, None)
-
-    def on_bugs_table_edit(self, msg: BugsTable.Edit) -> None:
-        record = self.bugs_panel.record(msg.number)
-        if record is None:
-            return
-        values = {f: getattr(record, f, "") or "" for f in
-                  ("title", "time", "stage", "status", "error", "cause", "fix")}
-        self.open_bug_form(f"Edit Bug #{msg.number}", values, msg.number, record)
-
-    def on_stages_table_draft_bug(self, msg: StagesTable.DraftBug) -> None:
-        row = self.pipeline_panel.rows.get(msg.name)
-        if row is None or row.status is not Status.FAILED:
-            state = row.status.value if row is not None else "unknown"
-            self.say(f"{msg.name} is {state}: only a failed stage drafts a bug record")
-            return
-        if row.bug_number is not None and self.bugs_panel.record(row.bug_number) is not None:
-            self.on_bugs_table_edit(BugsTable.Edit(row.bug_number))
-            return
-        from tdpu_tui.engine.records.bugbook import DRAFT_TAIL_LINES, stage_label
-        try:
-            label = stage_label(msg.name)
-        except Exception:  # an unknown stage name: the form asks for the stage
-            label = ""
-        first = row.message.splitlines()[0] if row.message else "failed"
-        tail = [line for line in row.log_tail if line.strip()][-DRAFT_TAIL_LINES:]
-        error = row.message.strip()
-        if tail:
-            error += "\n\n日志末尾:\n" + "\n".join(tail)
-        self.open_bug_form(f"New bug record from the failed stage {msg.name}", {
-            "title": f"{msg.name} 失败: {first}"[:100], "time": now_minutes(), "stage": label,
-            "status": "未解决", "error": error, "cause": "", "fix": "",
-        }, None)
 
     # -- navigation, help, quit ----------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:

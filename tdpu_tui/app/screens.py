@@ -13,7 +13,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static, TextArea
 
 from tdpu_tui.app.keys import KEY_MAP
-from tdpu_tui.engine.records.bugbook import TIME_FORMAT
+from tdpu_tui.engine.records.bugbook import FIELD_LABELS, TIME_FORMAT
 
 FIELDS = ("title", "time", "stage", "status", "error", "cause", "fix")
 
@@ -34,7 +34,7 @@ class ConfirmScreen(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         with Vertical(id="confirm", classes="dialog"):
             yield Static(self.question, id="confirm-question")
-            yield Static("[b]y[/b] yes    [b]n[/b] no", id="confirm-keys")
+            yield Static("[b]y[/b] 是 yes    [b]n[/b] 否 no", id="confirm-keys")
 
     def action_answer(self, yes: bool) -> None:
         self.dismiss(yes)
@@ -62,7 +62,11 @@ class HelpScreen(ModalScreen[None]):
 
 
 class BugForm(ModalScreen[dict | None]):
-    """Every field of the bugs_found.md template. Dismisses with the values, or None."""
+    """Every field of the bugs_found.md template. Dismisses with the values, or None.
+
+    Its words are in Chinese and English, as the team is; the problems it lists are the bug
+    book's own (`field_problems`), in both languages too.
+    """
 
     BINDINGS = [
         Binding("ctrl+s", "save", "Save", priority=True),
@@ -86,7 +90,7 @@ class BugForm(ModalScreen[dict | None]):
             with Vertical(id="bug-form-fields"):
                 with Horizontal(classes="field"):
                     yield Label("标题 title", classes="field-label")
-                    yield Input(v["title"], id="f-title", compact=True, placeholder="one line")
+                    yield Input(v["title"], id="f-title", compact=True, placeholder="一行 one line")
                 with Horizontal(classes="field"):
                     yield Label("发现时间 time", classes="field-label")
                     yield Input(v["time"], id="f-time", compact=True, placeholder="YYYY-MM-DD HH:MM")
@@ -94,12 +98,12 @@ class BugForm(ModalScreen[dict | None]):
                     yield Label("发现阶段 stage", classes="field-label")
                     yield Select([(s, s) for s in self.stages], id="f-stage", compact=True,
                                  value=v["stage"] if v["stage"] in self.stages else Select.NULL,
-                                 prompt="choose")
+                                 prompt="请选择 choose")
                 with Horizontal(classes="field"):
                     yield Label("状态 status", classes="field-label")
                     yield Select([(s, s) for s in self.statuses], id="f-status", compact=True,
                                  value=v["status"] if v["status"] in self.statuses else Select.NULL,
-                                 prompt="choose")
+                                 prompt="请选择 choose")
                 yield Label("错误信息 error message", classes="area-label")
                 yield TextArea(v["error"], id="f-error", compact=True, soft_wrap=True,
                                classes="area-error")
@@ -109,11 +113,11 @@ class BugForm(ModalScreen[dict | None]):
                 yield TextArea(v["fix"], id="f-fix", compact=True, soft_wrap=True, classes="area")
             yield Static("", id="bug-form-problems")
             with Horizontal(id="bug-form-bottom"):
-                yield Static("[b]ctrl+s[/b] save  [b]escape[/b] cancel  [b]tab[/b] next field",
-                             classes="hint")
+                yield Static("[b]ctrl+s[/b] 保存 save  [b]escape[/b] 取消 cancel  "
+                             "[b]tab[/b] 下一项 next", classes="hint")
                 with Horizontal(id="bug-form-buttons"):
-                    yield Button("Save", id="save", variant="primary", compact=True)
-                    yield Button("Cancel", id="cancel", compact=True)
+                    yield Button("保存 Save", id="save", variant="primary", compact=True)
+                    yield Button("取消 Cancel", id="cancel", compact=True)
 
     def on_mount(self) -> None:
         self.current_at_open = self.current()
@@ -138,11 +142,16 @@ class BugForm(ModalScreen[dict | None]):
         problems = self.check(values)
         out = self.query_one("#bug-form-problems", Static)
         if problems:
-            out.update("\n".join(f"[b]{k}[/b]: {escape(why)}" for k, why in problems.items()))
+            out.update(self._problem_text(problems))
             out.add_class("error")
             self.query_one(f"#f-{next(iter(problems))}").focus()
             return
         self.dismiss(values)
+
+    @staticmethod
+    def _problem_text(problems: dict[str, str]) -> str:
+        return "\n".join(f"[b]{escape(FIELD_LABELS.get(k, k))}[/b]: {escape(why)}"
+                         for k, why in problems.items())
 
     def _recheck(self) -> None:
         """Once problems are shown, keep them in step with the fields (fixed ones disappear)."""
@@ -151,7 +160,7 @@ class BugForm(ModalScreen[dict | None]):
             return
         problems = self.check(self.current())
         if problems:
-            out.update("\n".join(f"[b]{k}[/b]: {escape(why)}" for k, why in problems.items()))
+            out.update(self._problem_text(problems))
         else:
             out.update("")
             out.remove_class("error")
@@ -170,7 +179,8 @@ class BugForm(ModalScreen[dict | None]):
         if self.current() == self.current_at_open:
             self.dismiss(None)
             return
-        self.app.push_screen(ConfirmScreen("Discard what you typed in this bug record?"),
+        self.app.push_screen(ConfirmScreen("放弃在这条记录中输入的内容？\n"
+                                           "Discard what you typed in this bug record?"),
                              lambda yes: self.dismiss(None) if yes else None)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:

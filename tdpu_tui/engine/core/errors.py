@@ -46,5 +46,11 @@ class StageFailed(TdpuError):
     """Raised inside a stage to end it as `failed` with a one-line message."""
 
 
+class UsageError(StageFailed):
+    """A stage failed because of how it was run, not because of the model, the graphs or
+    Icraft: a stage run out of order (its input is missing or from an earlier run), a file the
+    user named is missing. Reported, never drafted as a bug record."""
+
+
 class Cancelled(TdpuError):
     """The run was cancelled (Ctrl-C in batch, `c` or quit in the app)."""

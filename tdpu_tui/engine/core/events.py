@@ -29,6 +29,8 @@ class StageResult:
     log_tail: list[str] = field(default_factory=list)
     # Skipped because this stage (failed, at the root of the chain) is needed and broke.
     blocked_by: str | None = None
+    # Failed through a usage mistake (`UsageError`): reported, not drafted as a bug record.
+    usage_error: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "status": self.status.value,

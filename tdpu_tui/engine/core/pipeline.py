@@ -17,7 +17,7 @@ from tdpu_tui.engine.core import run_status
 from tdpu_tui.engine.core.artifacts import Artifacts
 from tdpu_tui.engine.core.cache import RunCache
 from tdpu_tui.engine.core.config import Config
-from tdpu_tui.engine.core.errors import Cancelled, StageFailed, TdpuError
+from tdpu_tui.engine.core.errors import Cancelled, StageFailed, TdpuError, UsageError
 from tdpu_tui.engine.core.events import (
     Event, RunFinished, RunSummary, StageFinished, StageLog, StageResult, StageStarted, Status,
 )
@@ -177,7 +177,7 @@ class Pipeline:
         for note in self._notes:
             ctx.log(note)
         self._notes = []
-        status, message = Status.OK, ""
+        status, message, usage = Status.OK, "", False
         try:
             message = stage.run(ctx) or "done"
         except Skip as exc:
@@ -189,7 +189,7 @@ class Pipeline:
             ctx.log(message, "error")
             self._interrupted = True
         except TdpuError as exc:
-            status, message = Status.FAILED, str(exc)
+            status, message, usage = Status.FAILED, str(exc), isinstance(exc, UsageError)
             ctx.log(message, "error")
         except OSError as exc:
             if exc.filename is not None:   # the file system said no: name the file first
@@ -214,7 +214,7 @@ class Pipeline:
         finally:
             ctx.close()
         return StageResult(stage.name, status, time.perf_counter() - start, message,
-                           ctx.artifacts, ctx.metrics, ctx.log_tail)
+                           ctx.artifacts, ctx.metrics, ctx.log_tail, usage_error=usage)
 
 
 __all__ = ["Pipeline", "Skip", "Stage", "StageContext", "StageFailed", "Status"]

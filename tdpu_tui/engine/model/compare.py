@@ -16,11 +16,11 @@ def require_graph(path: str | Path, made_by: str) -> Path:
     missing file and the stage that writes it."""
     import onnx
 
-    from tdpu_tui.engine.core.errors import StageFailed
+    from tdpu_tui.engine.core.errors import StageFailed, UsageError
 
     path = Path(path)
     if not path.is_file():
-        raise StageFailed(f"{path}: not found; run the {made_by} stage first")
+        raise UsageError(f"{path}: not found; run the {made_by} stage first")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:

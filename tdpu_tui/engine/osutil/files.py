@@ -65,10 +65,20 @@ class FileLock:
             self._lock = None
 
 
+STATE_DIR = ".tdpu"
+
+
+def state_dir(path: str | Path) -> Path:
+    """The hidden folder beside `path` for what tdpu keeps about it (locks, the bug book's
+    state), so they do not litter a folder of the user's records."""
+    return Path(path).parent / STATE_DIR
+
+
 def lock_for(path: str | Path) -> FileLock:
-    """The lock guarding `path`: `.NAME.lock` beside the file a write to `path` lands in."""
+    """The lock guarding `path`: `NAME.lock` in the state folder beside the file a write to
+    `path` lands in (`state_dir`)."""
     path = write_target(path)
-    return FileLock(path.with_name(f".{path.name}.lock"))
+    return FileLock(state_dir(path) / f"{path.name}.lock")
 
 
 def fsync_dir(directory: Path) -> None:

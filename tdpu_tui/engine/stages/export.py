@@ -16,7 +16,7 @@ from tdpu_tui.engine.model.agreement import Verdict, versus_reference
 from tdpu_tui.engine.core.artifacts import Artifacts
 from tdpu_tui.engine.model.checkpoint import Checkpoint, open_checkpoint
 from tdpu_tui.engine.core.config import Config
-from tdpu_tui.engine.core.errors import StageFailed
+from tdpu_tui.engine.core.errors import StageFailed, UsageError
 from tdpu_tui.engine.osutil.files import (
     atomic_write_text,
     commit_files,
@@ -51,7 +51,7 @@ def resolve_checkpoint(cfg: Config, ctx: StageContext | None = None) -> Path:
         return ensure_synthetic(cfg, on_progress=progress)
     path = Path(source)
     if not path.is_dir():
-        raise StageFailed(f"{cfg.file}: [model].source: checkpoint directory not found: {path}")
+        raise UsageError(f"{cfg.file}: [model].source: checkpoint directory not found: {path}")
     return path
 
 

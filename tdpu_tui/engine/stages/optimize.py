@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tdpu_tui.engine.core.errors import StageFailed
+from tdpu_tui.engine.core.errors import UsageError
 from tdpu_tui.engine.core.stage import Stage, StageContext
 from tdpu_tui.engine.icraft import driver as ic
 from tdpu_tui.engine.stages.icraft_run import prepare_log_dir, require_cli, run_component
@@ -22,7 +22,7 @@ class OptimizeStage(Stage):
         pj, pr = ic.parsed_files(jr, cfg.icraft.net_name, "parsed")
         missing = [p for p in (pj, pr) if not p.exists()]
         if missing:
-            raise StageFailed(f"{missing[0]} not found: run the parse stage first")
+            raise UsageError(f"{missing[0]} not found: run the parse stage first")
         log_dir = prepare_log_dir(ctx.paths.icraft_logs / "optimize")
         outputs = list(ic.parsed_files(jr, cfg.icraft.net_name, "optimized"))
         argv = ic.optimize_argv(exe, cfg, pj, pr, jr, log_dir)

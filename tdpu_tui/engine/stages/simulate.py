@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tdpu_tui.engine.core.errors import StageFailed
+from tdpu_tui.engine.core.errors import StageFailed, UsageError
 from tdpu_tui.engine.core.stage import Stage, StageContext
 from tdpu_tui.engine.icraft import driver as ic
 from tdpu_tui.engine.stages.icraft_run import ftmp_path, prepare_log_dir, run_component
@@ -58,7 +58,7 @@ class SimulateStage(Stage):
         meta = read_export_meta(ctx)
         profile = meta.get("profile", "reference")
         if not meta.get("checkpoint"):
-            raise StageFailed(f"{ctx.paths.export_meta}: no 'checkpoint' entry: re-run export")
+            raise UsageError(f"{ctx.paths.export_meta}: no 'checkpoint' entry: re-run export")
         ctx.progress(0, 3, "loading the checkpoint")
         ckpt = open_checkpoint(meta["checkpoint"])
         ids, name, feed = validation_inputs(ctx, meta, onnx_path, ckpt)

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 
 from tdpu_tui.engine.model.agreement import Verdict, judge, versus_reference
-from tdpu_tui.engine.core.errors import StageFailed
+from tdpu_tui.engine.core.errors import StageFailed, UsageError
 from tdpu_tui.engine.osutil.files import atomic_write_text, human_bytes, owned_prefix
 from tdpu_tui.engine.osutil.platform import load_average
 from tdpu_tui.engine.rewrite.inventory import BITLINEAR_DOMAIN, bitlinear_attrs
@@ -85,7 +85,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise StageFailed(f"{path}: not found; run the export and replace stages first") from None
+        raise UsageError(f"{path}: not found; run the export and replace stages first") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise StageFailed(f"{path}: unreadable ({exc}); run the export and replace stages again") from None
 
@@ -412,7 +412,7 @@ class Validation:
         from tdpu_tui.engine.rewrite.bitlinear import source_stamp
         made_from = self.report.get("source_stamp")
         if made_from and made_from != source_stamp(self.paths.full_onnx):
-            raise StageFailed(f"{self.paths.bitlinear_onnx} was made from an earlier export: "
+            raise UsageError(f"{self.paths.bitlinear_onnx} was made from an earlier export: "
                               f"{self.paths.full_onnx} changed since the replace stage ran "
                               "(run replace, then validate)")
 

@@ -69,7 +69,8 @@ def _parser() -> _Parser:
     p_list.add_argument("--json", action="store_true", help="print the records as JSON")
     fields(sub.add_parser("add", parents=[common], help="append a record"), required=True)
     p_set = sub.add_parser("set", parents=[common], help="change fields of record N")
-    p_set.add_argument("number", type=int, metavar="N")
+    p_set.add_argument("number", type=int, metavar="N",
+                       help="the record to change: its number, the N of '## Bug #N' (see tdpu bugs list)")
     fields(p_set, required=False)
     return parser
 

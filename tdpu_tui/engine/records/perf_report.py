@@ -136,7 +136,7 @@ def render_report(meta: dict, accuracy: dict, perf: PerfResult | None, nodes: li
              f"- **结论 Verdict**: {verdict}",
              f"- **模型 Model**: profile `{meta.get('profile')}`, {meta.get('num_layers')} layers, "
              f"hidden {meta.get('hidden_size')}, vocab {meta.get('vocab_size')}",
-             f"- **检查点 Checkpoint**: "
+             "- **检查点 Checkpoint**: "
              + (code_path(meta["checkpoint"], root) if meta.get("checkpoint") else "n/a")]
     labels = {"generated": "生成时间 Generated", "versions": "版本 Versions", "replace": "替换 Replace",
               "inputs": "输入 Inputs", "timing": "计时 Timing", "pass": "通过条件 Pass criteria"}

@@ -141,7 +141,7 @@ def metric_value(key: str, value: object) -> str:
         return pct(float(value))                                # type: ignore[arg-type]
     if key == "cosine":
         return f"{float(value):.6f}"                            # type: ignore[arg-type]
-    if isinstance(value, bool) or isinstance(value, int):
+    if isinstance(value, (bool, int)):
         return str(value)
     if isinstance(value, float):
         return f"{value:.4g}"

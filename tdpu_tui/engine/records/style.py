@@ -193,8 +193,8 @@ def ratio_words(subject: str, ratio: float | None, base: str, *, kind: str = "ti
     else:
         text, inside = f"{subject} {factor(ratio)} × {base}", [f"{factor(1 / ratio)} × {less}"]
     if why:
-        inside.append(flat_parens(why).strip("() "))
-    return text + (f" ({'; '.join(inside)})" if inside else "")
+        inside.append(why)
+    return flat_parens(text + (f" ({'; '.join(inside)})" if inside else ""))
 
 
 # verdict lines ----------------------------------------------------------------------------

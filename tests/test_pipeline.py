@@ -94,7 +94,7 @@ def test_batch_exit_codes_and_json_summary(tmp_config, tmp_path, monkeypatch, ca
     summary = json.loads(out.read_text())
     assert [s["name"] for s in summary["stages"]] == ["a", "b"]
     assert summary["stages"][1] == {"name": "b", "status": "skipped", "seconds": summary["stages"][1]["seconds"],
-                                    "message": "nothing to do"}
+                                    "message": "nothing to do", "cancelled": False}
     assert summary["artifacts"] == {"a": "/tmp/a"} and summary["metrics"] == {"a": {"value": 42}}
     stdout = capsys.readouterr().out
     assert "a" in stdout and "skipped" in stdout

@@ -248,3 +248,27 @@ def test_matplotlib_is_not_imported_with_the_stages_or_the_charts_module():
             "import tdpu_tui.engine.records.charts; "
             "sys.exit(1 if 'matplotlib' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_the_validate_stage_writes_the_charts_and_links_them(exported_tiny, tmp_path):
+    from tdpu_tui.engine.core.artifacts import Artifacts
+    from tdpu_tui.engine.core.pipeline import Pipeline
+    from tdpu_tui.engine.stages import all_stages
+
+    shutil.copytree(exported_tiny.base_dir, tmp_path / "p")
+    config = tmp_path / "p" / "tdpu.toml"
+    config.write_text(config.read_text() + "[validate]\nrepeats = 1\nsample_nodes = 2\n")
+    cfg = load_config(config)
+    results = {r.name: r for r in Pipeline(cfg, all_stages()).run(["replace", "validate"]).results}
+    validate = results["validate"]
+    assert validate.status is Status.OK, validate.message
+    assert re.search(r"BitLinear step [\d.]+ × (slower than|float \()", validate.message)
+    report = Artifacts.of(cfg).performance_report
+    text = report.read_text(encoding="utf-8")
+    for key, name in CHART_FILES.items():
+        assert f"]({name})" in text
+        assert charts.png_size(report.parent / name) == (charts.WIDTH_PX, charts.HEIGHT_PX)
+        assert validate.artifacts[f"performance_chart_{key}"] == str(report.parent / name)
+    verdict = next(x for x in text.splitlines() if x.startswith("- **结论 Verdict**"))
+    assert verdict == "- **结论 Verdict**: 通过 passed"
+    assert str(tmp_path) not in text

@@ -137,7 +137,7 @@ def metric_value(key: str, value: object) -> str:
     """A comparison metric the way every record shows it (agreement as a percentage)."""
     if value is None:
         return "n/a"
-    if key in ("argmax_agreement",) or key.endswith("_agreement"):
+    if key.endswith("agreement"):
         return pct(float(value))                                # type: ignore[arg-type]
     if key == "cosine":
         return f"{float(value):.6f}"                            # type: ignore[arg-type]

@@ -22,6 +22,7 @@ from tdpu_tui.engine.core.events import (
 )
 from tdpu_tui.engine.osutil.files import atomic_write_text
 from tdpu_tui.engine.osutil.platform import termination_signals
+from tdpu_tui.engine.records.style import fmt_time, rel_path, zone_name
 from tdpu_tui.engine import stages as registry
 from tdpu_tui.engine.core.pipeline import Pipeline
 
@@ -181,13 +182,57 @@ def stop_signals_as_ctrl_c() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def json_summary(summary: RunSummary, cfg: Config, *, code: int, started: float, finished: float,
+                 selected: list[str]) -> dict:
+    """The `--json` document: the run's outcome first, then each stage, artifacts and metrics.
+
+    Paths are relative to the project root (tdpu.toml's directory, given absolute as
+    `project`), times local as in the records, with the zone beside them.
+    """
+    from tdpu_tui import __version__
+
+    root = cfg.base_dir
+    body = summary.as_json()
+    ran = {r.name for r in summary.results}
+    if summary.interrupted:
+        status = "interrupted"
+    elif summary.failed:
+        status = "failed"
+    else:
+        status = "ok"
+    stages = []
+    for r, entry in zip(summary.results, body["stages"]):
+        entry = dict(entry, cancelled=r.status.value == "cancelled")
+        if r.blocked_by:
+            entry["blocked_by"] = r.blocked_by
+        stages.append(entry)
+    head = {
+        "status": status,
+        "interrupted": summary.interrupted,
+        "exit_code": int(code),
+        "started": fmt_time(started),
+        "finished": fmt_time(finished),
+        "time_zone": zone_name(started),
+        "seconds": round(finished - started, 3),
+        "config": rel_path(cfg.file, root) if cfg.file is not None else None,
+        "project": str(Path(root).resolve()),
+        "tdpu_version": __version__,
+    }
+    if summary.interrupted:
+        head["not_run"] = [n for n in selected if n not in ran]
+    return {**head, "stages": stages,
+            "artifacts": {k: rel_path(v, root) for k, v in body["artifacts"].items()},
+            "metrics": body["metrics"]}
+
+
 def run_batch(cfg: Config, stages: list[str] | None, *, json_path: str | None = None,
               bug_drafts: bool = True) -> int:
     printer = ProgressPrinter()
     pipeline = Pipeline(cfg, registry.all_stages(), on_event=printer,
                         on_failure=_draft_bug if bug_drafts else None)
+    started = time.time()
     try:
-        pipeline.select(stages)
+        selected = [s.name for s in pipeline.select(stages)]
     except KeyError as exc:
         print(f"tdpu: error: {exc.args[0]}", file=sys.stderr)
         return ExitCode.USAGE
@@ -207,18 +252,20 @@ def run_batch(cfg: Config, stages: list[str] | None, *, json_path: str | None = 
                 summary.interrupted = True
             code = ExitCode.INTERRUPT
         if summary is not None:
-            code = _finish(summary, json_path, code)
+            code = _finish(summary, cfg, json_path, code, started, selected)
     return int(code)
 
 
-def _finish(summary: RunSummary, json_path: str | None, code: int) -> int:
+def _finish(summary: RunSummary, cfg: Config, json_path: str | None, code: int, started: float,
+            selected: list[str]) -> int:
     """The summary table on stdout and the --json file (a stop signal meanwhile ends as Ctrl-C)."""
     try:
         _say(summary_table(summary.results), sys.stdout)
         if json_path:
             try:
-                atomic_write_text(Path(json_path),
-                                  json.dumps(summary.as_json(), indent=2, ensure_ascii=False) + "\n")
+                doc = json_summary(summary, cfg, code=code, started=started, finished=time.time(),
+                                   selected=selected)
+                atomic_write_text(Path(json_path), json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
             except OSError as exc:
                 _say(f"tdpu: error: --json {json_path}: {exc}", sys.stderr)
                 code = max(code, ExitCode.FAILURE)

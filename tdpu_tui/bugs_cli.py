@@ -92,7 +92,7 @@ def _parser(bug_stages: Mapping[str, str] | None = None) -> _Parser:
     fields(sub.add_parser("add", parents=[common], help="append a record"), required=True)
     p_set = sub.add_parser("set", parents=[common], help="change fields of record N")
     p_set.add_argument("number", type=int, metavar="N",
-                       help="the record's number: N of its heading '## Bug #N' (tdpu bugs list)")
+                       help="the record to change: its number, the N of '## Bug #N' (see tdpu bugs list)")
     fields(p_set, required=False)
     return parser
 

@@ -133,7 +133,7 @@ def test_simulate_fails_below_99_percent_argmax_agreement(icraft_project, monkey
     cfg = load_config(icraft_project)
     results = Pipeline(cfg, stages=all_stages()).run(["simulate"]).results
     assert results[0].status is Status.FAILED
-    assert "is below 99%" in results[0].message
+    assert "is below 99.00%" in results[0].message
 
 
 def _wait_gone(pid: int, seconds: float = 10) -> bool:

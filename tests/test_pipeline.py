@@ -94,7 +94,7 @@ def test_batch_exit_codes_and_json_summary(tmp_config, tmp_path, monkeypatch, ca
     summary = json.loads(out.read_text())
     assert [s["name"] for s in summary["stages"]] == ["a", "b"]
     assert summary["stages"][1] == {"name": "b", "status": "skipped", "seconds": summary["stages"][1]["seconds"],
-                                    "message": "nothing to do"}
+                                    "message": "nothing to do", "cancelled": False}
     assert summary["artifacts"] == {"a": "/tmp/a"} and summary["metrics"] == {"a": {"value": 42}}
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
     assert rows["a"].split()[1] == "ok" and rows["a"].endswith("a done"), rows

@@ -95,7 +95,7 @@ def judge(m: dict[str, float], floor: dict[str, float] | None,
     if m["argmax_agreement"] >= minimum:
         return True, ""
     if floor is None:
-        return False, f"argmax agreement {m['argmax_agreement']:.2%} is below {minimum:.0%}"
+        return False, f"argmax agreement {m['argmax_agreement']:.2%} is below {minimum:.2%}"
     p, n = floor["argmax_agreement"], max(int(m["positions"]), 1)
     slack = 3 * math.sqrt(max(p * (1 - p), 1.0 / n) / n)
     within_agreement = m["argmax_agreement"] >= p - slack
@@ -103,7 +103,7 @@ def judge(m: dict[str, float], floor: dict[str, float] | None,
     floor_text = (f"the PyTorch reference itself agrees on {p:.2%} of positions with its input moved "
                   f"by one ulp (mean |Δ| {floor['mean_abs']:.3g})")
     if p < minimum and within_agreement and within_values:
-        return True, (f"argmax agreement {m['argmax_agreement']:.2%} is below {minimum:.0%}, but {floor_text}: "
+        return True, (f"argmax agreement {m['argmax_agreement']:.2%} is below {minimum:.2%}, but {floor_text}: "
                       "activation-rounding flips cascading through the layers, not a defect")
     return False, (f"argmax agreement {m['argmax_agreement']:.2%} (mean |Δ| {m['mean_abs']:.3g}) is below "
-                   f"{minimum:.0%} and below the rounding floor: {floor_text}")
+                   f"{minimum:.2%} and below the rounding floor: {floor_text}")

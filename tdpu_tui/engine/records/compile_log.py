@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import re
 import shlex
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tdpu_tui.engine.osutil.files import atomic_write_bytes, human_bytes, lock_for
+from tdpu_tui.engine.records.style import code_path, fmt_time, relative_text, seconds
 
 TITLE = "# Icraft 编译记录 (icraft compile log)"
 INTRO = ("Written by `tdpu`: each stage rewrites its own section (between the `tdpu:section` "
@@ -108,16 +108,18 @@ class StageRecord:
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     extra: str = ""                     # more markdown (precheck tables, comparisons)
+    # The project root (tdpu.toml's directory): paths are shown relative to it. Commands and
+    # log lines stay verbatim, so a command can be pasted from any directory.
+    root: Path | None = None
 
     def markdown(self) -> str:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started or time.time()))
         out = [f"## {self.stage} — {self.status}", "",
-               f"- time: {when}"]
+               f"- time: {fmt_time(self.started, zone=True)}"]
         if self.seconds is not None:
-            out.append(f"- duration: {self.seconds:.2f} s")
+            out.append(f"- duration: {seconds(self.seconds)}")
         out.append(f"- status: **{self.status}**" + (f" — {self.summary}" if self.summary else ""))
         if self.cwd is not None:
-            out.append(f"- working directory: `{self.cwd}`")
+            out.append(f"- working directory: {code_path(self.cwd, self.root)}")
         if self.exit_status is not None:
             out.append(f"- exit status: {self.exit_status}")
         if self.error_code is not None:
@@ -131,10 +133,10 @@ class StageRecord:
             out += ["", "Files:", "", "| file | size |", "|---|---|"]
             for f in self.files:
                 size = human_bytes(f.stat().st_size) if f.exists() else "missing"
-                out.append(f"| `{f}` | {size} |")
+                out.append(f"| {code_path(f, self.root)} | {size} |")
         if self.log_tail:
             out += ["", "Last log lines:", "", _fence("\n".join(self.log_tail), "text")]
-        return "\n".join(out)
+        return relative_text("\n".join(out), self.root)
 
     def write(self, path: str | Path) -> None:
         update_section(path, self.stage, self.markdown())

@@ -36,6 +36,7 @@ def run_component(ctx: StageContext, exe: Path, argv: list[str], outputs: list[P
     for out in outputs:     # so a stale output from an earlier run is never taken for this one's
         out.unlink(missing_ok=True)
     record.command, record.cwd, record.started = argv, cwd, time.time()
+    record.root = cfg.base_dir
     lines = 0
 
     def on_line(line: str, level: str, source: str) -> None:

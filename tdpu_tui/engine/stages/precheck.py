@@ -64,7 +64,7 @@ class PrecheckStage(Stage):
         StageRecord(
             "precheck", "failed" if failed else "ok", summary=summary, started=started,
             seconds=time.time() - started, files=[csv_path], notes=notes,
-            extra=summary_markdown(report, csv_path),
+            extra=summary_markdown(report, csv_path), root=ctx.config.base_dir,
         ).write(ctx.paths.compile_log)
         ctx.progress(2, 2, "done")
         if failed:

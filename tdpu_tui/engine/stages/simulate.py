@@ -16,6 +16,7 @@ from tdpu_tui.engine.icraft import driver as ic
 from tdpu_tui.engine.stages.icraft_run import ftmp_path, prepare_log_dir, run_component
 from tdpu_tui.engine.osutil.files import atomic_write_bytes
 from tdpu_tui.engine.records.compile_log import StageRecord
+from tdpu_tui.engine.records.style import metric_rows, pct
 from tdpu_tui.engine.stages.common import exported_graph, read_export_meta, validation_inputs
 
 def onnxruntime_logits(onnx_path: Path, name: str, feed: np.ndarray, cache=None) -> np.ndarray:
@@ -74,7 +75,7 @@ class SimulateStage(Stage):
             fallback = f"{oj.name} is older than the exported graph: run parse and optimize again"
 
         ctx.progress(1, 3, "running the model")
-        record = StageRecord("simulate", "running", started=started)
+        record = StageRecord("simulate", "running", started=started, root=cfg.base_dir)
         if fallback is None:
             logits = self._icraft_run(ctx, exe, oj, orw, name, feed, ids, meta, ckpt, record)
             backend = "icraft run (Host backend)"
@@ -100,7 +101,8 @@ class SimulateStage(Stage):
             ctx.metric("cosine", float(cmp["cosine"]))
         ctx.metric("backend", backend)
         ok = verdict.ok
-        summary = (f"simulated on {backend}: argmax agreement {agreement:.2%}, "
+        summary = (f"simulated on {backend}: argmax agreement {pct(agreement)}"
+                   + (" within tolerance" if ok and verdict.floor is not None else "") + ", "
                    f"max |Δ| {float(cmp['max_abs']):.3g}, mean |Δ| {float(cmp['mean_abs']):.3g} "
                    f"vs the PyTorch reference")
         ctx.log(summary)
@@ -117,10 +119,7 @@ class SimulateStage(Stage):
                         f"with [validate].seed = {cfg.validate.seed}"] + record.notes
         if verdict.why:
             record.notes.append(verdict.why)
-        record.extra = "\n".join(["| metric | value |", "|---|---|"]
-                                 + [f"| {k} | {float(cmp[k]):.6g} |"
-                                    for k in ("max_abs", "mean_abs", "cosine", "argmax_agreement")
-                                    if k in cmp])
+        record.extra = "\n".join(["| metric | value |", "|---|---|", *metric_rows(cmp)])
         record.write(ctx.paths.compile_log)
         ctx.artifact("icraft_compile_log", ctx.paths.compile_log)
         ctx.progress(3, 3, "done")

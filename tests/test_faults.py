@@ -519,3 +519,30 @@ def test_kill_9_during_validate_leaves_temp_graphs_that_the_next_run_removes(rep
     subprocess.run(batch_argv(cfg, "precheck"), env=no_icraft_env(), capture_output=True,
                    timeout=300, stdin=subprocess.DEVNULL)
     assert leftovers(cfg.parent / "models" / "output") == []
+
+
+def test_a_terminal_that_went_away_does_not_stop_the_run(tmp_config):
+    from tdpu_tui.batch import ProgressPrinter
+
+    class Gone:
+        def isatty(self):
+            return False
+
+        def write(self, _text):
+            raise OSError(errno.EIO, "Input/output error")
+
+        def flush(self):
+            raise OSError(errno.EIO, "Input/output error")
+
+    printer = ProgressPrinter(Gone())
+    cfg = load_config(tmp_config)
+
+    class Talks(Stage):
+        name = "talks"
+
+        def run(self, ctx):
+            for i in range(3):
+                ctx.log(f"line {i}")
+            return "finished"
+    result = Pipeline(cfg, [Talks()], on_event=printer).run().results[0]
+    assert result.status is Status.OK and result.message == "finished" and printer.gone

@@ -1,8 +1,12 @@
 """Numba kernels for the BitLinear operator (SPEC section 4), NumPy in and out.
 
     quantize_activations(x)                      float32 [..., K] -> int8 [..., K], float32 [..., 1]
-    ternary_matmul_int(q, p, layout)             int8 [M, K] x packed [N/4, K] -> int32 [M, N], exact
-    bitlinear(x, p, weight_scale, layout)        float32 [..., K] -> float32 [..., N]
+    ternary_matmul_int(q, p, layout, path=None)  int8 [M, K] x packed [N/4, K] -> int32 [M, N], exact
+    bitlinear(x, p, weight_scale, layout, path=None)   float32 [..., K] -> float32 [..., N]
+
+`path` names the integer core (`kernels.select`): None runs the one chosen for this machine
+(8-bit dot products, `kernels.int8`, where the CPU has them); "numba-int16" is this module's
+own kernel below, the reference every other path is tested bit-identical against.
 
 The kernels read both packings of `kernels.packing` in place, without unpacking: both keep
 K contiguous and hold four output rows per byte, so one pass over packed row r produces
@@ -42,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels import packing
+from kernels import packing, select
 
 MAX_K = (2**31 - 1) // (192 * 128)
 _EPS = np.float32(1e-5)
@@ -374,18 +378,38 @@ def _strides(layout: str, rows: int) -> tuple[int, int]:
     return (1, rows) if layout == "hf" else (4, 1)
 
 
-def _matmul_into(q: np.ndarray, sumq: np.ndarray, p: np.ndarray, layout: str) -> np.ndarray:
+def _cores(path: str):
+    """(isa tag or None, kernel for one activation row at a time, kernel for pairs of rows)."""
+    if path == select.REFERENCE:
+        return None, _ternary_rows1, _ternary_rows2
+    from kernels import int8, simd
+
+    return simd.ISAS[path.removeprefix("numba-")], int8.rows_m1, int8.rows_m2
+
+
+def _matmul_into(q: np.ndarray, sumq: np.ndarray, p: np.ndarray, layout: str,
+                 path: str | None = None) -> np.ndarray:
     m_rows = q.shape[0]
     row_stride, code_stride = _strides(layout, p.shape[0])
     out = np.empty((m_rows, 4 * p.shape[0]), np.int32)
     if m_rows == 0 or out.shape[1] == 0:
         return out
+    if path is None:
+        path = select.chosen_path(m_rows, p.shape[1], out.shape[1])
+    elif path not in _known_paths:
+        select.check_path(path)
+        _known_paths.add(path)
+    isa, rows1, rows2 = _cores(path)
+    lead = () if isa is None else (isa,)
     even = m_rows - m_rows % 2
     if even:
-        _launch(_ternary_rows2, q[:even], sumq[:even], p, out[:even], row_stride, code_stride)
+        _launch(rows2, *lead, q[:even], sumq[:even], p, out[:even], row_stride, code_stride)
     if m_rows % 2:
-        _launch(_ternary_rows1, q[even:], sumq[even:], p, out[even:], row_stride, code_stride)
+        _launch(rows1, *lead, q[even:], sumq[even:], p, out[even:], row_stride, code_stride)
     return out
+
+
+_known_paths: set[str] = set()
 
 
 def _quantize_2d(x2: np.ndarray):
@@ -420,8 +444,11 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.reshape(x.shape), s.reshape(x.shape[:-1] + (1,))
 
 
-def ternary_matmul_int(q: np.ndarray, p: np.ndarray, layout: str) -> np.ndarray:
-    """int8 [M, K] x packed uint8 [N/4, K] (`layout`) -> int32 [M, N] = q @ W.T, exact."""
+def ternary_matmul_int(q: np.ndarray, p: np.ndarray, layout: str, path: str | None = None) -> np.ndarray:
+    """int8 [M, K] x packed uint8 [N/4, K] (`layout`) -> int32 [M, N] = q @ W.T, exact.
+
+    `path`: the integer core (`kernels.select.PATHS`); None = the one chosen for this machine.
+    """
     p = _as_packed(p, layout)
     q = np.asarray(q)
     if q.dtype != np.int8 or q.ndim != 2:
@@ -430,13 +457,15 @@ def ternary_matmul_int(q: np.ndarray, p: np.ndarray, layout: str) -> np.ndarray:
         raise ValueError(f"activations have K = {q.shape[1]}, packed weights have K = {p.shape[1]}")
     q = np.ascontiguousarray(q)
     sumq = q.sum(axis=1, dtype=np.int32)
-    return _matmul_into(q, sumq, p, layout)
+    return _matmul_into(q, sumq, p, layout, path)
 
 
-def bitlinear(x: np.ndarray, p: np.ndarray, weight_scale, layout: str) -> np.ndarray:
+def bitlinear(x: np.ndarray, p: np.ndarray, weight_scale, layout: str, path: str | None = None
+              ) -> np.ndarray:
     """float32 [..., K] -> float32 [..., N]: y = (q @ W.T) / s * weight_scale (SPEC section 4).
 
-    `weight_scale` uses the multiply convention (a float or a one-element array).
+    `weight_scale` uses the multiply convention (a float or a one-element array); `path` as
+    in `ternary_matmul_int`.
     """
     p = _as_packed(p, layout)
     x = _as_float32(x)
@@ -448,7 +477,7 @@ def bitlinear(x: np.ndarray, p: np.ndarray, weight_scale, layout: str) -> np.nda
         raise ValueError(f"weight_scale must hold one value, found shape {ws.shape}")
     x2 = x.reshape(-1, k_dim)
     q, s, sumq = _quantize_2d(x2)
-    acc = _matmul_into(q, sumq, p, layout)
+    acc = _matmul_into(q, sumq, p, layout, path)
     y = np.empty(acc.shape, np.float32)
     if acc.size:
         _launch(_rescale, acc, s, np.float32(ws.reshape(())), y)

@@ -1,0 +1,218 @@
+"""The integer core on 8-bit dot products: unsigned 2-bit codes x signed int8 activations.
+
+Same contract as `kernels.bitlinear.ternary_matmul_int` (int8 [M, K] x packed [N/4, K] in
+either layout -> int32 [M, N], exact), same packed bytes read in place (the layouts of
+`kernels.packing`), different instructions (`kernels.simd`): `vpmaddubsw` on AVX2,
+`vpdpbusd` on AVX-VNNI (256 bit) and AVX-512 VNNI (512 bit). One source, one numba
+specialization per instruction set.
+
+Per vector of packed bytes b (W consecutive k of one packed row, four output rows each):
+
+    u0 = b & 0x03          = c0          u2 = (b >> 4) & 0x03 = c2
+    u1 = b & 0x0C          = c1 << 2     u3 = (b >> 4) & 0x0C = c3 << 2
+
+(one 16-bit shift for the pair u2, u3; its bleed from the next byte is masked off). Every
+u <= 8, so one `vpmaddubsw` pair sum is within 2 * 8 * 128 = 2048 in magnitude and GROUP = 16
+of them stay inside int16 (-128 * 8 * 2 * 16 = -32768, 127 * 8 * 2 * 16 = 32512): no
+saturation, no wrap. After each group the int16 sums are widened into int32 (`vpmaddwd`
+with ones); VNNI sums in int32 directly. At the end code i's sum is shifted right by 0 or 2
+(exact: every term is a multiple of 4) and sum_k q_k subtracted (w = c - 1). The K % W
+tail runs in scalar code on the same decomposition.
+
+Blocking: M = 1 (and an odd M's last row) takes two packed rows per parallel task, so each
+activation vector feeds eight dot products; M >= 2 takes one packed row x two activation
+rows (the masked codes are computed once for both), tasks being chunks of ROWS_PER_TASK
+packed rows so that the chunk's weights stay in L1 while all M rows stream past them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from kernels.bitlinear import _jit, _one_packed_row
+from kernels.simd import isa_width, vand, vdot, vflush, vhsum, vload, vsplat, vsrl16, vzero
+
+GROUP = 16
+ROWS_PER_TASK = 8
+
+
+@_jit()
+def _tail4(p, r, q, m, start):
+    """Scalar sums of the four codes of packed row r over k >= start (u0..u3 as above)."""
+    t0 = np.int32(0)
+    t1 = np.int32(0)
+    t2 = np.int32(0)
+    t3 = np.int32(0)
+    for k in range(start, p.shape[1]):
+        u = np.int32(p[r, k])
+        h = u >> 4
+        x = np.int32(q[m, k])
+        t0 = np.int32(t0 + (u & 3) * x)
+        t1 = np.int32(t1 + (u & 12) * x)
+        t2 = np.int32(t2 + (h & 3) * x)
+        t3 = np.int32(t3 + (h & 12) * x)
+    return t0, t1, t2, t3
+
+
+@_jit()
+def _two_rows_one_m(isa, p, r, q, m, width):
+    """Code sums (c0, c1, c2, c3) of packed rows r and r + 1 against activation row m."""
+    k_dim = p.shape[1]
+    blocks = k_dim // width
+    m3 = vsplat(isa, 3)
+    m12 = vsplat(isa, 12)
+    a0 = vzero(isa)
+    a1 = vzero(isa)
+    a2 = vzero(isa)
+    a3 = vzero(isa)
+    b0 = vzero(isa)
+    b1 = vzero(isa)
+    b2 = vzero(isa)
+    b3 = vzero(isa)
+    pr = r * k_dim
+    ps = pr + k_dim
+    qm = m * k_dim
+    kb = 0
+    while kb < blocks:
+        end = min(kb + GROUP, blocks)
+        s0 = vzero(isa)
+        s1 = vzero(isa)
+        s2 = vzero(isa)
+        s3 = vzero(isa)
+        t0 = vzero(isa)
+        t1 = vzero(isa)
+        t2 = vzero(isa)
+        t3 = vzero(isa)
+        for j in range(kb, end):
+            off = j * width
+            x = vload(isa, q, qm + off)
+            u = vload(isa, p, pr + off)
+            v = vload(isa, p, ps + off)
+            uh = vsrl16(u, 4)
+            vh = vsrl16(v, 4)
+            s0 = vdot(isa, s0, vand(u, m3), x)
+            s1 = vdot(isa, s1, vand(u, m12), x)
+            s2 = vdot(isa, s2, vand(uh, m3), x)
+            s3 = vdot(isa, s3, vand(uh, m12), x)
+            t0 = vdot(isa, t0, vand(v, m3), x)
+            t1 = vdot(isa, t1, vand(v, m12), x)
+            t2 = vdot(isa, t2, vand(vh, m3), x)
+            t3 = vdot(isa, t3, vand(vh, m12), x)
+        a0 = vflush(isa, a0, s0)
+        a1 = vflush(isa, a1, s1)
+        a2 = vflush(isa, a2, s2)
+        a3 = vflush(isa, a3, s3)
+        b0 = vflush(isa, b0, t0)
+        b1 = vflush(isa, b1, t1)
+        b2 = vflush(isa, b2, t2)
+        b3 = vflush(isa, b3, t3)
+        kb = end
+    start = blocks * width
+    e0, e1, e2, e3 = _tail4(p, r, q, m, start)
+    f0, f1, f2, f3 = _tail4(p, r + 1, q, m, start)
+    return ((vhsum(a0) + e0, (vhsum(a1) + e1) >> 2, vhsum(a2) + e2, (vhsum(a3) + e3) >> 2),
+            (vhsum(b0) + f0, (vhsum(b1) + f1) >> 2, vhsum(b2) + f2, (vhsum(b3) + f3) >> 2))
+
+
+@_jit()
+def _one_row_two_m(isa, p, r, q, m, width):
+    """Code sums (c0, c1, c2, c3) of packed row r against activation rows m and m + 1."""
+    k_dim = p.shape[1]
+    blocks = k_dim // width
+    m3 = vsplat(isa, 3)
+    m12 = vsplat(isa, 12)
+    a0 = vzero(isa)
+    a1 = vzero(isa)
+    a2 = vzero(isa)
+    a3 = vzero(isa)
+    b0 = vzero(isa)
+    b1 = vzero(isa)
+    b2 = vzero(isa)
+    b3 = vzero(isa)
+    pr = r * k_dim
+    qm = m * k_dim
+    qn = qm + k_dim
+    kb = 0
+    while kb < blocks:
+        end = min(kb + GROUP, blocks)
+        s0 = vzero(isa)
+        s1 = vzero(isa)
+        s2 = vzero(isa)
+        s3 = vzero(isa)
+        t0 = vzero(isa)
+        t1 = vzero(isa)
+        t2 = vzero(isa)
+        t3 = vzero(isa)
+        for j in range(kb, end):
+            off = j * width
+            u = vload(isa, p, pr + off)
+            uh = vsrl16(u, 4)
+            c0 = vand(u, m3)
+            c1 = vand(u, m12)
+            c2 = vand(uh, m3)
+            c3 = vand(uh, m12)
+            x = vload(isa, q, qm + off)
+            s0 = vdot(isa, s0, c0, x)
+            s1 = vdot(isa, s1, c1, x)
+            s2 = vdot(isa, s2, c2, x)
+            s3 = vdot(isa, s3, c3, x)
+            y = vload(isa, q, qn + off)
+            t0 = vdot(isa, t0, c0, y)
+            t1 = vdot(isa, t1, c1, y)
+            t2 = vdot(isa, t2, c2, y)
+            t3 = vdot(isa, t3, c3, y)
+        a0 = vflush(isa, a0, s0)
+        a1 = vflush(isa, a1, s1)
+        a2 = vflush(isa, a2, s2)
+        a3 = vflush(isa, a3, s3)
+        b0 = vflush(isa, b0, t0)
+        b1 = vflush(isa, b1, t1)
+        b2 = vflush(isa, b2, t2)
+        b3 = vflush(isa, b3, t3)
+        kb = end
+    start = blocks * width
+    e0, e1, e2, e3 = _tail4(p, r, q, m, start)
+    f0, f1, f2, f3 = _tail4(p, r, q, m + 1, start)
+    return ((vhsum(a0) + e0, (vhsum(a1) + e1) >> 2, vhsum(a2) + e2, (vhsum(a3) + e3) >> 2),
+            (vhsum(b0) + f0, (vhsum(b1) + f1) >> 2, vhsum(b2) + f2, (vhsum(b3) + f3) >> 2))
+
+
+@_jit()
+def _store4(out, m, n, code_stride, sums, s):
+    out[m, n] = sums[0] - s
+    out[m, n + code_stride] = sums[1] - s
+    out[m, n + 2 * code_stride] = sums[2] - s
+    out[m, n + 3 * code_stride] = sums[3] - s
+
+
+@_jit(parallel=True)
+def rows_m1(isa, q, sumq, p, out, row_stride, code_stride):
+    """Two packed rows x one activation row per inner loop (any M; used for M = 1)."""
+    width = isa_width(isa)
+    rows = p.shape[0]
+    for rr in prange(rows // 2):
+        r = 2 * rr
+        for m in range(q.shape[0]):
+            first, second = _two_rows_one_m(isa, p, r, q, m, width)
+            _store4(out, m, r * row_stride, code_stride, first, sumq[m])
+            _store4(out, m, (r + 1) * row_stride, code_stride, second, sumq[m])
+    if rows % 2:
+        _one_packed_row(q, sumq, p, rows - 1, out, row_stride, code_stride)
+
+
+@_jit(parallel=True)
+def rows_m2(isa, q, sumq, p, out, row_stride, code_stride):
+    """One packed row x two activation rows per inner loop, ROWS_PER_TASK rows a task; M even."""
+    width = isa_width(isa)
+    rows = p.shape[0]
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        lo = task * ROWS_PER_TASK
+        hi = min(lo + ROWS_PER_TASK, rows)
+        for mm in range(q.shape[0] // 2):
+            m = 2 * mm
+            for r in range(lo, hi):
+                first, second = _one_row_two_m(isa, p, r, q, m, width)
+                _store4(out, m, r * row_stride, code_stride, first, sumq[m])
+                _store4(out, m + 1, r * row_stride, code_stride, second, sumq[m + 1])
+

@@ -288,13 +288,25 @@ def _ternary_rows2(q, sumq, p, out, row_stride, code_stride):
         _one_packed_row(q, sumq, p, rows - 1, out, row_stride, code_stride)
 
 
+@_jit()
+def _rescale_row(acc, s, weight_scale, out, m):
+    # Div then Mul in float32, as the ONNX reference graph does (no fastmath: keep the division).
+    sm = s[m, 0]
+    for n in range(acc.shape[1]):
+        out[m, n] = np.float32(acc[m, n]) / sm * weight_scale
+
+
 @_jit(parallel=True)
 def _rescale(acc, s, weight_scale, out):
-    # Div then Mul in float32, as the ONNX reference graph does (no fastmath: keep the division).
     for m in prange(acc.shape[0]):
-        sm = s[m, 0]
-        for n in range(acc.shape[1]):
-            out[m, n] = np.float32(acc[m, n]) / sm * weight_scale
+        _rescale_row(acc, s, weight_scale, out, m)
+
+
+@_jit()
+def _rescale_serial(acc, s, weight_scale, out):
+    # Few rows: a fork-join would cost more than the rescale (and much more on a loaded host).
+    for m in range(acc.shape[0]):
+        _rescale_row(acc, s, weight_scale, out, m)
 
 
 @_jit(parallel=True)
@@ -384,7 +396,7 @@ def _cores(path: str):
         return None, _ternary_rows1, _ternary_rows2
     from kernels import int8, simd
 
-    return simd.ISAS[path.removeprefix("numba-")], int8.rows_m1, int8.rows_m2
+    return simd.ISAS[path.removeprefix("numba-")], int8.rows_m1_shared, int8.rows_m2
 
 
 def _matmul_into(q: np.ndarray, sumq: np.ndarray, p: np.ndarray, layout: str,
@@ -479,6 +491,8 @@ def bitlinear(x: np.ndarray, p: np.ndarray, weight_scale, layout: str, path: str
     q, s, sumq = _quantize_2d(x2)
     acc = _matmul_into(q, sumq, p, layout, path)
     y = np.empty(acc.shape, np.float32)
-    if acc.size:
+    if acc.shape[0] >= 8:
         _launch(_rescale, acc, s, np.float32(ws.reshape(())), y)
+    elif acc.size:
+        _rescale_serial(acc, s, np.float32(ws.reshape(())), y)
     return y.reshape(x.shape[:-1] + (acc.shape[1],))

@@ -19,8 +19,10 @@ with ones); VNNI sums in int32 directly. At the end code i's sum is shifted righ
 (exact: every term is a multiple of 4) and sum_k q_k subtracted (w = c - 1). The K % W
 tail runs in scalar code on the same decomposition.
 
-Blocking: M = 1 (and an odd M's last row) takes two packed rows per parallel task, so each
-activation vector feeds eight dot products; M >= 2 takes one packed row x two activation
+Blocking: M = 1 (and an odd M's last row) takes two packed rows per step, so each
+activation vector feeds eight dot products; those steps run in chunks that the caller and
+`kernels.pool`'s helper threads claim (no fork-join: the caller never waits for a thread that
+has not started, which on a loaded host is what a parallel loop's join does); M >= 2 takes one packed row x two activation
 rows (the masked codes are computed once for both), tasks being chunks of ROWS_PER_TASK
 packed rows so that the chunk's weights stay in L1 while all M rows stream past them.
 """
@@ -30,11 +32,15 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
+from kernels import pool
+
 from kernels.bitlinear import _jit, _one_packed_row
-from kernels.simd import isa_width, vand, vdot, vflush, vhsum, vload, vsplat, vsrl16, vzero
+from kernels.simd import atomic_add, isa_width, vand, vdot, vflush, vhsum, vload, vsplat, vsrl16, vzero
 
 GROUP = 16
 ROWS_PER_TASK = 8
+CHUNKS = 32          # claimable chunks of a one-row product (kernels.pool)
+SHARED_BYTES = 1 << 20   # smaller packed weights: the caller alone (2560 -> 640 is 0.4 MB)
 
 
 @_jit()
@@ -216,3 +222,37 @@ def rows_m2(isa, q, sumq, p, out, row_stride, code_stride):
                 _store4(out, m, r * row_stride, code_stride, first, sumq[m])
                 _store4(out, m + 1, r * row_stride, code_stride, second, sumq[m + 1])
 
+
+
+@_jit()
+def rows_m1_claimed(isa, q, sumq, p, out, row_stride, code_stride, chunk, ctrl):
+    """`rows_m1` without a fork-join: chunks of `chunk` row pairs are claimed from ctrl[0] by
+    whichever thread gets there first, and ctrl[1] counts the finished ones (`kernels.pool`).
+    Leaves the odd last packed row to the caller."""
+    width = isa_width(isa)
+    pairs = p.shape[0] // 2
+    chunks = (pairs + chunk - 1) // chunk
+    while True:
+        c = atomic_add(ctrl, 0, 1)
+        if c >= chunks:
+            break
+        for rr in range(c * chunk, min(c * chunk + chunk, pairs)):
+            r = 2 * rr
+            for m in range(q.shape[0]):
+                first, second = _two_rows_one_m(isa, p, r, q, m, width)
+                _store4(out, m, r * row_stride, code_stride, first, sumq[m])
+                _store4(out, m, (r + 1) * row_stride, code_stride, second, sumq[m])
+        atomic_add(ctrl, 1, 1)
+
+
+def rows_m1_shared(isa, q, sumq, p, out, row_stride, code_stride):
+    """`rows_m1` on the caller and `kernels.pool`'s helpers, which claim work instead of joining."""
+    rows = p.shape[0]
+    pairs = rows // 2
+    chunk = max(1, -(-pairs // CHUNKS))
+    if p.nbytes < SHARED_BYTES:         # waking a helper costs more than it brings
+        chunk = max(pairs, 1)
+    pool.run_claimed(rows_m1_claimed, (isa, q, sumq, p, out, row_stride, code_stride, chunk),
+                     -(-pairs // chunk))
+    if rows % 2:
+        _one_packed_row(q, sumq, p, rows - 1, out, row_stride, code_stride)

@@ -227,3 +227,17 @@ def isa_width(typingctx, isa):
     def codegen(context, builder, sig, args):
         return ir.Constant(ir.IntType(64), width)
     return types.int64(isa), codegen
+
+
+@intrinsic
+def atomic_add(typingctx, arr, index, value):
+    """arr[index] += value atomically (sequentially consistent); returns the old value (int64 array)."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, value=args[0])
+        i = context.cast(builder, args[1], sig.args[1], types.intp)
+        v = context.cast(builder, args[2], sig.args[2], types.int64)
+        return builder.atomic_rmw("add", builder.gep(ary.data, [i]), v, "seq_cst")
+    return types.int64(arr, index, value), codegen

@@ -396,7 +396,7 @@ def _cores(path: str):
         return None, _ternary_rows1, _ternary_rows2
     from kernels import int8, simd
 
-    return simd.ISAS[path.removeprefix("numba-")], int8.rows_m1_shared, int8.rows_m2
+    return simd.ISAS[path.removeprefix("numba-")], int8.rows_m1_shared, int8.rows_m2_shared
 
 
 def _matmul_into(q: np.ndarray, sumq: np.ndarray, p: np.ndarray, layout: str,

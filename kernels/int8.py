@@ -20,9 +20,7 @@ with ones); VNNI sums in int32 directly. At the end code i's sum is shifted righ
 tail runs in scalar code on the same decomposition.
 
 Blocking: M = 1 (and an odd M's last row) takes two packed rows per step, so each
-activation vector feeds eight dot products; those steps run in chunks that the caller and
-`kernels.pool`'s helper threads claim (no fork-join: the caller never waits for a thread that
-has not started, which on a loaded host is what a parallel loop's join does); M >= 2 takes one packed row x two activation
+activation vector feeds eight dot products; M >= 2 takes one packed row x two activation
 rows (the masked codes are computed once for both), tasks being chunks of ROWS_PER_TASK
 packed rows so that the chunk's weights stay in L1 while all M rows stream past them.
 """
@@ -30,8 +28,6 @@ packed rows so that the chunk's weights stay in L1 while all M rows stream past 
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
-
 from kernels import pool
 
 from kernels.bitlinear import _jit, _one_packed_row
@@ -192,43 +188,11 @@ def _store4(out, m, n, code_stride, sums, s):
     out[m, n + 3 * code_stride] = sums[3] - s
 
 
-@_jit(parallel=True)
-def rows_m1(isa, q, sumq, p, out, row_stride, code_stride):
-    """Two packed rows x one activation row per inner loop (any M; used for M = 1)."""
-    width = isa_width(isa)
-    rows = p.shape[0]
-    for rr in prange(rows // 2):
-        r = 2 * rr
-        for m in range(q.shape[0]):
-            first, second = _two_rows_one_m(isa, p, r, q, m, width)
-            _store4(out, m, r * row_stride, code_stride, first, sumq[m])
-            _store4(out, m, (r + 1) * row_stride, code_stride, second, sumq[m])
-    if rows % 2:
-        _one_packed_row(q, sumq, p, rows - 1, out, row_stride, code_stride)
-
-
-@_jit(parallel=True)
-def rows_m2(isa, q, sumq, p, out, row_stride, code_stride):
-    """One packed row x two activation rows per inner loop, ROWS_PER_TASK rows a task; M even."""
-    width = isa_width(isa)
-    rows = p.shape[0]
-    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        lo = task * ROWS_PER_TASK
-        hi = min(lo + ROWS_PER_TASK, rows)
-        for mm in range(q.shape[0] // 2):
-            m = 2 * mm
-            for r in range(lo, hi):
-                first, second = _one_row_two_m(isa, p, r, q, m, width)
-                _store4(out, m, r * row_stride, code_stride, first, sumq[m])
-                _store4(out, m + 1, r * row_stride, code_stride, second, sumq[m + 1])
-
-
-
 @_jit()
 def rows_m1_claimed(isa, q, sumq, p, out, row_stride, code_stride, chunk, ctrl):
-    """`rows_m1` without a fork-join: chunks of `chunk` row pairs are claimed from ctrl[0] by
-    whichever thread gets there first, and ctrl[1] counts the finished ones (`kernels.pool`).
-    Leaves the odd last packed row to the caller."""
+    """Two packed rows x one activation row per inner loop (any M; used for M = 1), in chunks of
+    `chunk` row pairs claimed from ctrl[0] by whichever thread gets there first; ctrl[1]
+    counts the finished ones (`kernels.pool`). Leaves an odd last packed row to the caller."""
     width = isa_width(isa)
     pairs = p.shape[0] // 2
     chunks = (pairs + chunk - 1) // chunk
@@ -246,7 +210,7 @@ def rows_m1_claimed(isa, q, sumq, p, out, row_stride, code_stride, chunk, ctrl):
 
 
 def rows_m1_shared(isa, q, sumq, p, out, row_stride, code_stride):
-    """`rows_m1` on the caller and `kernels.pool`'s helpers, which claim work instead of joining."""
+    """The one-row product on the caller and `kernels.pool`'s helpers (claimed chunks, no join)."""
     rows = p.shape[0]
     pairs = rows // 2
     chunk = max(1, -(-pairs // CHUNKS))
@@ -256,3 +220,31 @@ def rows_m1_shared(isa, q, sumq, p, out, row_stride, code_stride):
                      -(-pairs // chunk))
     if rows % 2:
         _one_packed_row(q, sumq, p, rows - 1, out, row_stride, code_stride)
+
+
+@_jit()
+def rows_m2_claimed(isa, q, sumq, p, out, row_stride, code_stride, ctrl):
+    """One packed row x two activation rows per inner loop, M even; tasks of ROWS_PER_TASK packed
+    rows claimed from ctrl[0], counted done in ctrl[1] (`kernels.pool`)."""
+    width = isa_width(isa)
+    rows = p.shape[0]
+    tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    while True:
+        task = atomic_add(ctrl, 0, 1)
+        if task >= tasks:
+            break
+        lo = task * ROWS_PER_TASK
+        hi = min(lo + ROWS_PER_TASK, rows)
+        for mm in range(q.shape[0] // 2):
+            m = 2 * mm
+            for r in range(lo, hi):
+                first, second = _one_row_two_m(isa, p, r, q, m, width)
+                _store4(out, m, r * row_stride, code_stride, first, sumq[m])
+                _store4(out, m + 1, r * row_stride, code_stride, second, sumq[m + 1])
+        atomic_add(ctrl, 1, 1)
+
+
+def rows_m2_shared(isa, q, sumq, p, out, row_stride, code_stride):
+    """The two-row product on the caller and `kernels.pool`'s helpers (claimed tasks, no join)."""
+    tasks = -(-p.shape[0] // ROWS_PER_TASK)
+    pool.run_claimed(rows_m2_claimed, (isa, q, sumq, p, out, row_stride, code_stride), tasks)

@@ -54,7 +54,8 @@ def test_this_machine_runs_the_reference_and_an_8_bit_path_where_it_has_avx2():
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("m, k, n", [(1, 1, 4), (1, 31, 8), (1, 32, 8), (2, 33, 12), (3, 64, 4),
                                      (5, 129, 36), (2, 513, 8), (7, 1031, 20), (4, 2560, 64),
-                                     (1, 2560, 640), (6, 6912, 8)])
+                                     (1, 2560, 640), (6, 6912, 8), (1, 2560, 1644), (3, 2560, 1644),
+                                     (2, 2560, 2048)])
 def test_every_path_equals_the_int64_reference(path, layout, m, k, n):
     rng = np.random.default_rng(m * 100_000 + k * 10 + n)
     check_exact(rng.integers(-128, 128, size=(m, k)).astype(np.int8), ternary(rng, n, k), layout, path)
@@ -175,8 +176,8 @@ ASM = textwrap.dedent("""
     A = lambda dt, nd: types.Array(dt, nd, "C")
     sig = (simd.IsaType(sys.argv[1]), A(types.int8, 2), A(types.int32, 1), A(types.uint8, 2),
            A(types.int32, 2), types.int64, types.int64)
-    for fn in (int8.rows_m1, int8.rows_m2):
-        fn.compile(sig)
+    for fn, extra in ((int8.rows_m1_claimed, (types.int64,)), (int8.rows_m2_claimed, ())):
+        fn.compile(sig + extra + (A(types.int64, 1),))
         asm = "\\n".join(fn.inspect_asm().values())
         print(fn.__name__, *(len(re.findall(op, asm)) for op in ("vpmaddubsw", "vpdpbusd", "zmm")))
 """)
@@ -206,3 +207,18 @@ def test_each_path_compiles_to_its_8_bit_dot_product(tmp_path, isa, cpu, feature
         assert (int(zmms) > 0) == zmm, line
         if instruction == "vpmaddubsw":
             assert int(dpbusd) == 0
+
+
+def test_two_threads_sharing_the_helpers_get_exact_results():
+    """Products big enough for the helper threads (kernels.pool), from two callers at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(11)
+    w = ternary(rng, 1644, 2560)                   # 1.05 MB packed, odd number of packed rows
+    p = packing.pack(w, "hf")
+    inputs = [rng.integers(-128, 128, size=(1 + i % 4, 2560)).astype(np.int8) for i in range(12)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda q: ternary_matmul_int(q, p, "hf", path=FAST[-1] if FAST else None),
+                                inputs))
+    for q, out in zip(inputs, results):
+        np.testing.assert_array_equal(out, int_reference(q, w))

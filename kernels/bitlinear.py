@@ -89,6 +89,9 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 import numba  # noqa: E402  (the cache directory must be chosen before numba reads its config)
 from numba import njit, prange  # noqa: E402
 
+from kernels import pool  # noqa: E402
+from kernels.simd import atomic_add  # noqa: E402
+
 if not numba.config.CACHE_DIR and os.environ.get("NUMBA_CACHE_DIR"):
     # numba was imported before us: its config did not see the variable.
     numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
@@ -131,10 +134,17 @@ def _quantize_row(x, m, q, s, sumq):
     sumq[m] = total
 
 
-@_jit(parallel=True)
-def _quantize_parallel(x, q, s, sumq):
-    for m in prange(x.shape[0]):
-        _quantize_row(x, m, q, s, sumq)
+@_jit()
+def _quantize_claimed(x, q, s, sumq, chunk, ctrl):
+    # Rows in chunks claimed by the caller and kernels.pool's helpers (no fork-join).
+    rows = x.shape[0]
+    while True:
+        c = atomic_add(ctrl, 0, 1)
+        if c * chunk >= rows:
+            break
+        for m in range(c * chunk, min(c * chunk + chunk, rows)):
+            _quantize_row(x, m, q, s, sumq)
+        atomic_add(ctrl, 1, 1)
 
 
 @_jit()
@@ -296,10 +306,16 @@ def _rescale_row(acc, s, weight_scale, out, m):
         out[m, n] = np.float32(acc[m, n]) / sm * weight_scale
 
 
-@_jit(parallel=True)
-def _rescale(acc, s, weight_scale, out):
-    for m in prange(acc.shape[0]):
-        _rescale_row(acc, s, weight_scale, out, m)
+@_jit()
+def _rescale_claimed(acc, s, weight_scale, out, chunk, ctrl):
+    rows = acc.shape[0]
+    while True:
+        c = atomic_add(ctrl, 0, 1)
+        if c * chunk >= rows:
+            break
+        for m in range(c * chunk, min(c * chunk + chunk, rows)):
+            _rescale_row(acc, s, weight_scale, out, m)
+        atomic_add(ctrl, 1, 1)
 
 
 @_jit()
@@ -430,7 +446,7 @@ def _quantize_2d(x2: np.ndarray):
     s = np.empty((m_rows, 1), np.float32)
     sumq = np.empty(m_rows, np.int32)
     if m_rows >= 8:
-        _launch(_quantize_parallel, x2, q, s, sumq)
+        pool.run_claimed(_quantize_claimed, (x2, q, s, sumq, 4), -(-m_rows // 4))
     elif m_rows:
         _quantize_serial(x2, q, s, sumq)
     return q, s, sumq
@@ -492,7 +508,8 @@ def bitlinear(x: np.ndarray, p: np.ndarray, weight_scale, layout: str, path: str
     acc = _matmul_into(q, sumq, p, layout, path)
     y = np.empty(acc.shape, np.float32)
     if acc.shape[0] >= 8:
-        _launch(_rescale, acc, s, np.float32(ws.reshape(())), y)
+        pool.run_claimed(_rescale_claimed, (acc, s, np.float32(ws.reshape(())), y, 4),
+                         -(-acc.shape[0] // 4))
     elif acc.size:
         _rescale_serial(acc, s, np.float32(ws.reshape(())), y)
     return y.reshape(x.shape[:-1] + (acc.shape[1],))

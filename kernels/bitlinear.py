@@ -406,13 +406,21 @@ def _strides(layout: str, rows: int) -> tuple[int, int]:
     return (1, rows) if layout == "hf" else (4, 1)
 
 
+_core_cache: dict[str, tuple] = {}
+
+
 def _cores(path: str):
     """(isa tag or None, kernel for one activation row at a time, kernel for pairs of rows)."""
-    if path == select.REFERENCE:
-        return None, _ternary_rows1, _ternary_rows2
-    from kernels import int8, simd
+    cores = _core_cache.get(path)
+    if cores is None:
+        if path == select.REFERENCE:
+            cores = (), _ternary_rows1, _ternary_rows2
+        else:
+            from kernels import int8, simd
 
-    return simd.ISAS[path.removeprefix("numba-")], int8.rows_m1_shared, int8.rows_m2_shared
+            cores = (simd.ISAS[path.removeprefix("numba-")],), int8.rows_m1_shared, int8.rows_m2_shared
+        _core_cache[path] = cores
+    return cores
 
 
 def _matmul_into(q: np.ndarray, sumq: np.ndarray, p: np.ndarray, layout: str,
@@ -427,8 +435,7 @@ def _matmul_into(q: np.ndarray, sumq: np.ndarray, p: np.ndarray, layout: str,
     elif path not in _known_paths:
         select.check_path(path)
         _known_paths.add(path)
-    isa, rows1, rows2 = _cores(path)
-    lead = () if isa is None else (isa,)
+    lead, rows1, rows2 = _cores(path)
     even = m_rows - m_rows % 2
     if even:
         _launch(rows2, *lead, q[:even], sumq[:even], p, out[:even], row_stride, code_stride)

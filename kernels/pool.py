@@ -69,8 +69,11 @@ def _started(count: int) -> list[_Helper]:
 def run_claimed(kernel, args: tuple, chunks: int) -> None:
     """Run `kernel(*args, ctrl)` until all `chunks` chunks are done (ctrl: int64 [claimed, done])."""
     ctrl = np.zeros(2, np.int64)
+    if chunks < 2:
+        kernel(*args, ctrl)
+        return
     threads = numba.get_num_threads()
-    if threads < 2 or chunks < 2 or not _lock.acquire(blocking=False):
+    if threads < 2 or not _lock.acquire(blocking=False):
         kernel(*args, ctrl)
         return
     try:

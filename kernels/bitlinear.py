@@ -407,6 +407,13 @@ def _strides(layout: str, rows: int) -> tuple[int, int]:
 
 
 _core_cache: dict[str, tuple] = {}
+_SMALL_BYTES = 1 << 20      # = kernels.int8.SHARED_BYTES: one-row products the caller runs alone
+
+
+def _int8():
+    from kernels import int8
+
+    return int8
 
 
 def _cores(path: str):
@@ -511,6 +518,17 @@ def bitlinear(x: np.ndarray, p: np.ndarray, weight_scale, layout: str, path: str
     if ws.size != 1:
         raise ValueError(f"weight_scale must hold one value, found shape {ws.shape}")
     x2 = x.reshape(-1, k_dim)
+    if x2.shape[0] == 1 and p.shape[0]:
+        path = path or select.chosen_path(1, k_dim, 4 * p.shape[0])
+        if path != select.REFERENCE and p.nbytes < _SMALL_BYTES:
+            if path not in _known_paths:
+                select.check_path(path)
+                _known_paths.add(path)
+            lead, _, _ = _cores(path)
+            y = np.empty((1, 4 * p.shape[0]), np.float32)
+            _int8().bitlinear_one_row(*lead, x2, p, np.float32(ws.reshape(())), y,
+                                      *_strides(layout, p.shape[0]))
+            return y.reshape(x.shape[:-1] + (y.shape[1],))
     q, s, sumq = _quantize_2d(x2)
     acc = _matmul_into(q, sumq, p, layout, path)
     y = np.empty(acc.shape, np.float32)

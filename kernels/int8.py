@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 from kernels import pool
 
-from kernels.bitlinear import _jit, _one_packed_row
+from kernels.bitlinear import _jit, _one_packed_row, _quantize_row, _rescale_row
 from kernels.simd import atomic_add, isa_width, vand, vdot, vflush, vhsum, vload, vsplat, vsrl16, vzero
 
 GROUP = 16
@@ -248,3 +248,21 @@ def rows_m2_shared(isa, q, sumq, p, out, row_stride, code_stride):
     """The two-row product on the caller and `kernels.pool`'s helpers (claimed tasks, no join)."""
     tasks = -(-p.shape[0] // ROWS_PER_TASK)
     pool.run_claimed(rows_m2_claimed, (isa, q, sumq, p, out, row_stride, code_stride), tasks)
+
+
+@_jit()
+def bitlinear_one_row(isa, x, p, weight_scale, out, row_stride, code_stride):
+    """quantize -> core -> rescale of one activation row in one call, on the caller alone (for
+    weights under SHARED_BYTES, where the fixed cost of separate calls is a large share)."""
+    k_dim = x.shape[1]
+    q = np.empty((1, k_dim), np.int8)
+    s = np.empty((1, 1), np.float32)
+    sumq = np.empty(1, np.int32)
+    _quantize_row(x, 0, q, s, sumq)
+    acc = np.empty((1, out.shape[1]), np.int32)
+    rows = p.shape[0]
+    rows_m1_claimed(isa, q, sumq, p, acc, row_stride, code_stride, max(rows // 2, 1),
+                    np.zeros(2, np.int64))
+    if rows % 2:
+        _one_packed_row(q, sumq, p, rows - 1, acc, row_stride, code_stride)
+    _rescale_row(acc, s, weight_scale, out, 0)

@@ -59,6 +59,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def _started(count: int) -> list[_Helper]:
+    _helpers[:] = [h for h in _helpers if h.is_alive()]
     while len(_helpers) < count:
         helper = _Helper()
         helper.start()

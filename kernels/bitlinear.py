@@ -1,8 +1,12 @@
 """Numba kernels for the BitLinear operator (SPEC section 4), NumPy in and out.
 
     quantize_activations(x)                      float32 [..., K] -> int8 [..., K], float32 [..., 1]
-    ternary_matmul_int(q, p, layout)             int8 [M, K] x packed [N/4, K] -> int32 [M, N], exact
-    bitlinear(x, p, weight_scale, layout)        float32 [..., K] -> float32 [..., N]
+    ternary_matmul_int(q, p, layout, path=None)  int8 [M, K] x packed [N/4, K] -> int32 [M, N], exact
+    bitlinear(x, p, weight_scale, layout, path=None)   float32 [..., K] -> float32 [..., N]
+
+`path` names the integer core (`kernels.select`): None runs the one chosen for this machine
+(8-bit dot products, `kernels.int8`, where the CPU has them); "numba-int16" is this module's
+own kernel below, the reference every other path is tested bit-identical against.
 
 The kernels read both packings of `kernels.packing` in place, without unpacking: both keep
 K contiguous and hold four output rows per byte, so one pass over packed row r produces
@@ -42,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels import packing
+from kernels import packing, select
 
 MAX_K = (2**31 - 1) // (192 * 128)
 _EPS = np.float32(1e-5)
@@ -84,6 +88,9 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import numba  # noqa: E402  (the cache directory must be chosen before numba reads its config)
 from numba import njit, prange  # noqa: E402
+
+from kernels import pool  # noqa: E402
+from kernels.simd import atomic_add  # noqa: E402
 
 if not numba.config.CACHE_DIR and os.environ.get("NUMBA_CACHE_DIR"):
     # numba was imported before us: its config did not see the variable.
@@ -127,10 +134,17 @@ def _quantize_row(x, m, q, s, sumq):
     sumq[m] = total
 
 
-@_jit(parallel=True)
-def _quantize_parallel(x, q, s, sumq):
-    for m in prange(x.shape[0]):
-        _quantize_row(x, m, q, s, sumq)
+@_jit()
+def _quantize_claimed(x, q, s, sumq, chunk, ctrl):
+    # Rows in chunks claimed by the caller and kernels.pool's helpers (no fork-join).
+    rows = x.shape[0]
+    while True:
+        c = atomic_add(ctrl, 0, 1)
+        if c * chunk >= rows:
+            break
+        for m in range(c * chunk, min(c * chunk + chunk, rows)):
+            _quantize_row(x, m, q, s, sumq)
+        atomic_add(ctrl, 1, 1)
 
 
 @_jit()
@@ -284,13 +298,31 @@ def _ternary_rows2(q, sumq, p, out, row_stride, code_stride):
         _one_packed_row(q, sumq, p, rows - 1, out, row_stride, code_stride)
 
 
-@_jit(parallel=True)
-def _rescale(acc, s, weight_scale, out):
+@_jit()
+def _rescale_row(acc, s, weight_scale, out, m):
     # Div then Mul in float32, as the ONNX reference graph does (no fastmath: keep the division).
-    for m in prange(acc.shape[0]):
-        sm = s[m, 0]
-        for n in range(acc.shape[1]):
-            out[m, n] = np.float32(acc[m, n]) / sm * weight_scale
+    sm = s[m, 0]
+    for n in range(acc.shape[1]):
+        out[m, n] = np.float32(acc[m, n]) / sm * weight_scale
+
+
+@_jit()
+def _rescale_claimed(acc, s, weight_scale, out, chunk, ctrl):
+    rows = acc.shape[0]
+    while True:
+        c = atomic_add(ctrl, 0, 1)
+        if c * chunk >= rows:
+            break
+        for m in range(c * chunk, min(c * chunk + chunk, rows)):
+            _rescale_row(acc, s, weight_scale, out, m)
+        atomic_add(ctrl, 1, 1)
+
+
+@_jit()
+def _rescale_serial(acc, s, weight_scale, out):
+    # Few rows: a fork-join would cost more than the rescale (and much more on a loaded host).
+    for m in range(acc.shape[0]):
+        _rescale_row(acc, s, weight_scale, out, m)
 
 
 @_jit(parallel=True)
@@ -374,18 +406,52 @@ def _strides(layout: str, rows: int) -> tuple[int, int]:
     return (1, rows) if layout == "hf" else (4, 1)
 
 
-def _matmul_into(q: np.ndarray, sumq: np.ndarray, p: np.ndarray, layout: str) -> np.ndarray:
+_core_cache: dict[str, tuple] = {}
+_SMALL_BYTES = 1 << 20      # = kernels.int8.SHARED_BYTES: one-row products the caller runs alone
+
+
+def _int8():
+    from kernels import int8
+
+    return int8
+
+
+def _cores(path: str):
+    """(isa tag or None, kernel for one activation row at a time, kernel for pairs of rows)."""
+    cores = _core_cache.get(path)
+    if cores is None:
+        if path == select.REFERENCE:
+            cores = (), _ternary_rows1, _ternary_rows2
+        else:
+            from kernels import int8, simd
+
+            cores = (simd.ISAS[path.removeprefix("numba-")],), int8.rows_m1_shared, int8.rows_m2_shared
+        _core_cache[path] = cores
+    return cores
+
+
+def _matmul_into(q: np.ndarray, sumq: np.ndarray, p: np.ndarray, layout: str,
+                 path: str | None = None) -> np.ndarray:
     m_rows = q.shape[0]
     row_stride, code_stride = _strides(layout, p.shape[0])
     out = np.empty((m_rows, 4 * p.shape[0]), np.int32)
     if m_rows == 0 or out.shape[1] == 0:
         return out
+    if path is None:
+        path = select.chosen_path(m_rows, p.shape[1], out.shape[1])
+    elif path not in _known_paths:
+        select.check_path(path)
+        _known_paths.add(path)
+    lead, rows1, rows2 = _cores(path)
     even = m_rows - m_rows % 2
     if even:
-        _launch(_ternary_rows2, q[:even], sumq[:even], p, out[:even], row_stride, code_stride)
+        _launch(rows2, *lead, q[:even], sumq[:even], p, out[:even], row_stride, code_stride)
     if m_rows % 2:
-        _launch(_ternary_rows1, q[even:], sumq[even:], p, out[even:], row_stride, code_stride)
+        _launch(rows1, *lead, q[even:], sumq[even:], p, out[even:], row_stride, code_stride)
     return out
+
+
+_known_paths: set[str] = set()
 
 
 def _quantize_2d(x2: np.ndarray):
@@ -394,7 +460,7 @@ def _quantize_2d(x2: np.ndarray):
     s = np.empty((m_rows, 1), np.float32)
     sumq = np.empty(m_rows, np.int32)
     if m_rows >= 8:
-        _launch(_quantize_parallel, x2, q, s, sumq)
+        pool.run_claimed(_quantize_claimed, (x2, q, s, sumq, 4), -(-m_rows // 4))
     elif m_rows:
         _quantize_serial(x2, q, s, sumq)
     return q, s, sumq
@@ -420,8 +486,11 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.reshape(x.shape), s.reshape(x.shape[:-1] + (1,))
 
 
-def ternary_matmul_int(q: np.ndarray, p: np.ndarray, layout: str) -> np.ndarray:
-    """int8 [M, K] x packed uint8 [N/4, K] (`layout`) -> int32 [M, N] = q @ W.T, exact."""
+def ternary_matmul_int(q: np.ndarray, p: np.ndarray, layout: str, path: str | None = None) -> np.ndarray:
+    """int8 [M, K] x packed uint8 [N/4, K] (`layout`) -> int32 [M, N] = q @ W.T, exact.
+
+    `path`: the integer core (`kernels.select.PATHS`); None = the one chosen for this machine.
+    """
     p = _as_packed(p, layout)
     q = np.asarray(q)
     if q.dtype != np.int8 or q.ndim != 2:
@@ -430,13 +499,15 @@ def ternary_matmul_int(q: np.ndarray, p: np.ndarray, layout: str) -> np.ndarray:
         raise ValueError(f"activations have K = {q.shape[1]}, packed weights have K = {p.shape[1]}")
     q = np.ascontiguousarray(q)
     sumq = q.sum(axis=1, dtype=np.int32)
-    return _matmul_into(q, sumq, p, layout)
+    return _matmul_into(q, sumq, p, layout, path)
 
 
-def bitlinear(x: np.ndarray, p: np.ndarray, weight_scale, layout: str) -> np.ndarray:
+def bitlinear(x: np.ndarray, p: np.ndarray, weight_scale, layout: str, path: str | None = None
+              ) -> np.ndarray:
     """float32 [..., K] -> float32 [..., N]: y = (q @ W.T) / s * weight_scale (SPEC section 4).
 
-    `weight_scale` uses the multiply convention (a float or a one-element array).
+    `weight_scale` uses the multiply convention (a float or a one-element array); `path` as
+    in `ternary_matmul_int`.
     """
     p = _as_packed(p, layout)
     x = _as_float32(x)
@@ -447,9 +518,23 @@ def bitlinear(x: np.ndarray, p: np.ndarray, weight_scale, layout: str) -> np.nda
     if ws.size != 1:
         raise ValueError(f"weight_scale must hold one value, found shape {ws.shape}")
     x2 = x.reshape(-1, k_dim)
+    if x2.shape[0] == 1 and p.shape[0]:
+        path = path or select.chosen_path(1, k_dim, 4 * p.shape[0])
+        if path != select.REFERENCE and p.nbytes < _SMALL_BYTES:
+            if path not in _known_paths:
+                select.check_path(path)
+                _known_paths.add(path)
+            lead, _, _ = _cores(path)
+            y = np.empty((1, 4 * p.shape[0]), np.float32)
+            _int8().bitlinear_one_row(*lead, x2, p, np.float32(ws.reshape(())), y,
+                                      *_strides(layout, p.shape[0]))
+            return y.reshape(x.shape[:-1] + (y.shape[1],))
     q, s, sumq = _quantize_2d(x2)
-    acc = _matmul_into(q, sumq, p, layout)
+    acc = _matmul_into(q, sumq, p, layout, path)
     y = np.empty(acc.shape, np.float32)
-    if acc.size:
-        _launch(_rescale, acc, s, np.float32(ws.reshape(())), y)
+    if acc.shape[0] >= 8:
+        pool.run_claimed(_rescale_claimed, (acc, s, np.float32(ws.reshape(())), y, 4),
+                         -(-acc.shape[0] // 4))
+    elif acc.size:
+        _rescale_serial(acc, s, np.float32(ws.reshape(())), y)
     return y.reshape(x.shape[:-1] + (acc.shape[1],))

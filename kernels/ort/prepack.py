@@ -1,0 +1,185 @@
+"""The graph rewrite of `create_session`: check every BitLinear / LinearBF16 node and move its
+W into the registry, the node becoming `*Prepacked(X, key, ...)`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from kernels import packing
+from kernels.bitlinear import check_packed
+from kernels.ort.ops import (
+    BF16_OP_TYPE,
+    BF16_PREPACKED_OP_TYPE,
+    DOMAIN,
+    KEY_SUFFIX,
+    OP_TYPE,
+    PREPACKED_OP_TYPE,
+    BitLinearError,
+)
+from kernels.ort.registry import _acquire, _entries, _release
+
+_DTYPE_NAMES = {v: k for k, v in TensorProto.DataType.items()}
+
+
+def _attr(node: onnx.NodeProto, name: str, kind: str, where: str):
+    for a in node.attribute:
+        if a.name == name:
+            if kind == "int" and a.type == onnx.AttributeProto.INT:
+                return int(a.i)
+            if kind == "string" and a.type == onnx.AttributeProto.STRING:
+                return a.s.decode()
+            raise BitLinearError(f"{where}: attribute {name!r} must be {kind}, found "
+                                 f"{onnx.AttributeProto.AttributeType.Name(a.type)}")
+    raise BitLinearError(f"{where}: missing attribute {name!r} ({kind})")
+
+
+def _static_last_dims(graph: onnx.GraphProto) -> dict[str, int]:
+    dims: dict[str, int] = {}
+    for vi in list(graph.input) + list(graph.value_info):
+        if vi.type.HasField("tensor_type"):
+            shape = vi.type.tensor_type.shape.dim
+            if shape and shape[-1].HasField("dim_value"):
+                dims[vi.name] = int(shape[-1].dim_value)
+    return dims
+
+
+def _rewrite_bf16(node: onnx.NodeProto, index: int, inits: dict, last_dims: dict,
+                  base_dir: str | None, keys: list[int], graph: onnx.GraphProto) -> str:
+    """Check one LinearBF16 node and move its W into the registry; return W's name if moved."""
+    where = f"LinearBF16 node {node.name or f'#{index}'!r}"
+    k = _attr(node, "in_features", "int", where)
+    n = _attr(node, "out_features", "int", where)
+    if len(node.input) != 2:
+        raise BitLinearError(f"{where}: expected 2 inputs (X, W), found {len(node.input)}")
+    x_name, w_name = node.input
+    last = last_dims.get(x_name)
+    if last is not None and last != k:
+        raise BitLinearError(f"{where}: X {x_name!r} has last dimension {last}, in_features is {k}")
+    w_init = inits.get(w_name)
+    if w_init is None:
+        raise BitLinearError(f"{where}: W {w_name!r} must be an initializer (a bfloat16 weight "
+                             "cannot be passed through the Python operator bridge)")
+    if w_init.data_type != TensorProto.BFLOAT16:
+        raise BitLinearError(f"{where}: W {w_name!r} is {_DTYPE_NAMES.get(w_init.data_type)}, "
+                             "expected BFLOAT16")
+    if tuple(w_init.dims) != (n, k):
+        raise BitLinearError(f"{where}: W {w_name!r} has shape {list(w_init.dims)}, expected "
+                             f"[out_features, in_features] = [{n}, {k}]")
+    w = np.ascontiguousarray(numpy_helper.to_array(w_init, base_dir or "")).view(np.uint16)
+    key = _acquire(w)
+    keys.append(key)
+    _use_key(graph, node, index, w_name, key, BF16_PREPACKED_OP_TYPE)
+    return w_name
+
+
+def _use_key(graph: onnx.GraphProto, node: onnx.NodeProto, index: int, w_name: str, key: int,
+             op_type: str) -> None:
+    """Point `node` at registry entry `key` instead of initializer `w_name`."""
+    key_name = f"{w_name}{KEY_SUFFIX}/{index}"
+    graph.initializer.append(numpy_helper.from_array(np.array([key], np.int64), key_name))
+    node.op_type = op_type
+    node.input[1] = key_name
+    node.attribute.append(onnx.helper.make_attribute("node_name", node.name or f"#{index}"))
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names the subgraphs of `node` (If/Loop/Scan bodies) read from the outer scope."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for inner in sub.node:
+                names.update(i for i in inner.input if i)
+                names |= _subgraph_reads(inner)
+    return names
+
+
+def _rewrite(model: onnx.ModelProto, base_dir: str | None,
+             shared: dict[str, np.ndarray] | None = None) -> list[int]:
+    """Check every BitLinear node, prepack W, rewrite in place; return the registry keys taken.
+
+    `shared` (when given) receives the external-data weights that other nodes still read (a
+    tied bf16 table: LinearBF16 and the embedding Gather): the caller hands ONNX Runtime the
+    registry's array for them instead of a second copy read from disk.
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+        for name in _subgraph_reads(node):     # an If/Loop body reading W keeps it alive
+            uses[name] = uses.get(name, 0) + 1
+    for out in graph.output:
+        uses[out.name] = uses.get(out.name, 0) + 1
+    last_dims = _static_last_dims(graph)
+    keys: list[int] = []
+    drop: set[str] = set()
+    try:
+        for index, node in enumerate(graph.node):
+            if node.domain == DOMAIN and node.op_type == BF16_OP_TYPE:
+                w_name = _rewrite_bf16(node, index, inits, last_dims, base_dir, keys, graph)
+                uses[w_name] -= 1
+                if uses[w_name] == 0:
+                    drop.add(w_name)
+                elif shared is not None and inits[w_name].data_location == TensorProto.EXTERNAL:
+                    shared[w_name] = _entries[keys[-1]].packed
+                continue
+            if node.domain != DOMAIN or node.op_type != OP_TYPE:
+                continue
+            where = f"BitLinear node {node.name or f'#{index}'!r}"
+            k = _attr(node, "in_features", "int", where)
+            n = _attr(node, "out_features", "int", where)
+            layout = _attr(node, "layout", "string", where)
+            if layout not in packing.LAYOUTS:
+                raise BitLinearError(f"{where}: unknown layout {layout!r}, expected one of {packing.LAYOUTS}")
+            if len(node.input) != 3:
+                raise BitLinearError(f"{where}: expected 3 inputs (X, W, weight_scale), found {len(node.input)}")
+            x_name, w_name, s_name = node.input
+            last = last_dims.get(x_name)
+            if last is not None and last != k:
+                raise BitLinearError(f"{where}: X {x_name!r} has last dimension {last}, "
+                                     f"in_features is {k}")
+            if s_name in inits:
+                st = inits[s_name]
+                if st.data_type != TensorProto.FLOAT:
+                    raise BitLinearError(f"{where}: weight_scale {s_name!r} is "
+                                         f"{_DTYPE_NAMES.get(st.data_type)}, expected FLOAT")
+            w_init = inits.get(w_name)
+            if w_init is None:
+                continue  # W computed or fed at run time: the plain operator checks it per call
+            if w_init.data_type != TensorProto.UINT8:
+                raise BitLinearError(f"{where}: W {w_name!r} is {_DTYPE_NAMES.get(w_init.data_type)}, "
+                                     "expected UINT8 packed ternary codes")
+            dims = tuple(w_init.dims)
+            if n % 4 or dims != (n // 4, k):
+                raise BitLinearError(f"{where}: W {w_name!r} has shape {list(dims)}, expected "
+                                     f"[out_features/4, in_features] = [{n / 4:g}, {k}]")
+            w = numpy_helper.to_array(w_init, base_dir or "")
+            try:
+                check_packed(w, layout, f"{where}: W {w_name!r}")
+            except packing.PackingError as exc:
+                raise BitLinearError(str(exc)) from exc
+            key = _acquire(w)
+            keys.append(key)
+            _use_key(graph, node, index, w_name, key, PREPACKED_OP_TYPE)
+            uses[w_name] -= 1
+            if uses[w_name] == 0:
+                drop.add(w_name)
+    except BaseException:
+        _release(keys)
+        raise
+    if drop:
+        kept = [t for t in graph.initializer if t.name not in drop]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        # An initializer may also be listed as a graph input (keep_initializers_as_inputs).
+        inputs = [v for v in graph.input if v.name not in drop]
+        del graph.input[:]
+        graph.input.extend(inputs)
+    if shared:
+        for name in [n for n in shared if n in drop]:
+            del shared[name]
+    return keys

@@ -64,3 +64,15 @@ def test_unknown_stage_is_exit_2(tmp_path, tmp_config):
     proc = run_tdpu("--batch", "--config", str(tmp_config), "--stage", "nope", cwd=tmp_path)
     assert proc.returncode == 2
     assert "nope" in proc.stderr
+
+
+def test_kernel_paths_of_the_config_are_the_kernels_own(tmp_path):
+    from kernels.select import PATHS
+    from tdpu_tui.engine.core.config import KERNEL_PATHS
+
+    assert KERNEL_PATHS == ("auto", *PATHS)
+    cfg_path = tmp_path / "tdpu.toml"
+    cfg_path.write_text('[kernels]\npath = "numba-avx9"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg_path)
+    assert "kernels.path" in str(err.value) and "numba-avx2" in str(err.value)

@@ -21,6 +21,8 @@ LAYOUTS = ("tdpu", "hf")
 # exported float32 MatMul/Gemm; "bf16" stores the weights at the checkpoint's bf16 precision
 # (exact, half the bytes) behind ai.tdpu::LinearBF16.
 LM_HEAD_MODES = ("float", "bf16")
+# The BitLinear integer core's paths (`kernels.select.PATHS`; "auto": measured once per machine).
+KERNEL_PATHS = ("auto", "numba-int16", "numba-avx2", "numba-avxvnni", "numba-avx512vnni")
 
 
 @dataclass
@@ -127,6 +129,12 @@ class TdpuConfig:
 
 
 @dataclass
+class KernelsConfig:
+    # Which integer core BitLinear runs on: "auto" picks by measurement (cached per machine).
+    path: str = "auto"
+
+
+@dataclass
 class PathsConfig:
     output: str = "models/output"
     logs: str = "phase3_logs"
@@ -141,6 +149,7 @@ class Config:
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     rtl: RtlConfig = field(default_factory=RtlConfig)
     tdpu: TdpuConfig = field(default_factory=TdpuConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     # Where the file was read from; relative paths resolve against its directory.
     file: Path | None = None
@@ -174,6 +183,7 @@ _CHOICES = {
     "export.profile": PROFILES,
     "replace.layout": LAYOUTS,
     "replace.lm_head": LM_HEAD_MODES,
+    "kernels.path": KERNEL_PATHS,
 }
 _POSITIVE = {
     "export.opset", "export.seq_len", "export.verify_batch", "export.verify_tokens",
@@ -254,6 +264,7 @@ _SECTIONS: dict[str, type] = {
     "RtlPortsConfig": RtlPortsConfig,
     "RtlCodesConfig": RtlCodesConfig,
     "TdpuConfig": TdpuConfig,
+    "KernelsConfig": KernelsConfig,
     "PathsConfig": PathsConfig,
 }
 

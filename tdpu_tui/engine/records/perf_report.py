@@ -139,7 +139,8 @@ def render_report(meta: dict, accuracy: dict, perf: PerfResult | None, nodes: li
              "- **检查点 Checkpoint**: "
              + (code_path(meta["checkpoint"], root) if meta.get("checkpoint") else "n/a")]
     labels = {"generated": "生成时间 Generated", "versions": "版本 Versions", "replace": "替换 Replace",
-              "inputs": "输入 Inputs", "timing": "计时 Timing", "pass": "通过条件 Pass criteria"}
+              "inputs": "输入 Inputs", "timing": "计时 Timing", "pass": "通过条件 Pass criteria",
+              "kernel": "内核 Kernel"}
     for key, value in (settings or {}).items():
         lines.append(f"- **{labels.get(key, key)}**: {value}")
     lines.append("")

@@ -74,6 +74,17 @@ def _length_one_copy(path: Path) -> Path:
     return Path(name)
 
 
+def choose_kernel(cfg) -> dict:
+    """Put `[kernels].path` in force for this process's BitLinear products; what will run."""
+    from kernels import select
+
+    try:
+        select.set_path(None if cfg.kernels.path == "auto" else cfg.kernels.path)
+        return select.selection()
+    except ValueError as exc:
+        raise StageFailed(f"{cfg.file}: [kernels].path: {exc}") from None
+
+
 def _bitlinear_session(path: Path):
     from kernels.ort import (
         create_session,  # numba and onnxruntime-extensions: only when needed
@@ -105,6 +116,7 @@ class Validation:
         self.replaced = [d for d in self.report["nodes"] if d["action"] == "replaced"]
         self.bf16 = [d for d in self.report["nodes"] if d["action"] == "bf16"]
         self.captured: tuple[str, ...] = ()   # the float session's extra outputs
+        self.kernel = choose_kernel(ctx.config)
         # This stage runs its own float session (with the sampled nodes' tensors as outputs).
         ctx.cache.drop("ort-session")
 
@@ -389,7 +401,9 @@ class Validation:
                     + (f" ({', '.join(off[:4])}{', …' if len(off) > 4 else ''})" if off else "")
                     if off else "")
                  + (f"; turns on {len(on)}" if on else ""))
+        k = self.kernel
         return {
+            "kernel": f"BitLinear core {k['decode']} (one token), {k['prefill']} (prefill): {k['source']}",
             "generated": fmt_time(zone=True),
             "versions": ", ".join(f"{n} {ver(n)}" for n in ("tdpu", "onnxruntime", "onnxruntime-extensions",
                                                             "numba", "numpy", "onnx")),
@@ -534,6 +548,8 @@ class Validation:
             m("lm_head_bf16_ok", all(c.result == "ok" for c in bf16))
         m("layout_diagnosis", diagnoses[0] if diagnoses else None)
         m("replaced", len(self.replaced))
+        m("kernel_path_decode", self.kernel["decode"])
+        m("kernel_path_prefill", self.kernel["prefill"])
         if perf is None:
             return
         for gt in perf.graphs:

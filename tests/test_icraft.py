@@ -353,8 +353,16 @@ def test_without_icraft_parse_and_optimize_are_skipped_with_the_reason(tmp_path,
     assert results["precheck"].status is Status.OK
     for name in ("parse", "optimize"):
         assert results[name].status is Status.SKIPPED
-        assert results[name].message == "Icraft CLI 'icraft' not found on PATH; set [icraft].bin"
-    assert "## parse — skipped" in read_section(paths.compile_log, "parse")
+        assert results[name].message.startswith(
+            "Icraft CLI 'icraft' not found on PATH; set [icraft].bin; ")
+    # The reason says what to copy and what to run there, and the compile log says the same.
+    reason = results["parse"].message
+    assert str(paths.icraft_dir) in reason and "run_icraft.ps1" in reason
+    assert "tdpu icraft import" in reason
+    section = read_section(paths.compile_log, "parse")
+    assert "## parse — skipped" in section and "run_icraft.ps1" in section
+    assert (paths.icraft_dir / "run_icraft.sh").is_file()
+    assert (paths.icraft_dir / "tiny_net.toml").is_file()
 
 
 def test_bin_as_a_path_relative_to_the_config(tmp_path, monkeypatch):

@@ -81,7 +81,8 @@ def test_reference_profile_without_icraft(tmp_path):
     assert summary["metrics"]["precheck"]["constraint"] > 0      # Div by a tensor, Gather, …
     for name in ("parse", "optimize"):
         assert st[name]["status"] == "skipped"
-        assert st[name]["message"] == "Icraft CLI 'icraft' not found on PATH; set [icraft].bin"
+        assert st[name]["message"].startswith(
+            "Icraft CLI 'icraft' not found on PATH; set [icraft].bin; ")
     assert st["simulate"]["status"] == "ok"
     assert st["simulate"]["message"].startswith("simulated on onnxruntime (Icraft not installed)")
     sim = summary["metrics"]["simulate"]

@@ -25,6 +25,7 @@ from textual.worker import Worker, WorkerState
 
 from tdpu_tui.app.bug_actions import BugActions, BugNotFiled, BugRecorded
 from tdpu_tui.app.bugs_panel import BugsPanel, BugsTable
+from tdpu_tui.app.import_screen import ImportAction
 from tdpu_tui.app.log_panel import LogPanel, LogView
 from tdpu_tui.app.nodes_panel import NodesPanel, NodesTable
 from tdpu_tui.app.pipeline_panel import PipelinePanel, StagesTable
@@ -50,10 +51,11 @@ StageSource = Iterable[Stage] | Callable[[], Iterable[Stage]] | None
 TABS = ("pipeline", "log", "nodes", "bugs")
 _FOCUS = {"pipeline": StagesTable, "log": LogView, "nodes": NodesTable, "bugs": BugsTable}
 # App-level actions that must not fire behind a modal screen (a form, the quit question).
-_GUARDED = {"quit", "help", "run_all", "rerun_failed", "cancel", "add_bug", "show_tab"}
+_GUARDED = {"quit", "help", "run_all", "rerun_failed", "cancel", "add_bug", "show_tab",
+            "import_bundle"}
 
 
-class TdpuApp(BugActions, App[int]):
+class TdpuApp(BugActions, ImportAction, App[int]):
     CSS_PATH = Path(__file__).with_name("tdpu.tcss")  # absolute: subclasses live elsewhere
     TITLE = "tdpu"
     ENABLE_COMMAND_PALETTE = False
@@ -66,6 +68,7 @@ class TdpuApp(BugActions, App[int]):
         Binding("f", "rerun_failed", "Rerun"),
         Binding("c", "cancel", "Cancel"),
         Binding("b", "add_bug", "Bug"),
+        Binding("i", "import_bundle", "Import", show=False),
         Binding("1", "show_tab('pipeline')", "Pipeline", show=False),
         Binding("2", "show_tab('log')", "Log", show=False),
         Binding("3", "show_tab('nodes')", "Nodes", show=False),

@@ -7,9 +7,10 @@ relative to the configuration file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from tdpu_tui.engine.core.errors import ConfigError
@@ -200,6 +201,39 @@ _NON_NEGATIVE = {"model.synthetic.seed", "export.verify_seed", "validate.seed",
                  "rtl.codes.pos"}
 
 
+# Upper bounds where a larger value would switch a safeguard off.
+_MAXIMUM = {"icraft.timeout_s": (7 * 24 * 3600.0, "one week"),
+            "rtl.timeout_s": (7 * 24 * 3600.0, "one week")}
+
+
+def check_net_name(name: str, file: Path | None) -> None:
+    """`[icraft].net_name` names files inside the Icraft output folder, nothing else."""
+    bad = None
+    if not name or name.strip() != name:
+        bad = "an empty name or one with leading/trailing spaces"
+    elif "/" in name or "\\" in name:
+        bad = "a path separator"
+    elif name in (".", "..") or ".." in name:
+        bad = "'..'"
+    elif ":" in name or PurePosixPath(name).is_absolute() or PureWindowsPath(name).anchor:
+        bad = "a drive or absolute path"
+    elif any(ord(c) < 32 for c in name) or any(c in '<>"|?*' for c in name):
+        bad = "a character Windows does not allow in file names"
+    if bad is not None:
+        raise ConfigError(f"expected a plain file name (letters, digits, '_', '-', '.'), found "
+                          f"{name!r} with {bad}", file=file, key="icraft.net_name")
+
+
+def _check_opset(opset: int, file: Path | None) -> None:
+    import onnx.defs
+
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise ConfigError(f"expected 17..{newest} (the newest opset the installed onnx "
+                          f"{onnx.__version__} supports), found {opset}",
+                          file=file, key="export.opset")
+
+
 def _type_name(t: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(t, str(t))
 
@@ -245,6 +279,11 @@ def _build(cls: type, table: dict, prefix: str, file: Path | None) -> Any:
                 f"expected one of {', '.join(map(repr, _CHOICES[key]))}, found {value!r}",
                 file=file, key=key,
             )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"expected a finite number, found {value!r}", file=file, key=key)
+        if key in _MAXIMUM and value is not None and value > _MAXIMUM[key][0]:
+            raise ConfigError(f"expected at most {_MAXIMUM[key][0]:g} ({_MAXIMUM[key][1]}), "
+                              f"found {value!r}", file=file, key=key)
         if key in _POSITIVE and value is not None and value <= 0:
             raise ConfigError(f"expected a positive value, found {value!r}", file=file, key=key)
         if key in _NON_NEGATIVE and value < 0:
@@ -286,6 +325,8 @@ def parse_config(text: str, file: Path | None = None) -> Config:
     if cfg.export.opset < 17:
         raise ConfigError(f"expected 17 or later (Icraft's PyTorch route), found {cfg.export.opset}",
                           file=file, key="export.opset")
+    _check_opset(cfg.export.opset, file)
+    check_net_name(cfg.icraft.net_name, file)
     return cfg
 
 

@@ -12,20 +12,20 @@ Argument lists follow the Icraft v3.33 manuals (copies in `reference/icraft/docs
 Failure is read from the output, not only from the exit status: Icraft's error codes have five
 digits and a POSIX exit status keeps only `code & 0xFF`, and the CLI has been seen to exit 0
 after a component failed. A run fails on a `[F] …` line, an `错误码<code>` line, a non-zero
-exit status, a timeout or a cancellation. The child runs in its own process group, without a
-shell and with stdin closed; on timeout, cancellation or Ctrl-C the whole group is killed.
+exit status, a timeout or a cancellation; the `[F]`/`[E]` marks count with or without the
+timestamp prefix (a bare `[F] 21002` is a failure). The child runs in its own process group
+(`proc.py`), without a shell and with stdin closed; on timeout, cancellation or Ctrl-C the whole
+tree is ended. Whatever the child prints, memory and time stay bounded: lines are cut at
+`MAX_LINE_BYTES`, display waits in a bounded queue, and the record keeps a bounded tail.
 """
 
 from __future__ import annotations
 
 import collections
 import os
-import queue
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tdpu_tui.engine.core.config import Config
-from tdpu_tui.engine.core.events import LEVEL_MARK_RE
-from tdpu_tui.engine.osutil.tail import EchoFilter, Tailer
+from tdpu_tui.engine.icraft import proc as proc_tree
+from tdpu_tui.engine.osutil.tail import EchoFilter
 from tdpu_tui.engine.osutil.tail import decode_line as _decode
 
 # Icraft's error codes, as the manuals document them. Only icraft-run (XRun) publishes a table
@@ -69,7 +69,9 @@ def explain_code(code: int | None) -> str:
     return "not in the Icraft manuals' error tables; see the log lines"
 
 
-# Levels as LEVEL_MARK_RE finds them in Icraft's log lines.
+# A level mark, after Icraft's timestamp or bare at the start of the line (`[F] 21002`).
+LEVEL_MARK_RE = re.compile(r"^\s*(?:\[[\d/:. -]+\]\s*)?\[(?P<level>[DIWEF]|debug|info|warning|"
+                           r"warn|error|critical|fatal)\]", re.I)
 FATAL_CODE_RE = re.compile(r"\[F\]\s*(\d{5})\b")
 CAUGHT_CODE_RE = re.compile(r"错误码\s*(\d+)")
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -102,7 +104,8 @@ def line_level(line: str) -> str:
 
 def is_failure_line(line: str) -> bool:
     m = LEVEL_MARK_RE.match(line)
-    return bool(m and m.group("level").upper() == "F") or "错误码" in line
+    return (bool(m and m.group("level").lower() in ("f", "fatal", "critical", "e", "error"))
+            or "错误码" in line)
 
 
 @dataclass
@@ -292,6 +295,7 @@ class RunResult:
     log_files: list[Path] = field(default_factory=list)
     tail: list[str] = field(default_factory=list)
     stray_killed: bool = False
+    timeout_s: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -304,9 +308,9 @@ class RunResult:
 
     def reason(self) -> str:
         if self.timed_out:
-            return f"timed out after {self.seconds:.0f} s (process group killed)"
+            return f"timed out after {self.timeout_s:g} s (process tree ended)"
         if self.cancelled:
-            return "cancelled (process group killed)"
+            return "cancelled (process tree ended)"
         if self.error.code is not None:
             return f"Icraft error {self.error.code}: {explain_code(self.error.code)}"
         if self.error.failed:
@@ -318,147 +322,345 @@ class RunResult:
 
 LineSink = Callable[[str, str, str], None]   # (line, level, source)
 
+# Bounds that hold whatever the child prints: one line is cut at MAX_LINE_BYTES, at most
+# QUEUE_LINES lines wait for display (more are counted, not kept: the child is never slowed
+# down by tdpu), and each loop turn spends at most TURN_S on them before the deadline is
+# looked at again.
+MAX_LINE_BYTES = 4096
+QUEUE_LINES = 2000
+TURN_S = 0.1
+READ_CHUNK = 64 * 1024
+LOG_READ_PER_TURN = 256 * 1024
+# After the child's exit what is left of a log is read whole up to this size, else its end.
+FINAL_READ_MAX = 64 << 20
+FINAL_READ_TAIL = 8 << 20
+FAILURE_LINES = 10
 
-def _reader(stream, source: str, q: queue.Queue) -> None:
+
+def cut_note(dropped: int) -> str:
+    return f" … [line cut: {dropped} more bytes]"
+
+
+class LineCutter:
+    """Splits a byte stream into lines of at most `limit` bytes; the rest of a longer line is
+    counted and dropped, never held."""
+
+    def __init__(self, limit: int = MAX_LINE_BYTES):
+        self.limit = limit
+        self._buf = bytearray()
+        self._dropped = 0
+
+    def feed(self, data: bytes) -> list[str]:
+        parts = data.split(b"\n")
+        self._add(parts[0])
+        if len(parts) == 1:
+            return []
+        out = [self._take()]
+        if len(parts) > 2:
+            out += self._whole(parts[1:-1])
+        self._add(parts[-1])
+        return out
+
+    def _add(self, piece: bytes) -> None:
+        room = self.limit - len(self._buf)
+        if room > 0:
+            self._buf += piece[:room]
+        self._dropped += max(0, len(piece) - max(room, 0))
+
+    def _whole(self, pieces: list[bytes]) -> list[str]:
+        """Complete lines, decoded together where they can be (a flood of short lines)."""
+        if max(map(len, pieces)) > self.limit:
+            out = []
+            for p in pieces:
+                self._add(p)
+                out.append(self._take())
+            return out
+        try:
+            text = b"\n".join(pieces).decode("utf-8")
+        except UnicodeDecodeError:
+            return [decode_line(p) for p in pieces]
+        if "\x1b" in text:
+            text = ANSI_RE.sub("", text)
+        lines = text.split("\n")
+        if "\r" in text:
+            lines = [_clean(line.rstrip("\r")) for line in lines]
+        return lines
+
+    def flush(self) -> list[str]:
+        return [self._take()] if self._buf or self._dropped else []
+
+    def _take(self) -> str:
+        line = decode_line(bytes(self._buf))
+        if self._dropped:
+            line += cut_note(self._dropped)
+        self._buf.clear()
+        self._dropped = 0
+        return line
+
+
+# Lines worth a closer look (levels E/F, error codes, exceptions): a batch without any is
+# only cut to its tail, so a flood of ordinary lines costs little per line.
+_NOTABLE = ("[f]", "[e]", "[fatal]", "[critical]", "error", "exception", "错误码")
+
+
+def _notable(text: str) -> bool:
+    low = text.lower()
+    return any(k in low for k in _NOTABLE)
+
+
+class _Collector:
+    """What is kept of a run's lines, whatever their number: the error scan, the failure
+    lines and a bounded tail (shared by the pipe readers and the log follower). Lines for
+    display wait in a bounded queue of batches; what does not fit is counted, not kept, so
+    the child never waits for tdpu."""
+
+    def __init__(self, tail_lines: int):
+        self.lock = threading.Lock()
+        self.error = ErrorScan()
+        self.tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+        self.failures: collections.deque[str] = collections.deque(maxlen=FAILURE_LINES)
+        self.display: collections.deque[tuple[list[str], str]] = collections.deque()
+        self.queued = 0
+        self.not_shown = 0
+
+    def take(self, lines: list[str], source: str, show: bool = True) -> None:
+        if not lines:
+            return
+        notable = [ln for ln in lines if _notable(ln)] if _notable("\n".join(lines)) else []
+        with self.lock:
+            for line in notable:
+                self.error.feed(line)
+                if (is_failure_line(line) or line_level(line) == "error") and line not in self.failures:
+                    self.failures.append(line)
+            for line in lines[-self.tail.maxlen:]:
+                if line.strip() and line not in self.tail:
+                    self.tail.append(line)
+            if not show:
+                return
+            room = QUEUE_LINES - self.queued
+            if room < len(lines):
+                self.not_shown += len(lines) - max(room, 0)
+                lines = lines[:max(room, 0)]
+            if lines:
+                self.display.append((lines, source))
+                self.queued += len(lines)
+
+    def next_batch(self) -> tuple[list[str], str] | None:
+        with self.lock:
+            if not self.display:
+                return None
+            lines, source = self.display.popleft()
+            self.queued -= len(lines)
+            return lines, source
+
+    def lines_for_record(self) -> list[str]:
+        with self.lock:
+            seen = set(self.tail)
+            return [f for f in self.failures if f not in seen] + list(self.tail)
+
+
+def _reader(stream, source: str, sink: _Collector) -> None:
+    cutter = LineCutter()
     try:
-        for raw in iter(stream.readline, b""):
-            q.put((source, raw))
+        read = getattr(stream, "read1", stream.read)
+        while True:
+            data = read(READ_CHUNK)
+            if not data:
+                break
+            sink.take(cutter.feed(data), source)
+        sink.take(cutter.flush(), source)
+    except (OSError, ValueError):
+        pass
     finally:
         stream.close()
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+class _LogFollower:
+    """Icraft's log files, read by offset in bounded pieces, lines cut like the pipes'.
+    Files already present in a folder followed with `history=False` are read from their end."""
+
+    def __init__(self):
+        self._dirs: list[tuple[Path, bool]] = []
+        self._files: dict[Path, list] = {}       # path -> [offset, LineCutter]
+
+    def follow_dir(self, directory: Path, history: bool = True) -> None:
+        self._dirs.append((directory, history))
+        if not history:
+            for p in self._matching(directory):
+                try:
+                    self._files[p] = [p.stat().st_size, LineCutter()]
+                except OSError:
+                    continue
+
+    @staticmethod
+    def _matching(directory: Path) -> list[Path]:
+        try:
+            return sorted(p for p in directory.rglob("*.log") if p.is_file())
+        except OSError:
+            return []
+
+    @property
+    def paths(self) -> list[Path]:
+        return list(self._files)
+
+    def poll(self, sink: _Collector, budget: int | None, show: bool = True) -> None:
+        for directory, _history in self._dirs:
+            for p in self._matching(directory):
+                self._files.setdefault(p, [0, LineCutter()])
+        for path, state in self._files.items():
+            left = budget
+            try:
+                size = path.stat().st_size
+                if size < state[0]:          # rewritten from its start
+                    state[0], state[1] = 0, LineCutter()
+                if size == state[0]:
+                    continue
+                if budget is None and size - state[0] > FINAL_READ_MAX:
+                    # After the exit: the end of a huge log is what tells how it ended.
+                    skipped = size - FINAL_READ_TAIL - state[0]
+                    sink.take([f"… {skipped} bytes of {path.name} not read here (the file "
+                               "keeps them)"], "tdpu", show)
+                    state[0], state[1] = size - FINAL_READ_TAIL, LineCutter()
+                with open(path, "rb") as fh:
+                    fh.seek(state[0])
+                    while left is None or left > 0:
+                        data = fh.read(READ_CHUNK if left is None else min(READ_CHUNK, left))
+                        if not data:
+                            break
+                        state[0] += len(data)
+                        if left is not None:
+                            left -= len(data)
+                        sink.take([_clean(ln) for ln in state[1].feed(data)], str(path), show)
+            except OSError:
+                continue
+
+    def flush(self, sink: _Collector, show: bool) -> None:
+        for path, state in self._files.items():
+            sink.take([_clean(ln) for ln in state[1].flush()], str(path), show)
 
 
-def kill_group(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM the child's process group, then SIGKILL whatever is left after `grace` s."""
-    pgid = proc.pid
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
+class WindowsTree:
+    """How a Windows program run through WSL interop is ended: the Linux-side interop process
+    does not take the Windows tree with it (see `wsl.py`)."""
+
+    def end(self) -> str:  # pragma: no cover - interface
+        raise NotImplementedError
 
 
 def run_icraft(argv: Sequence[str], *, cwd: Path, log_dirs: Sequence[Path], timeout_s: float,
                on_line: LineSink, cancelled: Callable[[], bool] = lambda: False,
-               env: dict[str, str] | None = None, term_grace: float = 3.0,
-               tail_lines: int = 30, poll_s: float = 0.1) -> RunResult:
-    """Run one Icraft command to completion, streaming its output and its log files."""
+               env: dict[str, str] | None = None, term_grace: float = 0.5,
+               tail_lines: int = 30, poll_s: float = 0.1,
+               windows: WindowsTree | None = None) -> RunResult:
+    """Run one Icraft command to completion, streaming its output and its log files.
+
+    The deadline counts the child's own time: its exit is noted by a waiter thread the moment
+    it happens, and tdpu's handling of the lines (bounded per turn) never delays that verdict
+    or the kill."""
     cwd = Path(cwd)
     cwd.mkdir(parents=True, exist_ok=True)
-    # Read synchronously (poll, then drain) between reads of the child's output; nothing is
-    # held back (no queue limit: this loop is the only consumer, and a last line without its
-    # newline is handed over when Icraft has finished).
-    tailer = Tailer(max_pending=sys.maxsize, partial_flush_s=float("inf"))
+    follower = _LogFollower()
     for d in log_dirs:
-        tailer.follow_dir(Path(d), "*.log")
+        follower.follow_dir(Path(d))
     # Where Icraft logs when --log_path is ignored; the logs of earlier runs there do not count.
-    tailer.follow_dir(cwd / ".icraft" / "logs", "*.log", history=False)
-    result = RunResult([str(a) for a in argv], cwd)
-    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
-    failures: list[str] = []
-
+    follower.follow_dir(cwd / ".icraft" / "logs", history=False)
+    result = RunResult([str(a) for a in argv], cwd, timeout_s=timeout_s)
+    sink = _Collector(tail_lines)
     echo = EchoFilter()
 
-    def take(line: str, source: str) -> None:
+    def show(line: str, level: str, source: str) -> None:
         # Icraft prints each line to stdout and to its log file: pass one copy on.
-        if not echo.fresh("output" if source.startswith("icraft ") else source, [line]):
-            return
-        level = line_level(line)
-        result.error.feed(line)
-        if is_failure_line(line) or level == "error":
-            failures.append(line)
-        if line.strip() and line not in tail:
-            tail.append(line)
-        on_line(line, level, source)
+        if echo.fresh("output" if source.startswith("icraft ") else source, [line]):
+            on_line(line, level, source)
+
+    pending: collections.deque[tuple[str, str]] = collections.deque()
+
+    def show_queued(budget_s: float) -> None:
+        until = time.monotonic() + budget_s
+        while time.monotonic() < until:
+            if not pending:
+                batch = sink.next_batch()
+                if batch is None:
+                    return
+                pending.extend((line, batch[1]) for line in batch[0])
+            line, source = pending.popleft()
+            show(line, line_level(line), source)
 
     start = time.monotonic()
     proc = subprocess.Popen(
         result.argv, cwd=str(cwd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, start_new_session=True, env=env,
+        stderr=subprocess.PIPE, env=env, **proc_tree.popen_kwargs(),
     )
-    q: queue.Queue = queue.Queue()
-    readers = [threading.Thread(target=_reader, args=(proc.stdout, "icraft stdout", q), daemon=True),
-               threading.Thread(target=_reader, args=(proc.stderr, "icraft stderr", q), daemon=True)]
-    for t in readers:
+    tree = proc_tree.Tree(proc.pid)
+    exited = threading.Event()
+    exit_at: list[float] = []
+
+    def waiter() -> None:
+        proc.wait()
+        exit_at.append(time.monotonic())
+        exited.set()
+
+    threads = [threading.Thread(target=_reader, args=(proc.stdout, "icraft stdout", sink), daemon=True),
+               threading.Thread(target=_reader, args=(proc.stderr, "icraft stderr", sink), daemon=True),
+               threading.Thread(target=waiter, daemon=True)]
+    for t in threads:
         t.start()
+    deadline = start + timeout_s
+    last_tree = 0.0
 
-    def drain(block_s: float) -> None:
-        try:
-            source, raw = q.get(timeout=block_s)
-        except queue.Empty:
-            return
-        take(decode_line(raw), source)
-        while True:
-            try:
-                source, raw = q.get_nowait()
-            except queue.Empty:
-                return
-            take(decode_line(raw), source)
-
-    def follow_logs(final: bool = False) -> None:
-        tailer.poll()
-        if final:
-            tailer.flush()
-        for _label, path, lines in tailer.drain_files():
-            for line in lines:
-                take(_clean(line), str(path))
+    def end_tree() -> None:
+        if windows is not None:
+            note = windows.end()
+            if note:
+                sink.take([note], "tdpu", True)
+        tree.end(term_grace)
 
     try:
-        while proc.poll() is None:
-            drain(poll_s)
-            follow_logs()
-            if time.monotonic() - start > timeout_s:
+        while not exited.wait(min(poll_s, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
                 result.timed_out = True
-                kill_group(proc, term_grace)
+                end_tree()
                 break
             if cancelled():
                 result.cancelled = True
-                kill_group(proc, term_grace)
+                end_tree()
                 break
+            if time.monotonic() - last_tree > 0.5:
+                tree.refresh()
+                last_tree = time.monotonic()
+            show_queued(TURN_S)
+            follower.poll(sink, LOG_READ_PER_TURN)
     except BaseException:  # Ctrl-C (KeyboardInterrupt) or anything else: leave nothing behind
-        kill_group(proc, term_grace)
+        end_tree()
         raise
     finally:
+        exited.wait(5.0)
         result.returncode = proc.poll()
-        for t in readers:
+        end = exit_at[0] if exit_at else time.monotonic()
+        result.seconds = end - start
+        if result.timed_out and exit_at and exit_at[0] < deadline:
+            result.timed_out = False   # it had finished; tdpu only noticed late
+        for t in threads[:2]:
             t.join(timeout=2.0)
-        if _group_alive(proc.pid):
+        if tree.alive():
             # Something the CLI started outlived it (or holds its pipes): do not leave it behind.
             result.stray_killed = not (result.timed_out or result.cancelled)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            for t in readers:
+            tree.end(0.5)
+            for t in threads[:2]:
                 t.join(timeout=2.0)
-        drain(0)
-        try:
-            follow_logs(final=True)
-        finally:
-            tailer.stop()
-        result.seconds = time.monotonic() - start
-        result.log_files = sorted(tailer.paths)
-    seen = set(tail)
-    result.tail = [f for f in failures[-10:] if f not in seen] + list(tail)
+        # What is left after the exit is read whole (for the error scan and the tail) but shown
+        # only up to a bounded number of lines.
+        show_queued(1.0)
+        follower.poll(sink, None, show=True)
+        follower.flush(sink, show=True)
+        show_queued(1.0)
+        left = len(pending) + sink.queued + sink.not_shown
+        if left:
+            on_line(f"… {left} more lines not shown here (output flood); "
+                    "the log files keep them", "warning", "tdpu")
+        result.log_files = sorted(follower.paths)
+    result.error = sink.error
+    result.tail = sink.lines_for_record()
     return result
 
 

@@ -83,6 +83,12 @@ def shell_command(argv: Sequence[str]) -> str:
     return shlex.join(str(a) for a in argv)
 
 
+def windows_command(argv: Sequence[str]) -> str:
+    """The command line as a Windows program receives it (its quoting rules)."""
+    import subprocess
+    return subprocess.list2cmdline([str(a) for a in argv])
+
+
 def _fence(text: str, lang: str = "") -> str:
     ticks = "```"
     while ticks in text:
@@ -111,6 +117,7 @@ class StageRecord:
     # The project root (tdpu.toml's directory): paths are shown relative to it. Commands and
     # log lines stay verbatim, so a command can be pasted from any directory.
     root: Path | None = None
+    windows: bool = False               # the command ran on Windows (WSL interop): its quoting
 
     def markdown(self) -> str:
         out = [f"## {self.stage} — {self.status}", "",
@@ -126,7 +133,11 @@ class StageRecord:
             out.append(f"- error code: **{self.error_code}** — {self.error_text}")
         out += [f"- {n}" for n in self.notes]
         if self.command:
-            out += ["", "Command:", "", _fence(shell_command(self.command), "bash")]
+            if self.windows:
+                out += ["", "Command (as Windows saw it):", "",
+                        _fence(windows_command(self.command), "text")]
+            else:
+                out += ["", "Command:", "", _fence(shell_command(self.command), "bash")]
         if self.extra:
             out += ["", self.extra.rstrip()]
         if self.files:

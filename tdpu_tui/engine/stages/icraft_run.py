@@ -10,7 +10,7 @@ from pathlib import Path
 from tdpu_tui.engine.core.errors import Cancelled, StageFailed, TdpuError
 from tdpu_tui.engine.core.stage import Skip, StageContext
 from tdpu_tui.engine.icraft import driver as ic
-from tdpu_tui.engine.osutil.files import atomic_write_bytes
+from tdpu_tui.engine.icraft import wsl
 from tdpu_tui.engine.records.compile_log import StageRecord
 
 
@@ -32,10 +32,19 @@ def run_component(ctx: StageContext, exe: Path, argv: list[str], outputs: list[P
     """Run one Icraft command, record it, and fail the stage if Icraft failed."""
     cfg = ctx.config
     cwd = ctx.paths.icraft_dir
-    ctx.log("$ " + " ".join(argv))
+    windows = None
+    shown = argv
+    if wsl.uses_interop(exe):   # Icraft's Windows build from WSL: paths as Windows sees them
+        argv = wsl.windows_argv(argv)
+        windows = wsl.InteropTree(exe, argv)
+        shown = wsl.shown_argv(argv)
+        record.notes.append(f"run through WSL interop from `{exe}`; the command as Windows "
+                            "saw it is below")
+    ctx.log("$ " + " ".join(shown))
     for out in outputs:     # so a stale output from an earlier run is never taken for this one's
         out.unlink(missing_ok=True)
-    record.command, record.cwd, record.started = argv, cwd, time.time()
+    record.command, record.cwd, record.started = shown, cwd, time.time()
+    record.windows = windows is not None
     record.root = cfg.base_dir
     lines = 0
 
@@ -48,10 +57,10 @@ def run_component(ctx: StageContext, exe: Path, argv: list[str], outputs: list[P
 
     try:
         res = ic.run_icraft(argv, cwd=cwd, log_dirs=[log_dir], timeout_s=cfg.icraft.timeout_s,
-                            on_line=on_line, cancelled=lambda: ctx.cancelled)
+                            on_line=on_line, cancelled=lambda: ctx.cancelled, windows=windows)
     except KeyboardInterrupt:
         record.status = "failed"
-        record.summary = "interrupted (Ctrl-C); the icraft process group was killed"
+        record.summary = "interrupted (Ctrl-C); the icraft process tree was ended"
         record.seconds = time.time() - record.started
         record.write(ctx.paths.compile_log)
         raise
@@ -93,25 +102,16 @@ def run_component(ctx: StageContext, exe: Path, argv: list[str], outputs: list[P
     return res
 
 
-def write_toml(ctx: StageContext, onnx_path: Path, inputs) -> Path:
-    cfg = ctx.config
-    base = ctx.paths.icraft_dir
-    path = base / f"{cfg.icraft.net_name}.toml"
-    text = ic.compile_toml(cfg, base, onnx_path, [s for _, s, _ in inputs],
-                           [ftmp_path(ctx, n) for n, _, _ in inputs])
-    atomic_write_bytes(path, text.encode("utf-8"))
-    ctx.artifact("icraft_toml", path)
-    return path
-
-
 def ftmp_path(ctx: StageContext, input_name: str) -> Path:
     return ctx.paths.icraft_dir / "inputs" / f"{input_name}.ftmp"
 
 
-def require_cli(ctx: StageContext) -> Path:
+def require_cli(ctx: StageContext, hint: str = "") -> Path:
+    """The Icraft CLI, else `Skip` with the reason (and `hint`: what to do instead), recorded
+    in the stage's section of the compile log."""
     exe = ic.find_cli(ctx.config)
     if exe is None:
-        reason = ic.missing_cli_reason(ctx.config)
+        reason = ic.missing_cli_reason(ctx.config) + (f"; {hint}" if hint else "")
         try:
             StageRecord(ctx.stage, "skipped", summary=reason).write(ctx.paths.compile_log)
         except (OSError, TdpuError) as exc:  # a log that cannot be written does not turn a skip

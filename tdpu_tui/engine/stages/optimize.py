@@ -16,7 +16,8 @@ class OptimizeStage(Stage):
     log_section = "optimize"
 
     def run(self, ctx: StageContext) -> str:
-        exe = require_cli(ctx)
+        exe = require_cli(ctx, f"the hand-off bundle in {ctx.paths.icraft_dir} runs it on the "
+                               "Icraft host (see the parse section of the compile log)")
         cfg = ctx.config
         jr = ctx.paths.icraft_dir
         pj, pr = ic.parsed_files(jr, cfg.icraft.net_name, "parsed")

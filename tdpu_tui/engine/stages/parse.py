@@ -1,12 +1,19 @@
-"""Stage `parse`: `icraft parse` on the exported graph; skipped without the CLI."""
+"""Stage `parse`: the hand-off bundle, then `icraft parse` on the exported graph; skipped
+without the CLI (the bundle is there to take to the Icraft host)."""
 
 from __future__ import annotations
 
 from tdpu_tui.engine.core.stage import Stage, StageContext
 from tdpu_tui.engine.icraft import driver as ic
-from tdpu_tui.engine.stages.icraft_run import prepare_log_dir, require_cli, run_component, write_toml
 from tdpu_tui.engine.records.compile_log import StageRecord
 from tdpu_tui.engine.stages.common import exported_graph, graph_inputs
+from tdpu_tui.engine.stages.handoff import handoff_hint, write_handoff
+from tdpu_tui.engine.stages.icraft_run import (
+    prepare_log_dir,
+    require_cli,
+    run_component,
+)
+
 
 class ParseStage(Stage):
     name = "parse"
@@ -16,11 +23,12 @@ class ParseStage(Stage):
     log_section = "parse"
 
     def run(self, ctx: StageContext) -> str:
-        exe = require_cli(ctx)
         cfg = ctx.config
+        bundle = write_handoff(ctx)     # before the CLI is looked for: it is the way without it
+        exe = require_cli(ctx, handoff_hint(bundle))
         onnx_path = exported_graph(ctx)
         inputs = graph_inputs(onnx_path, cfg.export.seq_len)
-        toml_path = write_toml(ctx, onnx_path, inputs)
+        toml_path = bundle.toml
         jr = ctx.paths.icraft_dir
         log_dir = prepare_log_dir(ctx.paths.icraft_logs / "parse")
         outputs = list(ic.parsed_files(jr, cfg.icraft.net_name, "parsed"))

@@ -42,6 +42,57 @@ def find_output_ftmp(log_dir: Path, cwd: Path, nbytes: int) -> Path | None:
 
 
 
+def compare_with_reference(ctx: StageContext, ckpt, profile: str, name: str, feed: np.ndarray,
+                           ids: np.ndarray, logits: np.ndarray, backend: str, record: StageRecord,
+                           started: float, seed: int | None = None) -> str:
+    """Judge `logits` (the model run on `backend`) against the PyTorch reference, record the
+    verdict in the simulate section of the compile log, and fail when it does not hold.
+    A local simulate and an imported Icraft run both end here."""
+    from tdpu_tui.engine.model.agreement import versus_reference
+
+    cfg = ctx.config
+    ctx.progress(2, 3, "running the PyTorch reference")
+    # The reference profile quantizes activations inside the graph; the icraft one is float.
+    reference_inputs = ({"inputs_embeds": feed} if profile == "icraft"
+                        else {"input_ids": ids.astype(np.int64)})
+    verdict = versus_reference(ckpt, reference_inputs, logits, quantize=profile != "icraft",
+                               cache=ctx.cache)
+    cmp = verdict.metrics
+    agreement = float(cmp["argmax_agreement"])
+    for key in ("max_abs", "mean_abs", "argmax_agreement"):
+        ctx.metric(key, float(cmp[key]))
+    if "cosine" in cmp:
+        ctx.metric("cosine", float(cmp["cosine"]))
+    ctx.metric("backend", backend)
+    ok = verdict.ok
+    summary = (f"simulated on {backend}: argmax agreement {pct(agreement)}"
+               + (" within tolerance" if ok and verdict.floor is not None else "") + ", "
+               f"max |Δ| {float(cmp['max_abs']):.3g}, mean |Δ| {float(cmp['mean_abs']):.3g} "
+               f"vs the PyTorch reference")
+    ctx.log(summary)
+    if verdict.floor is not None:
+        ctx.metric("reference_floor", verdict.floor)
+    if verdict.why:
+        ctx.log(verdict.why, "info" if ok else "error")
+    record.status = "ok" if ok else "failed"
+    record.summary = summary
+    record.seconds = time.time() - started
+    record.notes = ([f"export profile: `{profile}` (reference quantizes activations: "
+                    f"{profile != 'icraft'})",
+                    f"input: `{name}` {list(feed.shape)} {feed.dtype}, token ids seeded "
+                    f"with [validate].seed = {cfg.validate.seed if seed is None else seed}"]
+                    + record.notes)
+    if verdict.why:
+        record.notes.append(verdict.why)
+    record.extra = "\n".join(["| metric | value |", "|---|---|", *metric_rows(cmp)])
+    record.write(ctx.paths.compile_log)
+    ctx.artifact("icraft_compile_log", ctx.paths.compile_log)
+    ctx.progress(3, 3, "done")
+    if not ok:
+        raise StageFailed(f"{summary}: {verdict.why}")
+    return summary
+
+
 class SimulateStage(Stage):
     name = "simulate"
     title = "simulate on the host"
@@ -50,7 +101,6 @@ class SimulateStage(Stage):
     log_section = "simulate"
 
     def run(self, ctx: StageContext) -> str:
-        from tdpu_tui.engine.model.agreement import versus_reference
         from tdpu_tui.engine.model.checkpoint import open_checkpoint
 
         started = time.time()
@@ -87,45 +137,8 @@ class SimulateStage(Stage):
             backend = "onnxruntime (Icraft not installed)" if exe is None else "onnxruntime"
             record.notes.append(f"why not Icraft: {fallback}")
 
-        ctx.progress(2, 3, "running the PyTorch reference")
-        # The reference profile quantizes activations inside the graph; the icraft one is float.
-        reference_inputs = ({"inputs_embeds": feed} if profile == "icraft"
-                            else {"input_ids": ids.astype(np.int64)})
-        verdict = versus_reference(ckpt, reference_inputs, logits, quantize=profile != "icraft",
-                                   cache=ctx.cache)
-        cmp = verdict.metrics
-        agreement = float(cmp["argmax_agreement"])
-        for key in ("max_abs", "mean_abs", "argmax_agreement"):
-            ctx.metric(key, float(cmp[key]))
-        if "cosine" in cmp:
-            ctx.metric("cosine", float(cmp["cosine"]))
-        ctx.metric("backend", backend)
-        ok = verdict.ok
-        summary = (f"simulated on {backend}: argmax agreement {pct(agreement)}"
-                   + (" within tolerance" if ok and verdict.floor is not None else "") + ", "
-                   f"max |Δ| {float(cmp['max_abs']):.3g}, mean |Δ| {float(cmp['mean_abs']):.3g} "
-                   f"vs the PyTorch reference")
-        ctx.log(summary)
-        if verdict.floor is not None:
-            ctx.metric("reference_floor", verdict.floor)
-        if verdict.why:
-            ctx.log(verdict.why, "info" if ok else "error")
-        record.status = "ok" if ok else "failed"
-        record.summary = summary
-        record.seconds = time.time() - started
-        record.notes = [f"export profile: `{profile}` (reference quantizes activations: "
-                        f"{profile != 'icraft'})",
-                        f"input: `{name}` {list(feed.shape)} {feed.dtype}, token ids seeded "
-                        f"with [validate].seed = {cfg.validate.seed}"] + record.notes
-        if verdict.why:
-            record.notes.append(verdict.why)
-        record.extra = "\n".join(["| metric | value |", "|---|---|", *metric_rows(cmp)])
-        record.write(ctx.paths.compile_log)
-        ctx.artifact("icraft_compile_log", ctx.paths.compile_log)
-        ctx.progress(3, 3, "done")
-        if not ok:
-            raise StageFailed(f"{summary}: {verdict.why}")
-        return summary
+        return compare_with_reference(ctx, ckpt, profile, name, feed, ids, logits, backend,
+                                      record, started)
 
     def _icraft_run(self, ctx, exe, oj, orw, name, feed, ids, meta, ckpt, record) -> np.ndarray:
         ftmp = ftmp_path(ctx, name)

@@ -303,8 +303,8 @@ def test_read_only_logs_gives_a_summary_and_json_not_a_traceback(tmp_path):
 def test_a_stage_log_that_cannot_be_opened_fails_the_stage_naming_it(tmp_config, monkeypatch):
     from tdpu_tui.engine.core import pipeline as pipeline_module
 
-    def refuse(*args, **kwargs):
-        raise PermissionError(errno.EACCES, "Permission denied", str(args[-1]))
+    def refuse(*args, **kwargs):    # as open() of the log would, but the pipeline names the file
+        raise PermissionError(errno.EACCES, "Permission denied")
     monkeypatch.setattr(pipeline_module, "StageContext", refuse)
     cfg = load_config(tmp_config)
     result = Pipeline(cfg, [s for s in all_stages() if s.name == "export"]).run().results[0]

@@ -33,9 +33,29 @@ def test_peak_rss_from_psutil_takes_the_windows_peak_working_set():
 
 def test_peak_rss_without_resource_asks_psutil(monkeypatch):
     monkeypatch.setitem(sys.modules, "resource", None)     # import fails, as on Windows
+    monkeypatch.setattr(platform, "_vm_hwm_bytes", lambda: None)   # and there is no /proc
     Info = namedtuple("pmem", "rss vms peak_wset")
     monkeypatch.setattr(psutil.Process, "memory_info", lambda self: Info(10, 20, 7 << 20))
     assert platform.peak_rss_bytes() == 7 << 20
+
+
+def test_vm_hwm_is_read_from_proc_status(tmp_path):
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmPeak:\t  900 kB\nVmHWM:\t   1234 kB\nVmRSS:\t  1000 kB\n")
+    assert platform._vm_hwm_bytes(str(status)) == 1234 * 1024
+    assert platform._vm_hwm_bytes(str(tmp_path / "absent")) is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="no /proc on this system")
+def test_a_small_child_of_a_big_parent_reports_its_own_peak():
+    # ru_maxrss carries the spawning parent's resident set across exec; the peak must not.
+    hold = bytearray(300 << 20)
+    hold[::4096] = b"x" * len(hold[::4096])           # touch every page: resident
+    code = "from tdpu_tui.engine.osutil.platform import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               check=True).stdout)
+    del hold
+    assert child < 150 << 20
 
 
 def test_peak_rss_is_at_least_the_current_rss():

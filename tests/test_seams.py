@@ -93,9 +93,9 @@ def test_threads_take_the_lock_in_turn(tmp_path):
     assert target.read_text() == "80"
 
 
-def test_the_lock_file_sits_beside_the_file_it_guards(tmp_path):
+def test_the_lock_file_sits_in_the_state_folder_beside_the_file_it_guards(tmp_path):
     lock = lock_for(tmp_path / "sub" / "status.json")
-    assert lock.path == tmp_path / "sub" / ".status.json.lock"
+    assert lock.path == tmp_path / "sub" / ".tdpu" / "status.json.lock"
     with lock:
         assert lock.path.exists()
 

@@ -24,14 +24,32 @@ START_TIME_SLACK_S = 1.0
 def peak_rss_bytes() -> int:
     """The largest resident set this process has had, in bytes.
 
-    POSIX keeps it in `getrusage` (kB on Linux, bytes on macOS); Windows in the process's peak
-    working set, which psutil reads. Where neither exists the current RSS is the best there is.
+    Linux keeps it per address space in /proc/self/status (`VmHWM`), which starts afresh at
+    exec; `getrusage` there would also count the parent's resident set at the moment it
+    spawned this process (the kernel folds the vfork'ed address space into `ru_maxrss`), so a
+    small command started by a big one would report the big one's peak. Other POSIX systems
+    keep it in `getrusage` (bytes on macOS); Windows in the process's peak working set, which
+    psutil reads. Where none exists the current RSS is the best there is.
     """
+    hwm = _vm_hwm_bytes()
+    if hwm is not None:
+        return hwm
     try:
         import resource
     except ImportError:
         return peak_rss_from_memory_info(psutil.Process().memory_info())
     return peak_rss_from_rusage(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, sys.platform)
+
+
+def _vm_hwm_bytes(status: str = "/proc/self/status") -> int | None:
+    try:
+        with open(status, encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024        # "VmHWM:   12345 kB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def peak_rss_from_rusage(ru_maxrss: int, platform: str) -> int:

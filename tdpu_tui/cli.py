@@ -14,6 +14,8 @@ from tdpu_tui.engine.core.errors import ConfigError, ExitCode
 # Commands after the global options: name -> (module with `main(argv)`, one line of help).
 SUBCOMMANDS = {
     "bugs": ("tdpu_tui.bugs_cli", "bug records in phase3_logs/bugs_found.md (tdpu bugs {list,add,set} --help)"),
+    "icraft": ("tdpu_tui.icraft_cli", "Icraft on another machine: the hand-off bundle and its results "
+               "(tdpu icraft {bundle,import} --help)"),
 }
 # Options of the pipeline; before a command only --config applies.
 GLOBAL_OPTIONS = ("--config",)

@@ -113,7 +113,7 @@ def test_round_trip_through_run_icraft_sh_then_import_folder_and_zip(project, tm
         section = read_section(log, stage)
         assert f"## {stage} — ok" in section and f"imported from {host}" in section
     sim = read_section(log, "simulate")
-    assert "icraft run on the Icraft host (imported)" in sim and "argmax_agreement | 1" in sim
+    assert "icraft run on the Icraft host (imported)" in sim and "| argmax agreement | 100.00%" in sim
     rows = run_status.load(project.parent / "phase3_logs/runs/status.json")
     assert {n: rows[n].status.value for n in ("parse", "optimize", "simulate")} == \
         {"parse": "ok", "optimize": "ok", "simulate": "ok"}

@@ -11,6 +11,7 @@ import pytest
 from onnx import numpy_helper
 
 from kernels.packing import pack, repack
+from tdpu_tui.engine.core.manifests import ExportMeta, ReplaceReport
 from tdpu_tui.engine.core.config import parse_config
 from tdpu_tui.engine.core.events import Status
 from tdpu_tui.engine.rewrite.matmulnbits import nbits_pack
@@ -180,7 +181,9 @@ def test_interrupted_step_copies_are_removed(tmp_path, monkeypatch):
     monkeypatch.setattr(validate, "lower_to_matmulnbits", lambda src, dst: 0)
     v = object.__new__(validate.Validation)
     v.ctx, v.cfg, v.paths, v.notes = Ctx(), cfg, paths, []
-    v.meta, v.report, v.replaced, v.bf16 = {"input_name": "inputs_embeds", "profile": "icraft"}, {}, [], []
+    v.meta = ExportMeta(profile="icraft", checkpoint=str(tmp_path), seq_len=4, input_name="inputs_embeds")
+    v.report = ReplaceReport(source="", output="", layout="tdpu", nodes=[])
+    v.replaced, v.bf16 = [], []
     x = {"inputs_embeds": np.zeros((1, 4, 64), np.float32)}
     with pytest.raises(KeyboardInterrupt):
         v.measure(4, x)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,7 +12,8 @@ import onnx
 from onnx import helper
 
 from kernels.packing import pack
-from tdpu_tui.engine.core.errors import GraphError
+from tdpu_tui.engine.core.errors import GraphError, TdpuError
+from tdpu_tui.engine.core.manifests import ExportMeta, ReplaceReport
 from tdpu_tui.engine.core.config import LM_HEAD_MODES, ReplaceConfig
 from tdpu_tui.engine.graph.external import placeholder_tensor, save_streamed, tensor_bytes
 from tdpu_tui.engine.graph.index import GraphIndex
@@ -46,7 +47,9 @@ class Decision:
 
 
 @dataclass
-class ReplaceReport:
+class ReplaceOutcome:
+    """What a replace pass decided, node by node (written as `core.manifests.ReplaceReport`)."""
+
     source: str
     output: str
     layout: str
@@ -77,14 +80,14 @@ class ReplaceReport:
     def bytes_after(self) -> int:
         return sum(d.bytes_after for d in self.replaced)
 
-    def as_json(self) -> dict:
-        return {"source": self.source, "source_stamp": self.source_stamp,
-                "output": self.output, "layout": self.layout,
-                "lm_head": self.lm_head, "include": self.include, "exclude": self.exclude,
-                "overrides": self.overrides, "replaced": len(self.replaced), "kept": len(self.kept),
-                "bf16": len(self.bf16),
-                "weight_bytes_before": self.bytes_before, "weight_bytes_after": self.bytes_after,
-                "nodes": [asdict(d) for d in self.decisions]}
+    def manifest(self) -> ReplaceReport:
+        return ReplaceReport(
+            source=self.source, output=self.output, layout=self.layout,
+            nodes=[asdict(d) for d in self.decisions], source_stamp=self.source_stamp,
+            lm_head=self.lm_head, include=self.include, exclude=self.exclude,
+            overrides=self.overrides, replaced=len(self.replaced), kept=len(self.kept),
+            bf16=len(self.bf16), weight_bytes_before=self.bytes_before,
+            weight_bytes_after=self.bytes_after)
 
 
 
@@ -129,10 +132,9 @@ def source_stamp(path: Path) -> dict:
     project (new mtimes) keeps it; exporting again changes it."""
     stamp: dict = {}
     meta = path.with_suffix(".meta.json")
-    try:
-        stamp["exported_at"] = json.loads(meta.read_text(encoding="utf-8")).get("exported_at")
-    except (OSError, ValueError, AttributeError):
-        pass
+    if meta.exists():
+        with contextlib.suppress(TdpuError):   # a graph from elsewhere: its sizes identify it
+            stamp["exported_at"] = ExportMeta.load(meta).exported_at
     for f in (path, path.with_name(f"{path.name}.data")):
         if f.exists():
             stamp[f"{f.name} bytes"] = f.stat().st_size
@@ -145,7 +147,7 @@ def replace_model(src: str | Path, dst: str | Path, *, layout: str = "tdpu",
                   overrides: Mapping[str, bool] | None = None, report_path: str | Path | None = None,
                   lm_head: str = "float",
                   on_decision: Callable[[Decision], None] | None = None,
-                  on_progress: Callable[[int, int, str], None] | None = None) -> ReplaceReport:
+                  on_progress: Callable[[int, int, str], None] | None = None) -> ReplaceOutcome:
     """Replace the selected ternary MatMuls of `src`, writing `dst` (+ `dst.data`) atomically.
 
     `lm_head`: "float" keeps the lm_head as exported; "bf16" holds it (and a tied embedding
@@ -162,7 +164,7 @@ def replace_model(src: str | Path, dst: str | Path, *, layout: str = "tdpu",
     rcfg = ReplaceConfig(include=list(include), exclude=list(exclude), layout=layout)
     selected = resolve_selection(entries, rcfg, overrides)
 
-    report = ReplaceReport(str(src), str(dst), layout, lm_head=lm_head, include=list(include),
+    report = ReplaceOutcome(str(src), str(dst), layout, lm_head=lm_head, include=list(include),
                            exclude=list(exclude), overrides=dict(overrides or {}), source_stamp=stamp)
     chosen: list[tuple[Projection, Decision]] = []
     head_nodes: list[tuple[onnx.NodeProto, Decision]] = []
@@ -274,8 +276,7 @@ def replace_model(src: str | Path, dst: str | Path, *, layout: str = "tdpu",
         pairs = [(data_tmp, dst.with_name(f"{dst.name}.data")), (onnx_tmp, dst)]
         if report_path is not None:
             report_tmp = stage / Path(report_path).name
-            report_tmp.write_text(json.dumps(report.as_json(), indent=2, ensure_ascii=False) + "\n",
-                                  encoding="utf-8")
+            report.manifest().dump(report_tmp)
             pairs.append((report_tmp, Path(report_path)))
         commit_files(pairs)
     return report

@@ -3,27 +3,21 @@ seeded validation inputs built from them."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tdpu_tui.engine.core.errors import StageFailed
+from tdpu_tui.engine.core.manifests import ExportMeta
 from tdpu_tui.engine.core.stage import StageContext
 
 ELEM_DTYPES = {1: np.float32, 6: np.int32, 7: np.int64, 10: np.float16, 11: np.float64}
 
 
-def read_export_meta(ctx: StageContext) -> dict[str, Any]:
-    path = ctx.paths.export_meta
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        ctx.log(f"{path} not found: assuming the reference profile", "warning")
-        return {}
-    except (OSError, ValueError) as exc:
-        raise StageFailed(f"{path}: cannot read the export facts: {exc}") from None
+def read_export_meta(ctx: StageContext) -> ExportMeta:
+    """The export's facts (`core.manifests`: a missing file is a usage error naming it)."""
+    return ExportMeta.load(ctx.paths.export_meta)
 
 
 def exported_graph(ctx: StageContext) -> Path:
@@ -57,7 +51,7 @@ def graph_inputs(onnx_path: Path, seq_len: int) -> list[tuple[str, list[int], An
 
 
 
-def validation_inputs(ctx: StageContext, meta: dict[str, Any], onnx_path: Path, ckpt):
+def validation_inputs(ctx: StageContext, meta: ExportMeta, onnx_path: Path, ckpt):
     """Seeded token ids, and the graph's inputs built from them (embeddings for `icraft`)."""
     from tdpu_tui.engine.model.compare import seeded_inputs
 
@@ -65,7 +59,7 @@ def validation_inputs(ctx: StageContext, meta: dict[str, Any], onnx_path: Path, 
     if len(inputs) != 1:
         raise StageFailed(f"{onnx_path}: expected one graph input, found {len(inputs)}")
     name, shape, dtype = inputs[0]
-    seeded = seeded_inputs(ckpt, meta.get("profile", "reference"), shape[0], shape[1],
+    seeded = seeded_inputs(ckpt, meta.profile, shape[0], shape[1],
                            ctx.config.validate.seed)
     # Icraft's .ftmp inputs carry token ids as float32 too.
     feed = seeded.get("inputs_embeds", seeded["input_ids"]).astype(dtype, copy=False)

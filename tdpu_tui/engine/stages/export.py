@@ -16,6 +16,7 @@ from tdpu_tui.engine.model.agreement import versus_reference
 from tdpu_tui.engine.model.checkpoint import Checkpoint, open_checkpoint
 from tdpu_tui.engine.core.config import Config
 from tdpu_tui.engine.core.errors import StageFailed, UsageError
+from tdpu_tui.engine.core.manifests import ExportMeta
 from tdpu_tui.engine.osutil.files import (
     commit_files,
     human_bytes,
@@ -199,15 +200,14 @@ class ExportStage(Stage):
             index_tmp = stage_dir / paths.full_raw_index.name
             index_tmp.write_text(json.dumps(raw_index, indent=1) + "\n", encoding="utf-8")
             input_name = "inputs_embeds" if profile == "icraft" else "input_ids"
-            meta = {
-                "profile": profile, "checkpoint": str(ckpt_dir), "seq_len": cfg.export.seq_len,
-                "input_name": input_name, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
-                "num_layers": c.num_hidden_layers, "linear_class": c.linear_class,
-                "opset": cfg.export.opset, "max_position_embeddings": c.max_position_embeddings,
-                "exported_at": dt.datetime.now().isoformat(timespec="seconds"),
-            }
+            meta = ExportMeta(
+                profile=profile, checkpoint=str(ckpt_dir), seq_len=cfg.export.seq_len,
+                input_name=input_name, hidden_size=c.hidden_size, vocab_size=c.vocab_size,
+                num_layers=c.num_hidden_layers, linear_class=c.linear_class,
+                opset=cfg.export.opset, max_position_embeddings=c.max_position_embeddings,
+                exported_at=dt.datetime.now().isoformat(timespec="seconds"))
             meta_tmp = stage_dir / paths.export_meta.name
-            meta_tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+            meta.dump(meta_tmp)
             sizes = {
                 "checkpoint (safetensors)": ckpt.nbytes,
                 paths.full_onnx.name: onnx_tmp.stat().st_size,
@@ -232,7 +232,7 @@ class ExportStage(Stage):
         ctx.metric("nodes", sum(op_hist.values()))
         ctx.metric("matmul_nodes", op_hist.get("MatMul", 0) + op_hist.get("Gemm", 0))
         ctx.metric("seconds_by_step", {k: round(v, 3) for k, v in timings.items()})
-        write_export_log(paths, cfg, meta, c, counts, sizes, op_hist, verdict, timings, peak, export_rss,
+        write_export_log(paths, cfg, meta.as_json(), c, counts, sizes, op_hist, verdict, timings, peak, export_rss,
                          len(index), linear_class)
         return (f"{profile} profile, {sum(op_hist.values())} nodes, argmax agreement "
                 f"{pct(m['argmax_agreement'])}" + (" within tolerance" if verdict.why else "")

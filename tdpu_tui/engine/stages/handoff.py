@@ -58,19 +58,17 @@ def write_handoff(ctx: StageContext) -> bd.Bundle:
     inputs = graph_inputs(onnx_path, cfg.export.seq_len)
     input_data, missing = None, ""
     try:
-        if not meta.get("checkpoint"):
-            raise StageFailed(f"{ctx.paths.export_meta}: no 'checkpoint' entry")
-        ckpt = open_checkpoint(meta["checkpoint"])
+        ckpt = open_checkpoint(meta.checkpoint)
         _ids, name, feed = validation_inputs(ctx, meta, onnx_path, ckpt)
         input_data = {name: np.ascontiguousarray(feed, dtype=np.float32).tobytes()}
-        vocab = int(meta.get("vocab_size") or ckpt.config.vocab_size)
+        vocab = int(meta.vocab_size or ckpt.config.vocab_size)
     except (TdpuError, OSError) as exc:
         missing = f"the seeded input could not be built: {exc}"
         ctx.log(f"hand-off bundle without its input: {exc}", "warning")
-        vocab = int(meta.get("vocab_size") or 0)
+        vocab = int(meta.vocab_size or 0)
     shape = inputs[0][1] if len(inputs) == 1 else None
     out_shape = [shape[0], shape[1], vocab] if shape and len(shape) >= 2 and vocab else None
-    bundle = bd.write_bundle(cfg, ctx.paths.icraft_dir, onnx_path, meta, inputs, input_data,
+    bundle = bd.write_bundle(cfg, ctx.paths.icraft_dir, onnx_path, meta.as_json(), inputs, input_data,
                              missing, cfg.validate.seed, out_shape, __version__)
     for f in bundle.files:
         ctx.log(f"hand-off bundle: {f.describe()}")
@@ -120,7 +118,7 @@ def _check_same_export(ctx: StageContext, manifest: dict, root: Path) -> None:
         raise imp.BundleError(f"this project has no export ({paths.full_onnx}): the bundle in "
                               f"{root} was made from {bd.describe_identity(manifest['export'])}")
     meta = read_export_meta(ctx)
-    here = bd.export_identity(paths.full_onnx, meta)
+    here = bd.export_identity(paths.full_onnx, meta.as_json())
     theirs = manifest["export"]
     if here != theirs:
         raise imp.BundleError(
@@ -219,8 +217,10 @@ def _note(path: Path, stage: str, result: StageResult | None) -> None:
 
 def _draft(bugs: Path, result: StageResult, report: ImportReport, emit) -> None:
     from tdpu_tui.engine.records.bugbook import record_failure
+    from tdpu_tui.engine.stages import bug_stages
     try:
-        record, created = record_failure(bugs, result.name, result.message, result.log_tail)
+        record, created = record_failure(bugs, result.name, result.message, result.log_tail,
+                                         bug_stages=bug_stages())
     except Exception as exc:  # a bug draft must never mask the failure itself
         emit(StageLog(result.name, f"could not draft a bug record: {exc}", "warning"))
         return
@@ -294,8 +294,8 @@ def _record_run(ctx: StageContext, root: Path, manifest: dict, outcome: imp.Comm
     logits = np.fromfile(dump, dtype=np.float32)
     if out.get("shape"):
         logits = logits.reshape([int(d) for d in out["shape"]])
-    ckpt = open_checkpoint(meta["checkpoint"])
-    profile = meta.get("profile", "reference")
+    ckpt = open_checkpoint(meta.checkpoint)
+    profile = meta.profile
     ids = feed.astype(np.int64) if profile != "icraft" else np.zeros(shape[:2], np.int64)
     summary = compare_with_reference(ctx, ckpt, profile, row["name"], feed.copy(), ids, logits,
                                      "icraft run on the Icraft host (imported)", record, started,

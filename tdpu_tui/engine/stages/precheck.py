@@ -30,7 +30,7 @@ class PrecheckStage(Stage):
         started = time.time()
         onnx_path = exported_graph(ctx)
         meta = read_export_meta(ctx)
-        profile = meta.get("profile", "reference")
+        profile = meta.profile
         table = table_for(ctx.config)
         ctx.log(f"op table: {table.origin} ({len(table)} ops)")
         ctx.progress(0, 2, "reading the graph (without weights)")

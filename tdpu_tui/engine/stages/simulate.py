@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tdpu_tui.engine.core.errors import StageFailed, UsageError
+from tdpu_tui.engine.core.errors import StageFailed
 from tdpu_tui.engine.core.stage import Stage, StageContext
 from tdpu_tui.engine.icraft import driver as ic
 from tdpu_tui.engine.stages.icraft_run import ftmp_path, prepare_log_dir, run_component
@@ -107,11 +107,9 @@ class SimulateStage(Stage):
         cfg = ctx.config
         onnx_path = exported_graph(ctx)
         meta = read_export_meta(ctx)
-        profile = meta.get("profile", "reference")
-        if not meta.get("checkpoint"):
-            raise UsageError(f"{ctx.paths.export_meta}: no 'checkpoint' entry: re-run export")
+        profile = meta.profile
         ctx.progress(0, 3, "loading the checkpoint")
-        ckpt = open_checkpoint(meta["checkpoint"])
+        ckpt = open_checkpoint(meta.checkpoint)
         ids, name, feed = validation_inputs(ctx, meta, onnx_path, ckpt)
 
         exe = ic.find_cli(cfg)
@@ -147,7 +145,7 @@ class SimulateStage(Stage):
         log_dir = prepare_log_dir(ctx.paths.icraft_logs / "simulate")
         argv = ic.run_argv(exe, oj, orw, [ftmp], log_dir)
         run_component(ctx, exe, argv, [], log_dir, record)
-        vocab = int(meta.get("vocab_size") or ckpt.config.vocab_size)
+        vocab = int(meta.vocab_size or ckpt.config.vocab_size)
         shape = (feed.shape[0], feed.shape[1], vocab)
         nbytes = int(np.prod(shape)) * 4
         out = find_output_ftmp(log_dir, ctx.paths.icraft_dir, nbytes)

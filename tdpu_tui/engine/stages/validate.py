@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import json
 import os
 import tempfile
 from dataclasses import asdict
@@ -31,6 +30,7 @@ import onnx
 
 from tdpu_tui.engine.model.agreement import Verdict, judge, versus_reference
 from tdpu_tui.engine.core.errors import StageFailed, UsageError
+from tdpu_tui.engine.core.manifests import ExportMeta, ReplaceReport
 from tdpu_tui.engine.osutil.files import human_bytes, owned_prefix
 from tdpu_tui.engine.osutil.platform import load_average
 from tdpu_tui.engine.rewrite.inventory import BITLINEAR_DOMAIN, bitlinear_attrs
@@ -93,15 +93,6 @@ def _bitlinear_session(path: Path):
     return create_session(path)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"{path}: not found; run the export and replace stages first") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StageFailed(f"{path}: unreadable ({exc}); run the export and replace stages again") from None
-
-
 class Validation:
     """One validation run (kept as an object so the benchmark can reuse its pieces)."""
 
@@ -110,11 +101,11 @@ class Validation:
         self.cfg = ctx.config
         self.paths = ctx.paths
         self.notes: list[str] = []
-        self.meta = _read_json(self.paths.export_meta)
-        self.report = _read_json(self.paths.replace_report)
-        self.profile = self.meta.get("profile", "reference")
-        self.replaced = [d for d in self.report["nodes"] if d["action"] == "replaced"]
-        self.bf16 = [d for d in self.report["nodes"] if d["action"] == "bf16"]
+        self.meta = ExportMeta.load(self.paths.export_meta)
+        self.report = ReplaceReport.load(self.paths.replace_report)
+        self.profile = self.meta.profile
+        self.replaced = self.report.with_action("replaced")
+        self.bf16 = self.report.with_action("bf16")
         self.captured: tuple[str, ...] = ()   # the float session's extra outputs
         self.kernel = choose_kernel(ctx.config)
         # This stage runs its own float session (with the sampled nodes' tensors as outputs).
@@ -156,8 +147,8 @@ class Validation:
     # inputs --------------------------------------------------------------------------------
 
     def tokens(self) -> int:
-        seq = int(self.meta.get("seq_len", self.cfg.export.seq_len))
-        max_pos = self.meta.get("max_position_embeddings")
+        seq = self.meta.seq_len
+        max_pos = self.meta.max_position_embeddings
         if self.profile == "reference" and max_pos and seq > int(max_pos):
             self.notes.append(f"seq_len {seq} exceeds the model's {max_pos} positions: "
                               f"clamped to {max_pos} tokens")
@@ -168,11 +159,11 @@ class Validation:
         from tdpu_tui.engine.model.checkpoint import open_checkpoint
 
         batch = 1 if self.profile == "icraft" else self.cfg.validate.batch
-        with open_checkpoint(self.meta["checkpoint"]) as ckpt:
+        with open_checkpoint(self.meta.checkpoint) as ckpt:
             return seeded_inputs(ckpt, self.profile, batch, tokens, self.cfg.validate.seed)
 
     def feed(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {self.meta.get("input_name", "input_ids"): inputs[self.meta.get("input_name", "input_ids")]}
+        return {self.meta.input_name: inputs[self.meta.input_name]}
 
     # accuracy ------------------------------------------------------------------------------
 
@@ -197,7 +188,7 @@ class Validation:
     def versus_reference(self, inputs: dict[str, np.ndarray], got: np.ndarray) -> Verdict:
         from tdpu_tui.engine.model.checkpoint import open_checkpoint
 
-        with open_checkpoint(self.meta["checkpoint"]) as ckpt:
+        with open_checkpoint(self.meta.checkpoint) as ckpt:
             return versus_reference(ckpt, {"inputs_embeds": inputs["inputs_embeds"]}, got, quantize=True,
                                     cache=self.ctx.cache)
 
@@ -234,7 +225,7 @@ class Validation:
     # speed ---------------------------------------------------------------------------------
 
     def measure(self, tokens: int, inputs: dict[str, np.ndarray]) -> PerfResult:
-        name = self.meta.get("input_name", "input_ids")
+        name = self.meta.input_name
         prefill = {name: inputs[name][:1]}
         step = {name: inputs[name][:1, :1]}
         # The icraft graph has a fixed sequence length: its single-token step runs on a copy
@@ -247,8 +238,8 @@ class Validation:
         load_text = "n/a (not reported by this system)" if load is None else f"{load:.2f}"
         perf.notes.append(f"machine: {os.cpu_count()} CPUs, load average {load_text} when "
                           f"timing started; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
-        before = self.report.get("weight_bytes_before", 0)
-        after = self.report.get("weight_bytes_after", 0)
+        before = self.report.weight_bytes_before
+        after = self.report.weight_bytes_after
         with tempfile.TemporaryDirectory(prefix=owned_prefix(".validate-"), dir=self.paths.output) as tmp:
             nbits_path = Path(tmp) / "bitnet_b1.58_matmulnbits.onnx"
             self.ctx.log("lowering the BitLinear graph to com.microsoft::MatMulNBits (bits=2) for the peer")
@@ -276,7 +267,7 @@ class Validation:
                              f"{'n/a' if timing.step_ms is None else f'{timing.step_ms:.2f} ms'}, "
                              f"projection weights {timing.weight_bytes} B")
         perf.projections = self.measure_projections(tokens, True)
-        hidden = int(self.meta.get("hidden_size") or 0)
+        hidden = int(self.meta.hidden_size or 0)
         if 0 < hidden < SMALL_HIDDEN:
             perf.why_slower = "tiny shapes: the operator bridge's fixed cost"
             perf.notes.append(
@@ -304,7 +295,7 @@ class Validation:
         """Bytes of the float weights behind kept MatMul/Gemm nodes (e.g. the tied lm_head)."""
         g = self.original
         out: dict[str, int] = {}
-        for d in self.report["nodes"]:
+        for d in self.report.nodes:
             w = d.get("weight")
             if d["action"] == "kept" and w in g.inits and len(g.inits[w].dims) == 2:
                 t = g.inits[w]
@@ -394,9 +385,9 @@ class Validation:
                 return "?"
 
         v, r = self.cfg.validate, self.report
-        off = sorted(n for n, on in (r.get("overrides") or {}).items() if not on)
-        on = sorted(n for n, on in (r.get("overrides") or {}).items() if on)
-        picks = (f"include {r.get('include')}, exclude {r.get('exclude')}"
+        off = sorted(n for n, on in r.overrides.items() if not on)
+        on = sorted(n for n, on in r.overrides.items() if on)
+        picks = (f"include {r.include}, exclude {r.exclude}"
                  + (f"; the app's selection file turns off {len(off)} node(s)"
                     + (f" ({', '.join(off[:4])}{', …' if len(off) > 4 else ''})" if off else "")
                     if off else "")
@@ -407,7 +398,7 @@ class Validation:
             "generated": fmt_time(zone=True),
             "versions": ", ".join(f"{n} {ver(n)}" for n in ("tdpu", "onnxruntime", "onnxruntime-extensions",
                                                             "numba", "numpy", "onnx")),
-            "replace": (f"layout {r.get('layout')}, lm_head {r.get('lm_head', 'float')}; {picks}"),
+            "replace": (f"layout {r.layout}, lm_head {r.lm_head}; {picks}"),
             "inputs": (f"seed {v.seed}, batch {1 if self.profile == 'icraft' else v.batch}, "
                        f"{self.tokens()} tokens; {min(v.sample_nodes, len(self.replaced))} of "
                        f"{len(self.replaced)} BitLinear nodes checked one by one"),
@@ -425,7 +416,7 @@ class Validation:
         require_graph(self.paths.full_onnx, "export")
         require_graph(self.paths.bitlinear_onnx, "replace")
         from tdpu_tui.engine.rewrite.bitlinear import source_stamp
-        made_from = self.report.get("source_stamp")
+        made_from = self.report.source_stamp
         if made_from and made_from != source_stamp(self.paths.full_onnx):
             raise UsageError(f"{self.paths.bitlinear_onnx} was made from an earlier export: "
                               f"{self.paths.full_onnx} changed since the replace stage ran "
@@ -518,7 +509,7 @@ class Validation:
         tolerance = floor_why if within_floor and logits["argmax_agreement"] < MIN_ARGMAX_AGREEMENT else ""
         verdict = verdict_line(problems, tolerance)
         charts = write_performance_report(
-            self.paths.performance_report, self.meta, accuracy, perf, [asdict(c) for c in checks], verdict,
+            self.paths.performance_report, self.meta.as_json(), accuracy, perf, [asdict(c) for c in checks], verdict,
             self.notes, self.settings(measured=perf is not None), root=self.cfg.base_dir)
         ctx.artifact("performance_report", self.paths.performance_report)
         for key, chart in charts.items():

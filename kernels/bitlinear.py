@@ -1,4 +1,4 @@
-"""Numba kernels for the BitLinear operator (SPEC section 4), NumPy in and out.
+"""Numba kernels for the BitLinear operator (docs/spec.md §4), NumPy in and out.
 
     quantize_activations(x)                      float32 [..., K] -> int8 [..., K], float32 [..., 1]
     ternary_matmul_int(q, p, layout, path=None)  int8 [M, K] x packed [N/4, K] -> int32 [M, N], exact
@@ -504,7 +504,7 @@ def ternary_matmul_int(q: np.ndarray, p: np.ndarray, layout: str, path: str | No
 
 def bitlinear(x: np.ndarray, p: np.ndarray, weight_scale, layout: str, path: str | None = None
               ) -> np.ndarray:
-    """float32 [..., K] -> float32 [..., N]: y = (q @ W.T) / s * weight_scale (SPEC section 4).
+    """float32 [..., K] -> float32 [..., N]: y = (q @ W.T) / s * weight_scale (docs/spec.md §4).
 
     `weight_scale` uses the multiply convention (a float or a one-element array); `path` as
     in `ternary_matmul_int`.

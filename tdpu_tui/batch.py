@@ -1,4 +1,4 @@
-"""`tdpu --batch`: the headless face. Progress to stderr, results to stdout (SPEC §2)."""
+"""`tdpu --batch`: the headless face. Progress to stderr, results to stdout (docs/spec.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`tdpu bugs list | add | set` (SPEC §2): the bug book from the shell, same rules as the app.
+"""`tdpu bugs list | add | set` (docs/spec.md §2): the bug book from the shell, same rules as the app.
 
 The book is `<[paths].logs>/bugs_found.md` of `--config PATH` or ./tdpu.toml, as for `tdpu`
 itself. Without either, `add` and `set` refuse (they would create or edit a stray book);

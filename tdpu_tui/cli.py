@@ -1,4 +1,4 @@
-"""Command line (SPEC §2): the interactive session, `--batch`, and `tdpu bugs …`."""
+"""Command line (docs/spec.md §2): the interactive session, `--batch`, and `tdpu bugs …`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The bug book's codec, validation, numbering and failure drafts (SPEC §7)."""
+"""The bug book's codec, validation, numbering and failure drafts (docs/spec.md §7)."""
 
 import difflib
 import json
@@ -388,7 +388,7 @@ def test_parse_stage_rejects_other_values_listing_both_forms(value):
 
 
 def test_the_book_itself_stores_only_the_spec_values(tmp_path):
-    # The aliases are the command line's (parse_stage); add/update keep SPEC §7's rule.
+    # The aliases are the command line's (parse_stage); add/update keep docs/spec.md §7's rule.
     with pytest.raises(BugValidationError):
         BugBook(tmp_path / "b.md").add("t", "export")
 

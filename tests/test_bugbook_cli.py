@@ -1,4 +1,4 @@
-"""`tdpu bugs list | add | set` (SPEC §2): `tdpu_tui.bugs_cli.main(argv)`."""
+"""`tdpu bugs list | add | set` (docs/spec.md §2): `tdpu_tui.bugs_cli.main(argv)`."""
 
 import io
 import json

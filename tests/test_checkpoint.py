@@ -1,4 +1,4 @@
-"""The Hugging Face BitNet checkpoint loader (SPEC §4): layouts, conventions, and its errors."""
+"""The Hugging Face BitNet checkpoint loader (docs/spec.md §4): layouts, conventions, and its errors."""
 
 import json
 import shutil

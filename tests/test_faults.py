@@ -196,6 +196,12 @@ def test_external_data_outside_the_graph_directory_is_refused(exported_copy, tmp
     assert "not inside the graph's directory" in result.message
     for produced in exported_copy.output_dir.glob("bitnet_b1.58_bitlinear.onnx*"):
         assert b"SECRET-BYTES-" not in produced.read_bytes()
+    # The check every other stage makes before reading the graph refuses it too.
+    from tdpu_tui.engine.core.errors import StageFailed
+    from tdpu_tui.engine.model.compare import require_graph
+    with pytest.raises(StageFailed, match="not inside the graph's directory") as info:
+        require_graph(graph_path, "export")
+    assert repr(target.name) in str(info.value)
 
 
 # -- #13.6: --error-file read up to a cap -----------------------------------------------------------

@@ -55,7 +55,7 @@ def run(cfg, names, cancel=None):
     return {r.name: r for r in summary.results}, events
 
 
-# --- argument lists (SPEC §6 and the manuals) -----------------------------------------------
+# --- argument lists (docs/spec.md §6 and the manuals) -----------------------------------------------
 
 def test_parse_argv_is_complete_for_a_non_image_input(tmp_path):
     cfg = load_config(helpers.write_config(tmp_path))

@@ -1,4 +1,4 @@
-"""The numba BitLinear kernels (kernels/bitlinear.py): exactness, SPEC section 4 numerics, threads, cache."""
+"""The numba BitLinear kernels (kernels/bitlinear.py): exactness, docs/spec.md §4 numerics, threads, cache."""
 
 import os
 import subprocess

@@ -1,6 +1,6 @@
 r"""`ai.tdpu::BitLinear` in ONNX Runtime, its body the numba kernel of `kernels.bitlinear`.
 
-The operator (SPEC section 5): inputs X float32 [..., K], W uint8 [N/4, K] (initializer),
+The operator (docs/spec.md §5): inputs X float32 [..., K], W uint8 [N/4, K] (initializer),
 weight_scale float32 [1]; output float32 [..., N]; attributes in_features (K),
 out_features (N), layout ("tdpu" | "hf").
 

@@ -1,4 +1,4 @@
-"""The Textual app: a thin face over the engine's Pipeline and events (STYLE.md, harlequin).
+"""The Textual app: a thin face over the engine's Pipeline and events (laid out as harlequin lays out its app).
 
 Threads: the pipeline runs in a thread worker (its stages release the GIL); its events go into
 an inbox that a 20 Hz pump drains in batches. Icraft's log files are followed by

@@ -1,4 +1,4 @@
-"""Where every artifact lives (SPEC §1). One place, so the stages and both faces agree."""
+"""Where every artifact lives (docs/spec.md §1). One place, so the stages and both faces agree."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`tdpu.toml`: loading and validation (SPEC §3).
+"""`tdpu.toml`: loading and validation (docs/spec.md §3).
 
 Unknown keys and wrong types are errors naming the key and the file. Relative paths are
 relative to the configuration file.
@@ -87,7 +87,7 @@ class ValidateConfig:
 
 @dataclass
 class RtlPortsConfig:
-    """Port names of the BitLinear core (SPEC §8); the defaults are the team's core."""
+    """Port names of the BitLinear core (docs/spec.md §8); the defaults are the team's core."""
     clk: str = "clk"
     rst_n: str = "rst_n"
     data_valid: str = "i_data_valid"
@@ -123,7 +123,7 @@ class RtlConfig:
 
 @dataclass
 class TdpuConfig:
-    """The board the cost model of SPEC §9 describes."""
+    """The board the cost model of docs/spec.md §9 describes."""
     cores: int = 1
     clock_mhz: float = 200
     ddr_gb_s: float = 4.0

@@ -100,7 +100,7 @@ class Stage:
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
     needs: ClassVar[tuple[str, ...]] = ()
-    # The bug book's 发现阶段 (SPEC §7) a failure of this stage is filed under.
+    # The bug book's 发现阶段 (docs/spec.md §7) a failure of this stage is filed under.
     bug_stage: ClassVar[str] = ""
     # The section of icraft_compile_log.md this stage writes, if any.
     log_section: ClassVar[str | None] = None

@@ -4,7 +4,7 @@ Like ONNX Runtime GenAI's model builder, the graph is written directly rather th
 each weight is read from the checkpoint, converted, and streamed to the external-data file
 at once, so exporting the 2B model needs little more memory than its largest tensor.
 
-Two profiles (SPEC §3, §6):
+Two profiles (docs/spec.md §3, §6):
 - `reference`: `input_ids` int64 [batch, seq] (dynamic) -> `logits`; BitNet's per-token int8
   activation quantization is in the graph, so the graph computes what the checkpoint means.
 - `icraft`: `inputs_embeds` float32 [1, seq_len, hidden] (fixed) -> `logits`, built only from

@@ -1,4 +1,4 @@
-"""Icraft's ONNX operator support table (SPEC §6).
+"""Icraft's ONNX operator support table (docs/spec.md §6).
 
 The table ships as package data (`tdpu_tui/data/onnx_op_support.csv`, from the Icraft v3.7.1
 op-support page, see `tdpu_tui/data/README.md`). `[icraft].op_table` points at a user's own

@@ -1,4 +1,4 @@
-"""Read a BitNet b1.58 checkpoint in the Hugging Face layout (SPEC §4).
+"""Read a BitNet b1.58 checkpoint in the Hugging Face layout (docs/spec.md §4).
 
 A checkpoint is a directory with `config.json` and either `model.safetensors` or a sharded
 `model.safetensors.index.json` plus its shards. Three ways of storing a projection

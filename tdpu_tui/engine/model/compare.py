@@ -25,16 +25,21 @@ def require_graph(path: str | Path, made_by: str) -> Path:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise StageFailed(f"{path}: not a readable ONNX model ({exc}); run the {made_by} stage again") from None
-    needed: dict[str, int] = {}        # data file -> bytes the initializers reach
+    from tdpu_tui.engine.core.errors import GraphError
+    from tdpu_tui.engine.graph.external import data_file
+
+    needed: dict[Path, int] = {}       # data file -> bytes the initializers reach
     for t in model.graph.initializer:
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in t.external_data}
         end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
-        name = info.get("location", "")
-        needed[name] = max(needed.get(name, 0), end)
-    for name, end in sorted(needed.items()):
-        data = path.parent / name
+        try:        # confined to the graph's directory, as every reader of the data is
+            data = data_file(path.parent, t.name, info.get("location", ""))
+        except GraphError as exc:
+            raise StageFailed(f"{path}: {exc}") from None
+        needed[data] = max(needed.get(data, 0), end)
+    for data, end in sorted(needed.items()):
         if not data.is_file():
             raise StageFailed(f"{data}: not found (the weights of {path.name}); run the "
                               f"{made_by} stage again")

@@ -1,4 +1,4 @@
-"""BitNet b1.58 in PyTorch: the reference every exported graph is checked against (SPEC §4).
+"""BitNet b1.58 in PyTorch: the reference every exported graph is checked against (docs/spec.md §4).
 
 Read top to bottom like transformers' `modeling_bitnet.py`: RMSNorm → BitLinear → attention →
 MLP → decoder layer → model → causal-LM head. Module names equal the checkpoint's tensor

@@ -1,4 +1,4 @@
-"""MatMul -> BitLinear, as pattern -> check -> replacement (SPEC §5)."""
+"""MatMul -> BitLinear, as pattern -> check -> replacement (docs/spec.md §5)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from tdpu_tui.engine.stages.replace import ReplaceStage
 from tdpu_tui.engine.stages.simulate import SimulateStage
 from tdpu_tui.engine.stages.validate import ValidateStage
 
-# The run order (SPEC §1).
+# The run order (docs/spec.md §1).
 REGISTRY: tuple[type[Stage], ...] = (
     ExportStage, PrecheckStage, ParseStage, OptimizeStage, SimulateStage, ReplaceStage,
     ValidateStage,
@@ -30,7 +30,7 @@ def all_stages() -> list[Stage]:
 
 
 def bug_stages() -> dict[str, str]:
-    """Stage name -> the bug book's 发现阶段 (SPEC §7) its failures are filed under."""
+    """Stage name -> the bug book's 发现阶段 (docs/spec.md §7) its failures are filed under."""
     return {cls.name: cls.bug_stage for cls in REGISTRY}
 
 

@@ -1,4 +1,4 @@
-"""MatMul → BitLinear, as pattern → check → replacement (SPEC §5, CONTRACTS.md "Export").
+"""MatMul → BitLinear, as pattern → check → replacement (docs/spec.md §5).
 
 pattern      `inventory.match_projection`: `M = MatMul(A, W)` (or `Gemm(A, W, transB=1)`, or
              `MatMul(A, Transpose(W))`) with a constant 2-D weight; around it optionally the

@@ -82,13 +82,14 @@ def main() -> None:
     print(f"workdir {work}", file=sys.stderr)
 
     synth = child(textwrap.dedent(f"""\
-        import json, resource, time
+        import json, time
         from tdpu_tui.engine.core.config import load_config
+        from tdpu_tui.engine.osutil.platform import peak_rss_bytes
         from tdpu_tui.engine.model.synthetic import ensure_synthetic
         t = time.perf_counter()
         p = ensure_synthetic(load_config({str(cfg_path)!r}))
         print(json.dumps({{"seconds": time.perf_counter() - t, "path": str(p),
-              "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+              "peak_rss": peak_rss_bytes()}}))
         """))
     print(f"synthetic checkpoint: {synth['seconds']:.1f} s, peak RSS {synth['peak_rss'] / GIB:.2f} GiB",
           file=sys.stderr)

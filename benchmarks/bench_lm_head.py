@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from kernels.bf16 import bf16_to_float32, linear_bf16  # noqa: E402
 from kernels.ort import create_session  # noqa: E402
+from tdpu_tui.engine.osutil.platform import load_average
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -76,7 +77,7 @@ def main() -> int:
         s_lin = create_session(lin_path)
         del w
         print(f"lm_head {n} × {k}: bf16 table {n * k * 2 / 2**30:.2f} GiB, float32 table "
-              f"{n * k * 4 / 2**30:.2f} GiB; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
+              f"{n * k * 4 / 2**30:.2f} GiB; {os.cpu_count()} CPUs, load {(load_average() or 0.0):.2f}")
         print(f"{'M':>4} {'ORT f32 Gemm':>13} {'bf16 kernel':>12} {'bf16 in ORT':>12} "
               f"{'kernel/Gemm':>12} {'ORT bf16/Gemm':>14}")
         for m in (1, 128):

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import psutil
+from tdpu_tui.engine.osutil.platform import load_average
 
 REPO = Path(__file__).resolve().parent.parent
 GIB = 1024 ** 3
@@ -131,7 +132,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tdpu-bench-pipeline-"))
-    print(f"machine: {machine()}; load before: {os.getloadavg() if hasattr(os, 'getloadavg') else '?'}")
+    print(f"machine: {machine()}; load before: {load_average()}")
     runs = []
     for checkout in ([Path(args.baseline).resolve()] if args.baseline else []) + [REPO]:
         r = run_once(checkout, workdir, args.profile, args.layers)

@@ -33,6 +33,7 @@ from tdpu_tui.engine.core.config import parse_config  # noqa: E402
 from tdpu_tui.engine.core.events import StageFinished, StageLog, Status  # noqa: E402
 from tdpu_tui.engine.core.pipeline import Pipeline
 from tdpu_tui.engine.stages import all_stages  # noqa: E402
+from tdpu_tui.engine.osutil.platform import load_average
 
 # The targets (whole graphs, as the user runs them) ...
 TARGETS = (("ratio_step_vs_float", 0.5, "whole graph, step: BitLinear / float"),
@@ -96,7 +97,7 @@ logs = "{root / 'phase3_logs'}"
             r = e.result
             print(f"[{r.name}] {r.status.value} in {r.seconds:.1f}s: {r.message}", file=sys.stderr)
 
-    load_before = os.getloadavg()[0]
+    load_before = (load_average() or 0.0)
     t0 = time.perf_counter()
     variants = ["float", "bf16"] if args.lm_head == "both" else [args.lm_head]
     measured: dict[str, dict] = {}
@@ -118,7 +119,7 @@ logs = "{root / 'phase3_logs'}"
           f"{args.repeats}+ runs (total {time.perf_counter() - t0:.0f}s)")
     # The numba kernel splits each call over both cores; anything else running on this
     # 2-core machine stalls it far more than ONNX Runtime's own operators. Say how busy it was.
-    print(f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f} "
+    print(f"load average (1 min) before {load_before:.2f}, after {(load_average() or 0.0):.2f} "
           f"on {os.cpu_count()} CPUs; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     met = {lm_head: report(m, args.layers, lm_head) for lm_head, m in measured.items()}
     if len(variants) > 1:
@@ -160,12 +161,12 @@ def together(root: Path, repeats: int, seq_len: int) -> bool:
                 "matmulnbits, lm_head bf16": create_session(nbits)}
     ids = np.random.default_rng(7).integers(0, 128256, (1, seq_len), dtype=np.int64)
     feeds = {"step": {"input_ids": ids[:, :1]}, "prefill": {"input_ids": ids}}
-    load = os.getloadavg()[0]
+    load = (load_average() or 0.0)
     ms = {what: interleaved_medians({k: (lambda s=s, f=f: s.run(["logits"], f)) for k, s in sessions.items()},
                                     max(repeats, 5) * (2 if what == "step" else 1))
           for what, f in feeds.items()}
     print(f"\n=== all four graphs timed in turns in one measurement (load {load:.2f} → "
-          f"{os.getloadavg()[0]:.2f})")
+          f"{(load_average() or 0.0):.2f})")
     print(f"{'graph':<28} {'prefill ms':>11} {'step ms':>9}")
     for label in sessions:
         print(f"{label:<28} {ms['prefill'][label]:>11.2f} {ms['step'][label]:>9.2f}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -23,10 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tdpu_tui.engine.model.checkpoint import open_checkpoint  # noqa: E402
 from tdpu_tui.engine.osutil.files import human_bytes  # noqa: E402
 from tdpu_tui.engine.model.synthetic import write_synthetic  # noqa: E402
+from tdpu_tui.engine.osutil.platform import peak_rss_bytes
 
 
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak_rss_bytes()
 
 
 def main() -> None:

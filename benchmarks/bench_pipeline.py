@@ -100,9 +100,16 @@ def run_once(checkout: Path, workdir: Path, profile: str, layers: int | None) ->
         raise SystemExit(f"{checkout}: tdpu --batch exited {proc.returncode}")
     doc = json.loads(summary.read_text(encoding="utf-8"))
     stages = {s["name"]: (s["status"], s["seconds"]) for s in doc["stages"]}
-    shutil.rmtree(project, ignore_errors=True)
+    failed = {s["name"]: s["message"] for s in doc["stages"] if s["status"] == "failed"}
+    if failed:      # keep the project to look at; a failed run's figures are no result
+        (project / "output.txt").write_text(out, encoding="utf-8")
+        print(f"{checkout}: failed — kept {project}", file=sys.stderr)
+        for name, message in failed.items():
+            print(f"  {name}: {message}", file=sys.stderr)
+    else:
+        shutil.rmtree(project, ignore_errors=True)
     return {"checkout": str(checkout), "wall_s": wall, "peak_rss": peak, "stages": stages,
-            "exit": proc.returncode}
+            "failed": failed, "exit": proc.returncode}
 
 
 def machine() -> str:

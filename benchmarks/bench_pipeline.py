@@ -37,7 +37,7 @@ GIB = 1024 ** 3
 
 def config(profile: str, layers: int | None) -> str:
     extra = f"layers = {layers}\n" if layers else ""
-    return textwrap.dedent(f"""\
+    return textwrap.dedent("""\
         [model]
         source = "synthetic"
         [model.synthetic]
@@ -57,6 +57,7 @@ class PeakRss:
 
     def __init__(self, pid: int, every: float = 0.2):
         self.peak = 0
+        self.series: list[tuple[float, int]] = []     # (epoch seconds, bytes)
         self._proc = psutil.Process(pid)
         self._stop = threading.Event()
         self._every = every
@@ -69,6 +70,7 @@ class PeakRss:
                 procs = [self._proc, *self._proc.children(recursive=True)]
                 rss = sum(p.memory_info().rss for p in procs if p.is_running())
                 self.peak = max(self.peak, rss)
+                self.series.append((time.time(), rss))
             except psutil.Error:
                 pass
             self._stop.wait(self._every)
@@ -100,6 +102,7 @@ def run_once(checkout: Path, workdir: Path, profile: str, layers: int | None) ->
         raise SystemExit(f"{checkout}: tdpu --batch exited {proc.returncode}")
     doc = json.loads(summary.read_text(encoding="utf-8"))
     stages = {s["name"]: (s["status"], s["seconds"]) for s in doc["stages"]}
+    stage_peaks = peaks_by_stage(project / "phase3_logs" / "runs" / "status.json", sampler.series)
     failed = {s["name"]: s["message"] for s in doc["stages"] if s["status"] == "failed"}
     if failed:      # keep the project to look at; a failed run's figures are no result
         (project / "output.txt").write_text(out, encoding="utf-8")
@@ -109,7 +112,22 @@ def run_once(checkout: Path, workdir: Path, profile: str, layers: int | None) ->
     else:
         shutil.rmtree(project, ignore_errors=True)
     return {"checkout": str(checkout), "wall_s": wall, "peak_rss": peak, "stages": stages,
-            "failed": failed, "exit": proc.returncode}
+            "stage_peak_rss": stage_peaks, "failed": failed, "exit": proc.returncode}
+
+
+def peaks_by_stage(status: Path, series: list[tuple[float, int]]) -> dict[str, int]:
+    """The sampled peak within each stage's run: from its start to the next stage's start
+    (`phase3_logs/runs/status.json` holds each stage's start time)."""
+    try:
+        rows = json.loads(status.read_text(encoding="utf-8"))["stages"]
+        starts = sorted((float(r["started_ts"]), name) for name, r in rows.items() if r.get("started_ts"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    out = {}
+    for i, (start, name) in enumerate(starts):
+        end = starts[i + 1][0] if i + 1 < len(starts) else float("inf")
+        out[name] = max((rss for t, rss in series if start <= t < end), default=0)
+    return out
 
 
 def machine() -> str:
@@ -146,7 +164,9 @@ def main() -> None:
         runs.append(r)
         print(f"{checkout}: wall {r['wall_s']:.1f} s, peak RSS {r['peak_rss'] / GIB:.2f} GiB, exit {r['exit']}")
         for name, (status, secs) in r["stages"].items():
-            print(f"    {name:10s} {status:8s} {secs:8.1f} s")
+            peak = r["stage_peak_rss"].get(name)
+            print(f"    {name:10s} {status:8s} {secs:8.1f} s"
+                  + (f"   peak RSS {peak / GIB:5.2f} GiB" if peak else ""))
     if len(runs) == 2:
         base, new = runs
         print(f"this checkout / baseline: wall {new['wall_s'] / base['wall_s']:.2f} ×, "

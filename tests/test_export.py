@@ -243,3 +243,31 @@ def test_deep_random_model_is_judged_against_the_references_own_rounding_floor(t
     assert floor["argmax_agreement"] < 0.99
     log = Artifacts.of(cfg).export_log.read_text()
     assert "rounding floor" in log and "not a defect" in log
+
+
+def test_a_hard_linked_data_file_is_read_by_tdpus_own_reader(tmp_path):
+    # The hand-off bundle hard-links the exported graph's data; onnx's external-data loader
+    # refuses such a file ("potential hardlink attack"), which ended validate at 2B4T shapes.
+    import os
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tdpu_tui.engine.graph.builder import with_sequence_length
+    from tdpu_tui.engine.icraft.rules import _Graph
+
+    cos = np.arange(8 * 64, dtype=np.float32).reshape(8, 64)
+    init = numpy_helper.from_array(cos, "rope.cos")
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["inputs_embeds"], ["logits"])], "g",
+        [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [1, 8, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 8, 4])], [init])
+    model = helper.make_model(graph)
+    path = tmp_path / "g.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="g.onnx.data", size_threshold=0)
+    os.link(tmp_path / "g.onnx.data", tmp_path / "linked.data")    # as the bundle does
+    loaded = onnx.load(str(path), load_external_data=False)
+    short = with_sequence_length(loaded, 3, tmp_path)
+    got = numpy_helper.to_array(next(t for t in short.graph.initializer if t.name == "rope.cos"))
+    assert np.array_equal(got, cos[:3])
+    assert np.array_equal(_Graph(loaded, tmp_path).const_value("rope.cos"), cos)   # precheck's view

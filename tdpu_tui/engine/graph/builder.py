@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from tdpu_tui.engine.graph.external import EXTERNAL_THRESHOLD, ExternalData, set_external
+from tdpu_tui.engine.graph.external import EXTERNAL_THRESHOLD, ExternalData, set_external, tensor_array
 
 
 @dataclass
@@ -101,7 +101,9 @@ def with_sequence_length(model: onnx.ModelProto, seq_len: int, base_dir: str | P
     for i, t in enumerate(out.graph.initializer):
         if t.name in ("rope.cos", "rope.sin", "attention.causal_mask", f"const_shape_q5_{old}",
                       f"const_shape_ctx_{old}"):
-            a = numpy_helper.to_array(t, base_dir=str(base_dir))
+            # tdpu's own reader: onnx's refuses a data file with several hard links, and the
+            # hand-off bundle hard-links the exported graph's data.
+            a = np.array(tensor_array(t, Path(base_dir)))
             if t.name.startswith("rope."):
                 a = a[:seq_len]
             elif t.name == "attention.causal_mask":

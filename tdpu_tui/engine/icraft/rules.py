@@ -17,6 +17,7 @@ The CSV mirrors Icraft's own `xx_precheck.csv` (`index,node_type,node_output,not
 from __future__ import annotations
 
 import collections
+import functools
 import csv
 import io
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ from onnx import numpy_helper
 
 from tdpu_tui.engine.osutil.files import atomic_write_text
 from tdpu_tui.engine.icraft.optable import OpTable
-from tdpu_tui.engine.graph.index import attr
+from tdpu_tui.engine.core.errors import GraphError
+from tdpu_tui.engine.graph.index import GraphIndex, attr
 
 CATEGORIES = ("unsupported", "undocumented", "custom", "constraint", "dynamic", "advisory")
 BLOCKING = frozenset(CATEGORIES) - {"advisory"}
@@ -77,44 +79,39 @@ class PrecheckReport:
         return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-class _Graph:
-    """Constants, producers and shapes of a weights-less model."""
+class _Graph(GraphIndex):
+    """The graph index, with what the op checks ask: constant values and inferred shapes."""
 
     def __init__(self, model: onnx.ModelProto, base_dir: Path):
-        self.model = model
-        self.graph = model.graph
-        self.base_dir = base_dir
-        self.initializers = {t.name: t for t in self.graph.initializer}
-        self.constant_nodes = {n.output[0]: n for n in self.graph.node
-                               if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
-                               and n.output}
+        super().__init__(model, base_dir)
         self.shapes = _infer_shapes(model)
 
     def is_const(self, name: str) -> bool:
-        return name in self.initializers or name in self.constant_nodes
+        return name in self.inits or name in self.constants_any
+
+    @functools.cached_property
+    def constants_any(self) -> dict[str, onnx.NodeProto]:
+        """Constant nodes by output, whatever attribute holds their value."""
+        return {n.output[0]: n for n in self.graph.node
+                if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output}
 
     def const_size(self, name: str) -> int | None:
-        if name in self.initializers:
-            return int(np.prod(self.initializers[name].dims, dtype=np.int64))
+        if name in self.inits:
+            return int(np.prod(self.inits[name].dims, dtype=np.int64))
         value = self.const_value(name)
         return None if value is None else int(value.size)
 
     def const_value(self, name: str) -> np.ndarray | None:
-        if name in self.initializers:
-            tensor = self.initializers[name]
-            if int(np.prod(tensor.dims, dtype=np.int64)) > MAX_CONST_ELEMENTS:
+        if name in self.inits:
+            if int(np.prod(self.inits[name].dims, dtype=np.int64)) > MAX_CONST_ELEMENTS:
                 return None
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                from onnx.external_data_helper import load_external_data_for_tensor
-                copy = onnx.TensorProto()
-                copy.CopyFrom(tensor)
-                try:
-                    load_external_data_for_tensor(copy, str(self.base_dir))
-                except (OSError, ValueError):
-                    return None
-                tensor = copy
-            return numpy_helper.to_array(tensor)
-        node = self.constant_nodes.get(name)
+            # tdpu's reader (confined to the graph's folder; a hard-linked data file, as the
+            # hand-off bundle makes, is fine): a value it cannot read is not constant here.
+            try:
+                return np.array(self.array(name))
+            except GraphError:
+                return None
+        node = self.constants_any.get(name)
         if node is None:
             return None
         for a in node.attribute:
@@ -131,8 +128,8 @@ class _Graph:
         return None if shape is None else len(shape)
 
     def shape(self, name: str) -> list[int | str | None] | None:
-        if name in self.initializers:
-            return list(self.initializers[name].dims)
+        if name in self.inits:
+            return list(self.inits[name].dims)
         return self.shapes.get(name)
 
 
@@ -334,7 +331,7 @@ ADVISORIES = {
 def _check_inputs(g: _Graph) -> list[Finding]:
     findings = []
     for vi in g.graph.input:
-        if vi.name in g.initializers:
+        if vi.name in g.inits:
             continue
         dims = _dims(vi.type)
         if dims is None:

@@ -109,7 +109,8 @@ def run_once(checkout: Path, workdir: Path, profile: str, layers: int | None) ->
         print(f"{checkout}: failed — kept {project}", file=sys.stderr)
         for name, message in failed.items():
             print(f"  {name}: {message}", file=sys.stderr)
-    else:
+    else:           # keep the --json summary (every stage's metrics) beside the project
+        shutil.copy2(summary, workdir / f"{checkout.name}.run.json")
         shutil.rmtree(project, ignore_errors=True)
     return {"checkout": str(checkout), "wall_s": wall, "peak_rss": peak, "stages": stages,
             "stage_peak_rss": stage_peaks, "failed": failed, "exit": proc.returncode}

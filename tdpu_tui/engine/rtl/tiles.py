@@ -98,6 +98,13 @@ def corner_tiles(lanes: int, seed: int = 0) -> tuple[TileSet, np.ndarray, np.nda
         x, wt = np.zeros(lanes), np.zeros(lanes)
         x[i], wt[i] = -128 + (i % 7), 1
         cases.append((x, wt))
+    bit = 1                                                    # sums at every power of two: a
+    while (1 << bit) + 1 <= 127 * lanes:                       # width fault shows at its own bit
+        for target in ((1 << bit) - 1, 1 << bit, -(1 << bit), -(1 << bit) - 1):
+            x = _spread(target, lanes)
+            if x is not None:
+                cases.append((x, np.ones(lanes)))
+        bit += 1
     data = np.array([c[0] for c in cases], np.int8)
     weights = np.array([c[1] for c in cases], np.int8)
     k = lanes + lanes // 2 + 1                                 # not a multiple of LEN
@@ -111,6 +118,16 @@ def corner_tiles(lanes: int, seed: int = 0) -> tuple[TileSet, np.ndarray, np.nda
     tiles = TileSet("corner tiles", np.concatenate([data, ragged.data]),
                     np.concatenate([weights, ragged.weights]), token, row, ktile, k, 4, [0], 4)
     return tiles, q, w
+
+
+def _spread(target: int, lanes: int) -> np.ndarray | None:
+    """int8 lanes summing to `target` (None when out of reach)."""
+    x = np.zeros(lanes)
+    rest = target
+    for i in range(lanes):
+        x[i] = min(127, max(-128, rest))
+        rest -= int(x[i])
+    return x if rest == 0 else None
 
 
 def codes_of(weights: np.ndarray, neg: int, zero: int, pos: int) -> np.ndarray:

@@ -329,7 +329,7 @@ class RtlCheck:
                 ts = s.tiles
                 where = (f"{ts.name}, token {ts.token[i]}, row {ts.row[i]}, K-tile {ts.ktile[i]}"
                          if ts.token[i] >= 0 else f"{ts.name}, directed tile {ts.ktile[i]}")
-                run.mismatches.append(f"{where}: expected {exp[i]}, got {s.got[i]}")
+                run.mismatches.append(f"{where}, expected {exp[i]}, got {s.got[i]}")
             if len(bad) and first is None:
                 first = run.mismatches[-min(len(bad), 20)]
         rows_bad = sum(d["rows_wrong"] for d in run.nodes)

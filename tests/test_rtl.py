@@ -1,6 +1,5 @@
 """Stage `rtl` and its pieces without a simulator: hypotheses, tiles, vectors, cost model, skips."""
 
-import json
 import math
 
 import numpy as np

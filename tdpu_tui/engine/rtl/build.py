@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tdpu_tui.engine.core.config import Config
-from tdpu_tui.engine.core.errors import Cancelled, StageFailed
+from tdpu_tui.engine.core.errors import Cancelled, StageFailed, UsageError
 from tdpu_tui.engine.rtl.harness import harness_source
 
 BUILD_TOOLS = ("make", "perl")
@@ -102,7 +102,7 @@ class Core:
         sources = [(base / s).resolve() for s in cfg.rtl.sources]
         for s, given in zip(sources, cfg.rtl.sources, strict=True):
             if not s.is_file():
-                raise StageFailed(f"{cfg.file}: [rtl].sources: {given!r} not found (looked at {s})")
+                raise UsageError(f"{cfg.file}: [rtl].sources: {given!r} not found (looked at {s})")
         dirs = ([(base / d).resolve() for d in cfg.rtl.include_dirs] if cfg.rtl.include_dirs
                 else list(dict.fromkeys(s.parent for s in sources)))
         core = cls(sources, dirs, cfg.rtl.top, cfg.rtl.lanes, cfg)
@@ -178,7 +178,7 @@ def build(core: Core, verilator: Verilator, build_root: Path, *, timeout_s: floa
     """The core built with the harness under `build_root/<key>/`; reused when already built."""
     key = core.key(verilator)
     directory = build_root / key
-    binary = directory / "obj" / "tdpu_harness"
+    binary = directory / "obj" / ("tdpu_harness.exe" if os.name == "nt" else "tdpu_harness")
     stamp = directory / "build.json"
     if binary.is_file() and stamp.is_file():
         return Build(binary, directory, True, 0.0, key)

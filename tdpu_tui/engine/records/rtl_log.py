@@ -31,7 +31,7 @@ def render_rtl_log(run: Any, *, root: Path | None = None) -> str:
              f"- **机器 machine**: {run.machine}", "",
              "## 核 The core", "",
              f"- top `{c['top']}`, LEN = {c['lanes']}, Verilator {c['verilator']}",
-             f"- build: {c.get('build', '')}", "",
+             f"- build: {code_path(c['build_dir'], root)} ({c['build']})" if "build_dir" in c else "- build: —", "",
              "| source | sha256 |", "|---|---|"]
     lines += [f"| {code_path(p, root)} | `{h}` |" for p, h in c["sources"].items()]
     t = run.timing or {}

@@ -210,8 +210,9 @@ class RtlCheck:
         ctx.progress(0, 4, f"building {core.top} (LEN={core.lanes}) with Verilator")
         b = rtl_build.build(core, verilator, self.paths.rtl_build, timeout_s=rc.timeout_s,
                             cancelled=lambda: ctx.cancelled)
-        run.core["build"] = (f"{b.directory} (cached)" if b.cached else f"{b.directory}, built in {b.seconds:.1f} s")
-        ctx.log(f"core {core.top} LEN={core.lanes}: {run.core['build']}")
+        run.core["build_dir"] = str(b.directory)
+        run.core["build"] = "cached" if b.cached else f"built in {b.seconds:.1f} s"
+        ctx.log(f"core {core.top} LEN={core.lanes}: {b.directory} ({run.core['build']})")
 
         ctx.progress(1, 4, "measuring latency and interval")
         codes = (rc.codes.neg, rc.codes.zero, rc.codes.pos)

@@ -148,3 +148,16 @@ def test_each_broken_core_fails_and_is_explained_by_its_hypothesis(rtl_project, 
     assert "**发现阶段**: 仿真" in book and want in book
     log = (cfg.logs_dir / "rtl_log.md").read_text()
     assert "未通过 failed" in log and want in log and "expected" in log
+
+
+def test_a_core_that_does_not_compile_fails_with_verilators_first_error(rtl_builds, tmp_path):
+    from tdpu_tui.engine.core.config import Config
+    from tdpu_tui.engine.core.errors import StageFailed
+    from tdpu_tui.engine.rtl import build
+
+    bad = tmp_path / "vec_multi_core.sv"
+    bad.write_text("module vec_multi_core #(parameter int LEN = 16) (input logic clk);\n  assign = ;\nendmodule\n")
+    cfg = Config()
+    cfg.rtl.sources = [str(bad)]
+    with pytest.raises(StageFailed, match=r"could not build vec_multi_core .*%Error.*vec_multi_core\.sv:2"):
+        build.build(build.Core.of(cfg), rtl_builds.verilator, tmp_path / "b", timeout_s=120)

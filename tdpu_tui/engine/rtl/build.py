@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tdpu_tui.engine.core.config import Config
 from tdpu_tui.engine.core.errors import Cancelled, StageFailed, UsageError
+from tdpu_tui.engine.osutil.files import lock_for
 from tdpu_tui.engine.rtl.harness import harness_source
 
 BUILD_TOOLS = ("make", "perl")
@@ -178,6 +179,15 @@ def build(core: Core, verilator: Verilator, build_root: Path, *, timeout_s: floa
     """The core built with the harness under `build_root/<key>/`; reused when already built."""
     key = core.key(verilator)
     directory = build_root / key
+    build_root.mkdir(parents=True, exist_ok=True)
+    # The app and a batch run may build the same core at once: one builds, the other reuses it.
+    with lock_for(directory):
+        return _build_locked(core, verilator, directory, key, timeout_s=timeout_s, cancelled=cancelled,
+                             jobs=jobs)
+
+
+def _build_locked(core: Core, verilator: Verilator, directory: Path, key: str, *, timeout_s: float,
+                  cancelled: Callable[[], bool] | None, jobs: int) -> Build:
     binary = directory / "obj" / ("tdpu_harness.exe" if os.name == "nt" else "tdpu_harness")
     stamp = directory / "build.json"
     if binary.is_file() and stamp.is_file():

@@ -161,3 +161,14 @@ def test_a_core_that_does_not_compile_fails_with_verilators_first_error(rtl_buil
     cfg.rtl.sources = [str(bad)]
     with pytest.raises(StageFailed, match=r"could not build vec_multi_core .*%Error.*vec_multi_core\.sv:2"):
         build.build(build.Core.of(cfg), rtl_builds.verilator, tmp_path / "b", timeout_s=120)
+
+
+@pytest.mark.slow
+def test_a_core_that_never_answers_fails_and_says_so_in_the_log(rtl_project, rtl_builds, tmp_path):
+    cfg = _project(rtl_project, rtl_builds, tmp_path, "broken_silent.sv")
+    r = _run_failing(cfg)
+    assert r.status.value == "failed" and "no o_data_ready pulse" in r.message, r.message
+    assert r.metrics["diagnosis"] == "the core does not answer every input"
+    log = (cfg.logs_dir / "rtl_log.md").read_text()
+    assert "未通过 failed" in log and "no o_data_ready pulse" in log and "not measured" in log
+    assert "**发现阶段**: 仿真" in (cfg.logs_dir / "bugs_found.md").read_text()

@@ -34,14 +34,18 @@ def render_rtl_log(run: Any, *, root: Path | None = None) -> str:
              f"- build: {code_path(c['build_dir'], root)} ({c['build']})" if "build_dir" in c else "- build: —", "",
              "| source | sha256 |", "|---|---|"]
     lines += [f"| {code_path(p, root)} | `{h}` |" for p, h in c["sources"].items()]
-    t = run.timing or {}
-    lines += ["", "## 时序 Timing (measured on the harness)", "",
-              f"- latency: **{t.get('latency_cycles')}** cycles (edge accepting the input counted as 1, "
-              "to the edge after which o_data_ready is high)",
-              f"- initiation interval, fresh weights every input: **{t.get('initiation_interval')}** cycle(s)",
-              f"- initiation interval, weights loaded once: **{t.get('initiation_interval_reused')}** cycle(s)",
-              f"- bubbles: {t.get('bubbles')}",
-              f"- reset: {t.get('reset')}"]
+    t = run.timing
+    lines += ["", "## 时序 Timing (measured on the harness)", ""]
+    if not t:
+        lines += ["- not measured: the core did not answer its inputs (see the verdict)"]
+    else:
+        lines += [
+            f"- latency: **{t.get('latency_cycles')}** cycles (edge accepting the input counted as 1, "
+            "to the edge after which o_data_ready is high)",
+            f"- initiation interval, fresh weights every input: **{t.get('initiation_interval')}** cycle(s)",
+            f"- initiation interval, weights loaded once: **{t.get('initiation_interval_reused')}** cycle(s)",
+            f"- bubbles: {t.get('bubbles')}",
+            f"- reset: {t.get('reset')}"]
     lines += [f"- note: {n}" for n in run.timing_notes]
     lines += ["", "## 节点 Nodes checked", "",
               "| node | K | N | tokens | rows | tiles | wrong | rows ≠ ternary_matmul_int | tiles/s |",

@@ -22,6 +22,10 @@ from tdpu_tui.engine.rtl.harness import FLAG_LOAD, FLAG_VALID, Cycles, concat, r
 from tdpu_tui.engine.rtl.tiles import RESET_CYCLES, fresh_schedule, reused_schedule
 
 MAX_GAP = 8
+
+
+class Unanswered(StageFailed):
+    """The core does not give one o_data_ready pulse per input: nothing to compare."""
 PROBE_TILES = 64
 
 
@@ -81,7 +85,7 @@ class Probe:
         cycles, at = fresh_schedule(x, self.codes(w))
         res = self.run(cycles)
         if len(res) == 0:
-            raise StageFailed("the core gave no o_data_ready pulse within "
+            raise Unanswered("the core gave no o_data_ready pulse within "
                               f"{len(cycles) - at[0]} cycles of one input (ready port wrong, or reset polarity?)")
         return int(res["cycle"][0] - at[0] + 1)
 
@@ -104,7 +108,7 @@ class Probe:
                 answered_at = gap
         which = "fresh" if fresh else "reused"
         if answered_at is None:
-            raise StageFailed(f"the core does not answer every input at any interval up to {MAX_GAP} cycles "
+            raise Unanswered(f"the core does not answer every input at any interval up to {MAX_GAP} cycles "
                               f"({which} weights): one o_data_ready pulse per input expected")
         notes.append(f"with {which} weights no interval up to {MAX_GAP} cycles gave exact results; "
                      f"every input is answered from {answered_at} cycle(s) apart")

@@ -42,7 +42,7 @@ from tdpu_tui.engine.rewrite.inventory import BITLINEAR_DOMAIN, bitlinear_attrs
 from tdpu_tui.engine.rtl import build as rtl_build
 from tdpu_tui.engine.rtl import cost, diagnosis, tiles, vectors
 from tdpu_tui.engine.rtl.harness import run_harness
-from tdpu_tui.engine.rtl.timing import Timing, match, measure
+from tdpu_tui.engine.rtl.timing import Timing, Unanswered, match, measure
 
 
 def pick_nodes(replaced: list[dict], count: int) -> list[dict]:
@@ -214,9 +214,21 @@ class RtlCheck:
         run.core["build"] = "cached" if b.cached else f"built in {b.seconds:.1f} s"
         ctx.log(f"core {core.top} LEN={core.lanes}: {b.directory} ({run.core['build']})")
 
+        try:
+            return self.check(run, b.binary, v)
+        except Unanswered as exc:
+            # The core could not be checked at all (no answer, too few answers): said in the log too.
+            run.verdict, run.diagnosis = str(exc), "the core does not answer every input"
+            atomic_write_text(self.paths.rtl_log, render_rtl_log(run, root=self.cfg.base_dir))
+            ctx.artifact("rtl_log", self.paths.rtl_log)
+            ctx.metric("diagnosis", run.diagnosis)
+            raise
+
+    def check(self, run: RtlRun, binary: Path, v) -> str:
+        ctx, rc, lanes = self.ctx, self.cfg.rtl, self.cfg.rtl.lanes
         ctx.progress(1, 4, "measuring latency and interval")
         codes = (rc.codes.neg, rc.codes.zero, rc.codes.pos)
-        t = measure(b.binary, core.lanes, codes, timeout_s=rc.timeout_s, cancelled=lambda: ctx.cancelled,
+        t = measure(binary, lanes, codes, timeout_s=rc.timeout_s, cancelled=lambda: ctx.cancelled,
                     workdir=self.paths.rtl_build)
         run.timing, run.timing_notes = t.as_dict(), t.notes
         ctx.log(f"latency {t.latency} cycles, interval {t.ii_fresh} (fresh weights) / {t.ii_reused} (reused)")
@@ -226,15 +238,15 @@ class RtlCheck:
             ctx.log(n, "warning")
 
         ctx.progress(2, 4, "streaming the model's tiles")
-        streams = self.streams(v, b.binary, t, codes)
+        streams = self.streams(v, binary, t, codes)
         run.vectors = self.write_vectors(streams, codes)
         self.judge(run, streams)
         for line in run.mismatches:
             ctx.log(line, "error")
 
         ctx.progress(3, 4, "writing the records")
-        g, shapes = self.bitlinear_nodes()
-        self.write_cost_section(cost.CoreTiming(core.lanes, t.latency, t.ii_fresh, t.ii_reused, True),
+        _, shapes = self.bitlinear_nodes()
+        self.write_cost_section(cost.CoreTiming(lanes, t.latency, t.ii_fresh, t.ii_reused, True),
                                 shapes, v.tokens(), self.host_ops())
         atomic_write_text(self.paths.rtl_log, render_rtl_log(run, root=self.cfg.base_dir))
         ctx.artifact("rtl_log", self.paths.rtl_log)
@@ -303,7 +315,7 @@ class RtlCheck:
                           workdir=self.paths.rtl_build)
         a = match(res, at, ts.expected)
         if a.answered != len(ts):
-            raise StageFailed(f"{ts.name}: the core answered {a.answered} of {len(ts)} inputs "
+            raise Unanswered(f"{ts.name}: the core answered {a.answered} of {len(ts)} inputs "
                               f"(one o_data_ready pulse per input expected, inputs {t.ii_fresh} cycle(s) apart)")
         got = res["result"].astype(np.int64)
         return Stream(ts, got, kernel, row_tiles, time.perf_counter() - started,

@@ -275,6 +275,9 @@ class RtlCheck:
         rc = self.cfg.rtl
         g, _ = self.bitlinear_nodes()
         picked = pick_nodes(v.replaced, rc.nodes)
+        if len(picked) > rc.nodes:
+            self.ctx.log(f"[rtl].nodes = {rc.nodes}, but the graph has {len(picked)} (K, N) shapes: "
+                         "one node of each is checked")
         bl = {n.name: n for n in g.graph.node if n.domain == BITLINEAR_DOMAIN}
         missing = [d["bitlinear"] for d in picked if d["bitlinear"] not in bl]
         if missing:

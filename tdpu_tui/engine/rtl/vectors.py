@@ -23,8 +23,10 @@ def file_name(node: str) -> str:
 
 
 def word_layout(lanes: int) -> dict:
-    return {"data": [0, 8 * lanes - 1], "weight": [8 * lanes, 10 * lanes - 1],
-            "expected": [10 * lanes, 10 * lanes + 31], "bits": 10 * lanes + 32}
+    """Bit ranges [low, high] of each field; the weight field is whole bytes (LEN < 4 pads it)."""
+    wbits = 8 * -(-2 * lanes // 8)
+    return {"data": [0, 8 * lanes - 1], "weight": [8 * lanes, 8 * lanes + 2 * lanes - 1],
+            "expected": [8 * lanes + wbits, 8 * lanes + wbits + 31], "bits": 8 * lanes + wbits + 32}
 
 
 def hex_words(data: np.ndarray, codes: np.ndarray, expected: np.ndarray) -> bytes:
@@ -44,8 +46,6 @@ def hex_words(data: np.ndarray, codes: np.ndarray, expected: np.ndarray) -> byte
     width = 2 * big.shape[1]
     lines = np.frombuffer(digits, np.uint8).reshape(count, width)
     lines = np.concatenate([lines, np.full((count, 1), ord("\n"), np.uint8)], axis=1)
-    if (10 * lanes + 32) % 4:       # a word that is not whole hex digits: never with LEN a power of two >= 2
-        raise ValueError(f"LEN {lanes}: the word is not a whole number of hex digits")
     return lines.tobytes()
 
 

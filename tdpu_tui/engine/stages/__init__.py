@@ -13,13 +13,14 @@ from tdpu_tui.engine.stages.optimize import OptimizeStage
 from tdpu_tui.engine.stages.parse import ParseStage
 from tdpu_tui.engine.stages.precheck import PrecheckStage
 from tdpu_tui.engine.stages.replace import ReplaceStage
+from tdpu_tui.engine.stages.rtl import RtlStage
 from tdpu_tui.engine.stages.simulate import SimulateStage
 from tdpu_tui.engine.stages.validate import ValidateStage
 
 # The run order (docs/spec.md §1).
 REGISTRY: tuple[type[Stage], ...] = (
     ExportStage, PrecheckStage, ParseStage, OptimizeStage, SimulateStage, ReplaceStage,
-    ValidateStage,
+    ValidateStage, RtlStage,
 )
 NAMES: tuple[str, ...] = tuple(cls.name for cls in REGISTRY)
 

@@ -84,7 +84,7 @@ def rtl_builds(tmp_path_factory):
             cfg = Config()
             cfg.rtl.sources = [str(RTL_FIXTURES / source)]
             cfg.rtl.lanes = RTL_LANES
-            done[source] = rtl_build.build(rtl_build.Core.of(cfg), verilator, root, timeout_s=600)
+            done[source] = rtl_build.build(rtl_build.Core.of(cfg), verilator, root, timeout_s=600, quick=True)
         return done[source]
 
     build.root = root

@@ -175,19 +175,22 @@ def _end_tree(proc: subprocess.Popen) -> None:
 
 
 def build(core: Core, verilator: Verilator, build_root: Path, *, timeout_s: float,
-          cancelled: Callable[[], bool] | None = None, jobs: int = 2) -> Build:
-    """The core built with the harness under `build_root/<key>/`; reused when already built."""
+          cancelled: Callable[[], bool] | None = None, jobs: int = 2, quick: bool = False) -> Build:
+    """The core built with the harness under `build_root/<key>/`; reused when already built.
+
+    `quick` compiles the C++ at -O0 (the tests' many small builds): the results are the same,
+    only the simulation is slower, so it is not part of the key."""
     key = core.key(verilator)
     directory = build_root / key
     build_root.mkdir(parents=True, exist_ok=True)
     # The app and a batch run may build the same core at once: one builds, the other reuses it.
     with lock_for(directory):
         return _build_locked(core, verilator, directory, key, timeout_s=timeout_s, cancelled=cancelled,
-                             jobs=jobs)
+                             jobs=jobs, quick=quick)
 
 
 def _build_locked(core: Core, verilator: Verilator, directory: Path, key: str, *, timeout_s: float,
-                  cancelled: Callable[[], bool] | None, jobs: int) -> Build:
+                  cancelled: Callable[[], bool] | None, jobs: int, quick: bool) -> Build:
     binary = directory / "obj" / ("tdpu_harness.exe" if os.name == "nt" else "tdpu_harness")
     stamp = directory / "build.json"
     if binary.is_file() and stamp.is_file():
@@ -201,6 +204,8 @@ def _build_locked(core: Core, verilator: Verilator, directory: Path, key: str, *
            "-Wno-style", "--x-assign", "fast", "--x-initial", "fast", "--top-module", core.top,
            f"-GLEN={core.lanes}", *(f"-I{d}" for d in core.include_dirs), "-Mdir", "obj",
            "-o", "tdpu_harness", *map(str, core.sources), str(harness)]
+    if quick:
+        cmd[1:1] = ["-MAKEFLAGS", "OPT_FAST=-O0 OPT_SLOW=-O0 OPT_GLOBAL=-O0"]
     log = directory / "build.log"
     started = time.monotonic()
     rc = _run(cmd, cwd=directory, env=verilator.env(), timeout_s=timeout_s, cancelled=cancelled, log=log)

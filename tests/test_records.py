@@ -232,11 +232,11 @@ def test_batch_json_from_the_command_line(tmp_path):
     from tests.conftest import run_tdpu
 
     write_config(tmp_path)
-    proc = run_tdpu("--batch", "--stage", "parse", "--json", "run.json", cwd=tmp_path, timeout=300)
+    proc = run_tdpu("--batch", "--stage", "rtl", "--json", "run.json", cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads((tmp_path / "run.json").read_text(encoding="utf-8"))
     assert doc["status"] == "ok" and doc["exit_code"] == 0 and doc["config"] == "tdpu.toml"
-    assert doc["stages"][0]["name"] == "parse" and doc["stages"][0]["status"] == "skipped"
+    assert doc["stages"][0]["name"] == "rtl" and doc["stages"][0]["status"] == "skipped"
     assert doc["stages"][0]["cancelled"] is False
 
 

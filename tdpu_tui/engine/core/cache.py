@@ -6,9 +6,10 @@ so a file a later stage rewrites (an export run again) is never served from an o
 entries say how many bytes they hold. What is held stays within a budget (a quarter of the
 machine's memory by default): an entry larger than that is loaded for its caller and not kept —
 at the full 2B4T shapes the float graph's session (9 GiB of float32 weights) is loaded where it is
-used, while the PyTorch reference (3.4 GiB) is shared — and before something large is loaded,
-`make_room` drops held entries (largest first) until it fits, so sharing never raises the peak
-memory of a run beyond the budget.
+used, while the PyTorch reference (3.4 GiB) and its logits are shared — and before something large
+is loaded, `make_room` drops held entries (largest first) until it fits; a load larger than the
+budget runs alone (the reference goes, its logits stay), so sharing never raises a run's peak
+memory above its largest single load or the budget.
 """
 
 from __future__ import annotations
@@ -94,10 +95,15 @@ class RunCache:
 
     def make_room(self, nbytes: int) -> None:
         """Drop large entries, largest first, until `nbytes` more fit: within the budget (when
-        they are to be held) and with the headroom kept free on the machine."""
+        they are to be held) and with the headroom kept free on the machine. A load too large to
+        be held runs alone: every large entry goes first, so the run's peak is that load, not
+        that load plus what the cache holds."""
         with self._lock:
+            large = self.budget // 8
             while (psutil.virtual_memory().available < nbytes + self.headroom
-                   or (nbytes <= self.budget and self.held_bytes() + nbytes > self.budget)):
+                   or (nbytes <= self.budget and self.held_bytes() + nbytes > self.budget)
+                   or (nbytes > self.budget
+                       and any(e.nbytes > large for e in self._entries.values()))):
                 big = [k for k, e in self._entries.items() if e.nbytes]
                 if not big:
                     return

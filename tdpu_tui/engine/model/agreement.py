@@ -14,6 +14,7 @@ layout, a wrong op) is far below the floor, and its values are far off too.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,24 @@ def reference_model(ckpt: Any, quantize: bool, cache: RunCache | None = None) ->
     return model
 
 
+def reference_logits(ckpt: Any, inputs: dict[str, np.ndarray], quantize: bool,
+                     cache: RunCache | None = None) -> np.ndarray:
+    """The reference's logits on `inputs`; with the run cache, computed once per run for the same
+    checkpoint and inputs (export, simulate and validate compare on the same seeded inputs), so
+    the model itself need not stay in memory while a graph's session is loaded."""
+    if cache is None:
+        return run_reference(reference_model(ckpt, quantize), inputs)
+    digest = hashlib.sha256()
+    for name in sorted(inputs):
+        a = np.ascontiguousarray(inputs[name])
+        digest.update(f"{name}:{a.dtype}:{a.shape}".encode())
+        digest.update(a.tobytes())
+    key = (*(file_key(f) for f in ckpt.files), quantize, digest.hexdigest())
+    return cache.get("reference-logits", key,
+                     lambda: run_reference(reference_model(ckpt, quantize, cache), inputs),
+                     )   # small (65 MB at 2B4T shapes): held, never dropped for room
+
+
 def run_reference(model: Any, inputs: dict[str, np.ndarray]) -> np.ndarray:
     """Logits of the PyTorch reference on `inputs_embeds` if given, else on `input_ids`."""
     import torch
@@ -73,15 +92,15 @@ def versus_reference(ckpt: Any, inputs: dict[str, np.ndarray], got: np.ndarray, 
                      minimum: float = MIN_ARGMAX_AGREEMENT, seed: int = 0,
                      cache: RunCache | None = None) -> Verdict:
     """Compare a graph's logits with the PyTorch reference; below the bar, measure the floor."""
-    model = reference_model(ckpt, quantize, cache)
-    want = run_reference(model, inputs)
+    want = reference_logits(ckpt, inputs, quantize, cache)
     m = compare_logits(got, want)
     floor = None
     if quantize and m["finite"] and m["argmax_agreement"] < minimum:
         embeds = inputs.get("inputs_embeds")
         if embeds is None:
             embeds = ckpt.embed(inputs["input_ids"])
-        moved = run_reference(model, {"inputs_embeds": one_ulp_perturbation(embeds, seed)})
+        moved = reference_logits(ckpt, {"inputs_embeds": one_ulp_perturbation(embeds, seed)},
+                                 quantize, cache)
         floor = compare_logits(moved, want)
     ok, why = judge(m, floor, minimum)
     return Verdict(m, floor, ok, why, want)

@@ -1,4 +1,4 @@
-"""cocotb 2.x directed tests of a SPEC §8 BitLinear core (run by tests/test_rtl_cocotb.py).
+"""cocotb 2.x directed tests of a docs/spec.md §8 BitLinear core (run by tests/test_rtl_cocotb.py).
 
 Reset, one input (latency), back-to-back inputs with fresh weights and with reused weights
 (initiation interval), bubbles, reset with results in flight; every result checked against

@@ -2,7 +2,7 @@
 
 The rtl log is written whole by each run of the stage: the core (sources and their hashes, top,
 LEN, Verilator), the measured timing, per node the tiles checked and wrong, the mismatches,
-the diagnosis, the golden vectors. The TDPU section (SPEC §9) is a marked section of the
+the diagnosis, the golden vectors. The TDPU section (docs/spec.md §9) is a marked section of the
 performance report, so `validate` keeps it when it rewrites the rest.
 """
 
@@ -73,9 +73,9 @@ def _ms(seconds: float) -> str:
 def render_tdpu_section(timing: Any, board: Any, per_token: Any, prefill: Any, seq_len: int, big: Any,
                         big_prefill: Any, grid: dict, host: dict | None, chart: Path | None, *,
                         root: Path | None = None) -> str:
-    """The SPEC §9 section: this graph per token and per prefill, per layer, 2B4T, the sweep."""
+    """The docs/spec.md §9 section: this graph per token and per prefill, per layer, 2B4T, the sweep."""
     how = "measured by the rtl stage" if timing.measured else "assumed (the rtl stage did not run)"
-    lines = ["## TDPU cost model (BitLinear on the board, SPEC §9)", "",
+    lines = ["## TDPU cost model (BitLinear on the board, docs/spec.md §9)", "",
              f"- core: LEN = {timing.lanes}, latency L = {timing.latency} cycles, interval II = {timing.ii} "
              f"(fresh weights), {timing.ii_reused} (reused): **{how}**",
              f"- board ([tdpu]): {board.cores} core(s), {board.clock_mhz:g} MHz, DDR {board.ddr_gb_s:g} GB/s "

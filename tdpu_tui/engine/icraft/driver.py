@@ -69,13 +69,17 @@ def explain_code(code: int | None) -> str:
     return "not in the Icraft manuals' error tables; see the log lines"
 
 
-# A level mark, after Icraft's timestamp or bare at the start of the line (`[F] 21002`).
-LEVEL_MARK_RE = re.compile(r"^\s*(?:\[[\d/:. -]+\]\s*)?\[(?P<level>[DIWEF]|debug|info|warning|"
-                           r"warn|error|critical|fatal)\]", re.I)
-FATAL_CODE_RE = re.compile(r"\[F\]\s*(\d{5})\b")
+# A level mark at the start of the line: bare (`[F] 21002`, SPEC §6), after Icraft's timestamp
+# (`[MM/DD/YY hh:mm:ss.ms] [F] …`, `[YYYY-MM-DD hh:mm:ss.ms] [error] …`), or after a timestamp
+# and a logger name as a custom pattern writes it (`[%D %T] [%n]-[%L] %v`,
+# 3_Component_Utils.md §3.1); a byte-order mark on a file's first line is ignored.
+LEVEL_MARK_RE = re.compile(r"^[\s\ufeff]*(?:\[[^\]\[]*\]\s*-?\s*){0,2}?\[(?P<level>[DIWEF]|debug|"
+                           r"info|warning|warn|error|critical|fatal|trace)\]", re.I)
+FATAL_CODE_RE = re.compile(r"\[(?:F|fatal|critical)\]\s*(?:error\s*(?:code)?\s*[:：=]?\s*)?(\d{5})\b",
+                           re.I)
 CAUGHT_CODE_RE = re.compile(r"错误码\s*(\d+)")
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_LEVELS = {"d": "debug", "debug": "debug", "i": "info", "info": "info", "w": "warning",
+_LEVELS = {"d": "debug", "debug": "debug", "trace": "debug", "i": "info", "info": "info", "w": "warning",
            "warning": "warning", "warn": "warning", "e": "error", "error": "error",
            "f": "error", "fatal": "error", "critical": "error"}
 

@@ -59,18 +59,21 @@ def safe_extract(archive: Path, dest: Path) -> Path:
             mode = info.external_attr >> 16
             if problem is None and stat.S_ISLNK(mode):
                 problem = "a symbolic link"
-            target = (root / info.filename.replace("\\", "/")).resolve()
+            # Windows tools (PowerShell 5.1's Compress-Archive, older Explorer) write `\`
+            # between the parts of a name, a folder's entry included.
+            name = info.filename.replace("\\", "/")
+            target = (root / name).resolve()
             if problem is None and not (target == root or target.is_relative_to(root)):
                 problem = "a path outside the folder it is unpacked to"
             if problem is not None:
                 raise BundleError(f"{archive}: member {info.filename!r} has {problem}: "
                                   "refused (nothing was unpacked)")
-            plan.append((info, target))
+            plan.append((info, name.endswith("/"), target))
         if dest.exists():
             shutil.rmtree(dest)
         dest.mkdir(parents=True)
-        for info, target in plan:
-            if info.is_dir():
+        for info, is_dir, target in plan:
+            if is_dir:
                 target.mkdir(parents=True, exist_ok=True)
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from tdpu_tui.engine.core.errors import StageFailed
 from tdpu_tui.engine.icraft.driver import WindowsTree
 
 OSRELEASE = Path("/proc/sys/kernel/osrelease")
+PROC_VERSION = Path("/proc/version")
 # The argument keys of parse/optimize/run whose values are paths (`;` between several).
 PATH_KEYS = {"--network", "--jr_path", "--log_path", "--json", "--raw", "--input"}
 _MNT_RE = re.compile(r"^/mnt/[A-Za-z](/|$)")
@@ -37,10 +38,16 @@ def under_wsl(env: dict[str, str] | None = None, osrelease: Path | None = None) 
     env = os.environ if env is None else env
     if env.get("WSL_DISTRO_NAME") or env.get("WSL_INTEROP"):
         return True
-    try:
-        return "microsoft" in (osrelease or OSRELEASE).read_text(errors="replace").lower()
-    except OSError:
-        return False
+    # SPEC §10 names osrelease; /proc/version says the same ("…-microsoft-standard-WSL2 …")
+    # and is what many WSL checks read, so either counts.
+    files = [osrelease] if osrelease is not None else [OSRELEASE, PROC_VERSION]
+    for f in files:
+        try:
+            if "microsoft" in f.read_text(errors="replace").lower():
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def is_windows_program(exe: str | Path) -> bool:
@@ -96,12 +103,21 @@ def windows_argv(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _drive_form(path: str) -> str | None:
+    """`/mnt/c/x/y` as `C:\\x\\y` (WSL's default drive mounts), else None."""
+    m = re.match(r"^/mnt/([A-Za-z])(?:/(.*))?$", path)
+    if m is None:
+        return None
+    return f"{m.group(1).upper()}:\\" + (m.group(2) or "").replace("/", "\\")
+
+
 def shown_argv(argv: Sequence[str]) -> list[str]:
     """The command as Windows sees it (the program by its Windows path too)."""
+    first = str(argv[0])
     try:
-        exe = to_windows(argv[0]) if PurePosixPath(str(argv[0])).is_absolute() else str(argv[0])
+        exe = to_windows(first) if PurePosixPath(first).is_absolute() else first
     except StageFailed:
-        exe = str(argv[0])
+        exe = _drive_form(first) or first
     return [exe, *map(str, argv[1:])]
 
 

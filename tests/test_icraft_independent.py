@@ -181,13 +181,29 @@ def test_zip_variants(tmp_path, style):
 
 
 @pytest.mark.parametrize("where", ["logs/simulate/tiny_optimized/ftmpSFB",
-                                   "logs/simulate/ftmpSFB", ".icraft/logs/tiny_optimized/ftmpSFB"])
+                                   "logs/simulate/ftmpSFB", ".icraft/logs/tiny_optimized/ftmpSFB",
+                                   "logs/simulate/tiny_optimized/ftmp_SFB",
+                                   "logs/simulate/tiny_optimized/sfb"])
 def test_find_dump_where_the_manual_puts_it(tmp_path, where):
     d = tmp_path / where
     d.mkdir(parents=True)
     (d / "900_output.ftmp").write_bytes(b"\0" * 64)
     (d / "3_other.ftmp").write_bytes(b"\0" * 8)
+    (tmp_path / "logs" / "simulate").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "logs" / "simulate" / "stray.ftmp").write_bytes(b"\0" * 64)   # not in a dump folder
     assert imp.find_dump(tmp_path, 64) == d / "900_output.ftmp"
+    assert imp.find_dump(tmp_path, None).parent == d
+
+
+def test_simulate_ignores_an_earlier_runs_dump_in_the_default_folder(tmp_path):
+    from tdpu_tui.engine.stages.simulate import find_output_ftmp
+    old = tmp_path / ".icraft" / "logs" / "n" / "ftmpSFB" / "1.ftmp"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"\0" * 64)
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    (tmp_path / "logs").mkdir()
+    assert find_output_ftmp(tmp_path / "logs", tmp_path, 64, since=time.time() - 5) is None
+    assert find_output_ftmp(tmp_path / "logs", tmp_path, 64) == old
 
 
 # --- the real flows on the tiny model: hand-off round trip, WSL interop --------------------
@@ -394,3 +410,24 @@ def test_wsl_interop_timeout_ends_the_windows_tree(project, wsl_env, monkeypatch
         time.sleep(0.1)
     assert not winsim.running(), winsim.running()        # icraft.exe and icraft-parse.exe
     assert took < 2 + 8, took
+
+
+def test_wsl_cancel_ends_the_windows_tree_driver_level(wsl_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("IC2_HANG", "parse")
+    exe = shutil.which("icraft.exe")
+    (tmp_path / "logs").mkdir()
+    argv = wsl.windows_argv(_parse_argv(tmp_path, exe))
+    tree = wsl.InteropTree(exe, argv)
+    t0 = time.monotonic()
+    lines: list[str] = []
+    res = ic.run_icraft(argv, cwd=tmp_path, log_dirs=[tmp_path / "logs"], timeout_s=30,
+                        on_line=lambda ln, _lv, _s: lines.append(ln),
+                        cancelled=lambda: time.monotonic() - t0 > 1.0, windows=tree)
+    assert res.cancelled and not res.ok
+    assert tree.calls and tree.calls[0][1:4] == ["/T", "/F", "/IM"]
+    assert any("taskkill.exe /T /F" in ln for ln in res.tail), res.tail
+    deadline = time.monotonic() + 3
+    while winsim.running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not winsim.running()
+    assert time.monotonic() - t0 < 1.0 + 6

@@ -223,6 +223,36 @@ def run_argv(exe: str | Path, json: Path, raw: Path, inputs: Sequence[Path],
     ]
 
 
+def find_dump(roots: Sequence[Path], nbytes: int | None,
+              newer_than: float | None = None) -> Path | None:
+    """The output feature map icraft run dumped under one of `roots`.
+
+    The run dumps into a folder named after the format under its log folder
+    (`<log_path>/<network>/ftmp<format>/`, 1_Start_Running.md §1; 3_Component_run.md §2.6 says
+    "ftmp+dump_format"), with names the manuals do not give: a `.ftmp` of the logits' byte size
+    is taken, one in a folder whose name holds the format first, the newest first. Without a
+    known size only files in such a folder count; `newer_than` leaves out earlier runs' files.
+    """
+    fmt = DUMP_FORMAT.lower()
+    found = []
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for p in root.rglob("*.ftmp"):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            if (nbytes is not None and st.st_size != nbytes) or \
+                    (newer_than is not None and st.st_mtime < newer_than):
+                continue
+            in_dump = any(fmt in part.lower() for part in p.relative_to(root).parts[:-1])
+            if nbytes is None and not in_dump:
+                continue
+            found.append((in_dump, st.st_mtime, str(p), p))
+    return max(found)[3] if found else None
+
+
 def _toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 

@@ -188,16 +188,10 @@ def _outputs(root: Path, net: str, command: str) -> list[Path]:
 
 
 def find_dump(root: Path, nbytes: int | None) -> Path | None:
-    """The output feature map the run dumped: a `.ftmp` under `ftmpSFB/` (of the logits' size
-    when it is known), in the run's log folder or Icraft's default one."""
-    found = []
-    for base in (root / bd.LOG_DIRS["run"], root / ".icraft" / "logs", root / "logs"):
-        if base.is_dir():
-            found += [p for p in base.rglob("*.ftmp")
-                      if p.parent.name == f"ftmp{ic.DUMP_FORMAT}"
-                      and (nbytes is None or p.stat().st_size == nbytes)]
-    found = sorted(set(found))
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    """The output feature map the run dumped (`driver.find_dump`), in the run's log folder or
+    Icraft's default one (the scripts clear both before they run)."""
+    return ic.find_dump([root / bd.LOG_DIRS["run"], root / ".icraft" / "logs", root / "logs"],
+                        nbytes)
 
 
 def read_command(root: Path, net: str, command: str) -> CommandOutcome:

@@ -431,3 +431,24 @@ def test_wsl_cancel_ends_the_windows_tree_driver_level(wsl_env, tmp_path, monkey
         time.sleep(0.1)
     assert not winsim.running()
     assert time.monotonic() - t0 < 1.0 + 6
+
+
+@pytest.mark.parametrize("line,fails", [
+    ("\x1b[31m[F] 21002\x1b[0m", True), ("50%\r[12/02/26 16:00:01.1] [F] 21002", True),
+    ("[10/19/22 10:45:03] [stdout]-[E] bad", True), ("[2026-12-02 16:00:01.123] [error] x", True),
+    ("[12/02/26 16:00:01.123] [I] 21002 nodes [E]rror-free", False), ("all good", False),
+])
+def test_sh_script_reads_failure_lines_as_the_driver_does(tmp_path, line, fails):
+    from tdpu_tui.engine.icraft import bundle as bd
+    folder = tmp_path / "b dir"
+    folder.mkdir()
+    (folder / "run_icraft.sh").write_text(bd._sh_script("n"), encoding="utf-8")
+    prog = tmp_path / "my icraft.py"
+    prog.write_text(f"import sys\nsys.stdout.write({line!r} + '\\n')\n", encoding="utf-8")
+    # a command line with a quoted path in it
+    env = _env(ICRAFT=f"{sys.executable} '{prog}'")
+    proc = subprocess.run(["sh", str(folder / "run_icraft.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert (proc.returncode == 1) == fails, proc.stdout + proc.stderr
+    assert (folder / "logs" / "parse.exit").read_text().strip() == "0"
+    assert ic.is_failure_line(ic.decode_line(line.encode())) == fails

@@ -41,9 +41,14 @@ LOG_DIRS = {"parse": "logs/parse", "optimize": "logs/optimize", "run": "logs/sim
 # A failure line as `driver.is_failure_line` reads it (case-insensitive: `[F]`, `[E]`, `[error]`,
 # `[fatal]`, `[critical]`, bare or after a timestamp and a logger name; or an error code line),
 # for grep -Ei (POSIX ERE) and for PowerShell's Select-String (.NET).
-FAILURE_PATTERN = (r"^[[:space:]]*(\[[^][]*\][[:space:]]*-?[[:space:]]*){0,2}"
+# In the shell script $ESC and $CR stand for the escape and carriage-return characters: a line
+# may start with terminal colour codes, or after a progress bar redrawn with CR.
+FAILURE_PATTERN = (r"(^|$CR)[[:space:]]*($ESC\[[0-9;]*[A-Za-z])*"
+                   r"(\[[^][]*\][[:space:]]*-?[[:space:]]*($ESC\[[0-9;]*[A-Za-z])*){0,2}"
                    r"\[(f|e|error|fatal|critical)\]|错误码")
-FAILURE_PATTERN_PS = r"^[\s\ufeff]*(\[[^\]\[]*\]\s*-?\s*){0,2}\[(f|e|error|fatal|critical)\]|错误码"
+FAILURE_PATTERN_PS = (r"(^|\r)[\s\ufeff]*(\x1b\[[0-9;]*[A-Za-z])*"
+                      r"(\[[^\]\[]*\]\s*-?\s*(\x1b\[[0-9;]*[A-Za-z])*){0,2}"
+                      r"\[(f|e|error|fatal|critical)\]|错误码")
 
 
 @dataclass
@@ -164,7 +169,9 @@ case "$ICRAFT" in          # a relative path names a file from where the script 
     */*) if [ -e "$ICRAFT" ]; then ICRAFT="$(pwd)/$ICRAFT"; fi ;;
 esac
 cd "$(dirname "$0")" || exit 1
-PATTERN='{FAILURE_PATTERN}'
+ESC=$(printf '\\033')
+CR=$(printf '\\r')
+PATTERN="{FAILURE_PATTERN}"
 rm -rf {' '.join(LOG_DIRS.values())} .icraft/logs
 rm -f logs/*.exit logs/*.console.log {stale}
 mkdir -p logs
@@ -172,7 +179,9 @@ for cmd in {' '.join(COMMANDS)}; do
     case "$cmd" in run) dir={LOG_DIRS["run"]} ;; *) dir="logs/$cmd" ;; esac
     echo "== $ICRAFT $cmd {toml}"
     {{
-        if [ -x "$ICRAFT" ]; then "$ICRAFT" "$cmd" "{toml}" 2>&1; else $ICRAFT "$cmd" "{toml}" 2>&1; fi
+        # a program's path (spaces and all), else a command line (quotes in it honoured)
+        if [ -f "$ICRAFT" ] && [ -x "$ICRAFT" ]; then "$ICRAFT" "$cmd" "{toml}" 2>&1
+        else eval "$ICRAFT \\"\\$cmd\\" \\"{toml}\\"" 2>&1; fi
         echo $? > "logs/$cmd.exit"
     }} < /dev/null | tee "logs/$cmd.console.log"
     status=$(cat "logs/$cmd.exit" 2>/dev/null || echo 1)

@@ -452,3 +452,21 @@ def test_sh_script_reads_failure_lines_as_the_driver_does(tmp_path, line, fails)
     assert (proc.returncode == 1) == fails, proc.stdout + proc.stderr
     assert (folder / "logs" / "parse.exit").read_text().strip() == "0"
     assert ic.is_failure_line(ic.decode_line(line.encode())) == fails
+
+
+@pytest.mark.parametrize("flood", ["parse", "parse:line"])
+def test_flood_through_the_parse_stage(project, monkeypatch, flood):
+    monkeypatch.setenv("IC2_FLOOD", flood)
+    cfg = _config(project.base_dir, "flood.toml", bin=str(ICRAFT), timeout=2)
+    log = project.base_dir / "phase3_logs" / "icraft_compile_log.md"
+    before = _rss()
+    t0 = time.monotonic()
+    res = _pipeline(cfg, "parse")
+    took = time.monotonic() - t0
+    assert res["parse"].status.value == "failed" and "timed out" in res["parse"].message
+    assert took < 2 + 4, took
+    assert _rss() - before < 200 << 20
+    assert log.stat().st_size < 2 << 20
+    text = log.read_text(encoding="utf-8")
+    parse_section = text[text.index("## parse"):][:400_000] if "## parse" in text else text
+    assert len(parse_section) < 400_000

@@ -28,6 +28,8 @@ from tdpu_tui.engine.icraft.driver import WindowsTree
 
 OSRELEASE = Path("/proc/sys/kernel/osrelease")
 PROC_VERSION = Path("/proc/version")
+# Registered by WSL for running Windows programs (present only where interop works).
+INTEROP_BINFMT = Path("/proc/sys/fs/binfmt_misc/WSLInterop")
 # The argument keys of parse/optimize/run whose values are paths (`;` between several).
 PATH_KEYS = {"--network", "--jr_path", "--log_path", "--json", "--raw", "--input"}
 _MNT_RE = re.compile(r"^/mnt/[A-Za-z](/|$)")
@@ -40,6 +42,8 @@ def under_wsl(env: dict[str, str] | None = None, osrelease: Path | None = None) 
         return True
     # SPEC §10 names osrelease; /proc/version says the same ("…-microsoft-standard-WSL2 …")
     # and is what many WSL checks read, so either counts.
+    if osrelease is None and INTEROP_BINFMT.exists():
+        return True
     files = [osrelease] if osrelease is not None else [OSRELEASE, PROC_VERSION]
     for f in files:
         try:

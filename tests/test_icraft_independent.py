@@ -470,3 +470,36 @@ def test_flood_through_the_parse_stage(project, monkeypatch, flood):
     text = log.read_text(encoding="utf-8")
     parse_section = text[text.index("## parse"):][:400_000] if "## parse" in text else text
     assert len(parse_section) < 400_000
+
+
+def test_wsl_cancel_with_powershell_ends_the_windows_pid(wsl_env, tmp_path, monkeypatch):
+    """With powershell.exe there, the Windows PID (not the relay's) is learnt while Icraft
+    runs and `taskkill.exe /T /F /PID <it>` ends icraft.exe and icraft-parse.exe."""
+    monkeypatch.setenv("PATH", f"{FAKES / 'with_powershell'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("IC2_HANG", "parse")
+    exe = shutil.which("icraft.exe")
+    (tmp_path / "logs").mkdir()
+    argv = wsl.windows_argv(_parse_argv(tmp_path, exe))
+    tree = wsl.InteropTree(exe, argv)
+    seen: dict[int, dict] = {}
+    t0 = time.monotonic()
+    cancel_at: list[float] = []
+
+    def cancelled() -> bool:
+        seen.update(winsim.running())
+        if time.monotonic() - t0 > 2.5:
+            cancel_at.append(time.monotonic())
+            return True
+        return False
+
+    res = ic.run_icraft(argv, cwd=tmp_path, log_dirs=[tmp_path / "logs"], timeout_s=30,
+                        on_line=lambda *_a: None, cancelled=cancelled, windows=tree)
+    assert res.cancelled
+    ours = [w for w, d in seen.items() if d["image"] == "icraft.exe"]
+    assert len(ours) == 1 and tree.calls[0][1:] == ["/T", "/F", "/PID", str(ours[0])]
+    assert seen[ours[0]]["pid"] != ours[0]
+    deadline = time.monotonic() + 3
+    while winsim.running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not winsim.running()
+    assert res.seconds - (cancel_at[0] - t0) < 1.0 + 0.5

@@ -577,6 +577,9 @@ class WindowsTree:
     """How a Windows program run through WSL interop is ended: the Linux-side interop process
     does not take the Windows tree with it (see `wsl.py`)."""
 
+    def started(self) -> None:
+        """The program has just been started (the Windows side may be looked up now)."""
+
     def end(self) -> str:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -626,6 +629,8 @@ def run_icraft(argv: Sequence[str], *, cwd: Path, log_dirs: Sequence[Path], time
         stderr=subprocess.PIPE, env=env, **proc_tree.popen_kwargs(),
     )
     tree = proc_tree.Tree(proc.pid)
+    if windows is not None:
+        windows.started()
     exited = threading.Event()
     exit_at: list[float] = []
 

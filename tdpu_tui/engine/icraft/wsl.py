@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
@@ -157,9 +158,31 @@ class InteropTree(WindowsTree):
         self.program = name if name.lower().endswith(".exe") else f"{name}.exe"
         self.marker = next((v for k, v in itertools.pairwise(win_argv) if k == "--log_path"), "")
         self.calls: list[list[str]] = []
+        self.pid: int | None = None
+        self._stop = threading.Event()
+
+    # While the program runs its Windows PID is looked up in the background, so a timeout or
+    # cancel ends it at once (powershell.exe takes a second or more to start).
+    LOOKUP_DELAYS = (0.3, 0.7, 1.5, 3.0, 6.0)
+
+    def started(self) -> None:
+        if self.marker and shutil.which("powershell.exe"):
+            threading.Thread(target=self._lookup, daemon=True, name="windows-pid").start()
+
+    def _lookup(self) -> None:
+        for delay in self.LOOKUP_DELAYS:
+            if self._stop.wait(delay):
+                return
+            pid = find_windows_pid(self.program, self.marker)
+            if pid is not None and not self._stop.is_set():
+                self.pid = pid
+                return
 
     def end(self) -> str:
-        pid = find_windows_pid(self.program, self.marker)
+        self._stop.set()
+        # The interop relay lives as long as the Windows program, and end() is only called
+        # while the relay runs: a PID found earlier is still that program's.
+        pid = self.pid if self.pid is not None else find_windows_pid(self.program, self.marker)
         target = ["/PID", str(pid)] if pid is not None else ["/IM", self.program]
         argv = [_tool("taskkill.exe"), "/T", "/F", *target]
         self.calls.append(argv)

@@ -283,7 +283,10 @@ def compile_toml(cfg: Config, base: Path, network: Path, inputs: Sequence[Sequen
         f"network = {_toml_str(_rel(network, base))}",
         'jr_path = "./"',
         'log_path = "./logs/parse/"',
-        "inputs = " + _toml_str(";".join(",".join(map(str, s)) for s in inputs)),
+        # One input as the manuals write it (`inputs = [ 1, 640, 640, 3,]`, 2_Interface_CLI.md
+        # §2); several as on the command line (`;` between inputs).
+        ("inputs = [" + ", ".join(map(str, inputs[0])) + "]" if n == 1 else
+         "inputs = " + _toml_str(";".join(",".join(map(str, s)) for s in inputs))),
         f"inputs_layout = {_toml_str(_per_input('FD', n))}",
         f"pre_method = {_toml_str(_per_input('nop', n))}",
         f"pre_mean = {_toml_str(_per_input('nop', n))}",

@@ -503,3 +503,22 @@ def test_wsl_cancel_with_powershell_ends_the_windows_pid(wsl_env, tmp_path, monk
         time.sleep(0.1)
     assert not winsim.running()
     assert res.seconds - (cancel_at[0] - t0) < 1.0 + 0.5
+
+
+def test_zip_from_a_chinese_windows_gbk_names(tmp_path):
+    """Explorer on a Chinese Windows stores names in GBK without the UTF-8 flag, with `\\`
+    between parts; '淺' is one of the GBK characters whose second byte is 0x5C."""
+    src = tmp_path / "src"
+    _bundle_stub(src)
+    top = "工程淺 结果"
+    placeholder = "Q" * len(top.encode("gbk"))
+    z = tmp_path / "b.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr(zipfile.ZipInfo(placeholder + "\\"), b"")
+        for p in sorted(src.rglob("*")):
+            if p.is_file():
+                zf.write(p, placeholder + "\\" + "\\".join(p.relative_to(src).parts))
+    z.write_bytes(z.read_bytes().replace(placeholder.encode(), top.encode("gbk")))
+    root = imp.find_root(imp.safe_extract(z, tmp_path / "out"))
+    assert root.name == top
+    assert imp.read_command(root, "n", "parse").error.code == 21002

@@ -44,6 +44,25 @@ def _member_problem(name: str) -> str | None:
     return None
 
 
+def member_name(info: zipfile.ZipInfo) -> str:
+    """A member's name with `/` between its parts. A name stored without the UTF-8 flag is in
+    the code page of the machine that zipped it: on the team's Chinese Windows GBK (cp936),
+    which Python reads as cp437. It is decoded as GBK where that works, before `\\` is taken
+    for a separator (the second byte of a GBK character can be 0x5C)."""
+    name = info.orig_filename
+    if not info.flag_bits & 0x800:
+        try:
+            raw = name.encode("cp437")
+        except UnicodeEncodeError:
+            raw = b""
+        if any(b > 0x7F for b in raw):
+            try:
+                name = raw.decode("gbk")
+            except UnicodeDecodeError:
+                pass
+    return name.replace("\\", "/")
+
+
 def safe_extract(archive: Path, dest: Path) -> Path:
     """Unpack `archive` into the fresh folder `dest`, refusing members that would land
     outside it; returns `dest`."""
@@ -55,18 +74,18 @@ def safe_extract(archive: Path, dest: Path) -> Path:
         root = dest.resolve()
         plan = []
         for info in zf.infolist():
-            problem = _member_problem(info.filename)
+            # Windows tools (PowerShell 5.1's Compress-Archive, older Explorer) write `\`
+            # between the parts of a name, a folder's entry included.
+            name = member_name(info)
+            problem = _member_problem(name)
             mode = info.external_attr >> 16
             if problem is None and stat.S_ISLNK(mode):
                 problem = "a symbolic link"
-            # Windows tools (PowerShell 5.1's Compress-Archive, older Explorer) write `\`
-            # between the parts of a name, a folder's entry included.
-            name = info.filename.replace("\\", "/")
             target = (root / name).resolve()
             if problem is None and not (target == root or target.is_relative_to(root)):
                 problem = "a path outside the folder it is unpacked to"
             if problem is not None:
-                raise BundleError(f"{archive}: member {info.filename!r} has {problem}: "
+                raise BundleError(f"{archive}: member {name!r} has {problem}: "
                                   "refused (nothing was unpacked)")
             plan.append((info, name.endswith("/"), target))
         if dest.exists():

@@ -116,6 +116,14 @@ def test_large_output_quick_child_is_not_timed_out(tmp_path):
 
 # --- WSL detection and path conversion (SPEC §10) ------------------------------------------
 
+def test_folder_without_spaces_keeps_its_backslash(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ['PATH']}")
+    d = tmp_path / "plain"
+    d.mkdir()
+    out = wsl.windows_argv(["icraft.exe", "parse", "--jr_path", f"{d}/"])
+    assert out[3].endswith("\\plain\\") and " " not in out[3]
+
+
 def test_under_wsl_variants(tmp_path):
     rel = tmp_path / "osrelease"
     rel.write_text("5.15.167.4-microsoft-standard-WSL2\n")
@@ -145,7 +153,8 @@ def test_windows_argv_spaces_non_ascii(tmp_path, monkeypatch, crlf, unc):
     host = f"\\\\{unc}\\Ubuntu"
     want = host + str(d / "m.onnx").replace("/", "\\")
     assert out[3] == want and out[5] == f"{want};{want}"
-    assert out[7] == host + str(d).replace("/", "\\") + "\\"
+    # a folder with white space ends in '/': WSL quotes it without escaping a trailing '\'
+    assert out[7] == host + str(d).replace("/", "\\") + "/"
     assert out[8:] == ["--backends", "Host"] and all("\r" not in a for a in out)
     assert wsl.shown_argv(out)[0] == "C:\\Icraft\\CLI\\bin\\icraft.exe"
 

@@ -84,9 +84,15 @@ def to_windows(path: str | Path) -> str:
 
 
 def _convert_one(value: str) -> str:
+    """One path for Windows. A folder keeps its trailing separator (Icraft joins names onto
+    `--jr_path`/`--log_path`), but where the path holds white space it is `/`: WSL wraps such an
+    argument in quotes without escaping (microsoft/WSL#1625, #2411), and a `\\` before that
+    closing quote would escape it — the argument would swallow the ones after it."""
     trailing = value.endswith(("/", os.sep)) and len(value) > 1
     out = to_windows(value.rstrip("/") if trailing else value)
-    return out.rstrip("\\") + "\\" if trailing else out
+    if not trailing:
+        return out
+    return out.rstrip("\\/") + ("/" if any(c.isspace() for c in out) else "\\")
 
 
 def _is_path(value: str) -> bool:

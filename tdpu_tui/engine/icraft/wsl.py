@@ -138,8 +138,10 @@ def find_windows_pid(program: str, marker: str) -> int | None:
     if ps is None or not marker:
         return None
     name = program.replace("'", "''")
-    script = (f"Get-CimInstance Win32_Process -Filter \"Name='{name}'\" | "
-              "ForEach-Object { \"$($_.ProcessId) $($_.CommandLine)\" }")
+    # No double quotes in the script: WSL passes an argument with spaces in quotes without
+    # escaping the quotes inside it (microsoft/WSL#2411), and Windows would drop them.
+    script = (f"Get-CimInstance Win32_Process | Where-Object {{ $_.Name -eq '{name}' }} | "
+              "ForEach-Object { [string]$_.ProcessId + ' ' + $_.CommandLine }")
     try:
         proc = subprocess.run([ps, "-NoProfile", "-NonInteractive", "-Command", script],
                               capture_output=True, check=False, timeout=TOOL_TIMEOUT_S,

@@ -461,6 +461,10 @@ def test_sh_script_reads_failure_lines_as_the_driver_does(tmp_path, line, fails)
     assert (proc.returncode == 1) == fails, proc.stdout + proc.stderr
     assert (folder / "logs" / "parse.exit").read_text().strip() == "0"
     assert ic.is_failure_line(ic.decode_line(line.encode())) == fails
+    # The PowerShell script's pattern, in Python's regex dialect (close to .NET's for it);
+    # Select-String is case-insensitive and reads lines split at LF.
+    import re
+    assert bool(re.search(bd.FAILURE_PATTERN_PS, line, re.I | re.M)) == fails
 
 
 @pytest.mark.parametrize("flood", ["parse", "parse:line"])

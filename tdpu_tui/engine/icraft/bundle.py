@@ -38,7 +38,17 @@ INPUT_DIR = "inputs"
 COMMANDS = ("parse", "optimize", "run")
 # The log folder of each command as the TOML names it (the run is tdpu's `simulate`).
 LOG_DIRS = {"parse": "logs/parse", "optimize": "logs/optimize", "run": "logs/simulate"}
-FAILURE_PATTERN = r"^\s*(\[[0-9/:. -]+\]\s*)?\[(F|E)\]|错误码"
+# A failure line as `driver.is_failure_line` reads it (case-insensitive: `[F]`, `[E]`, `[error]`,
+# `[fatal]`, `[critical]`, bare or after a timestamp and a logger name; or an error code line),
+# for grep -Ei (POSIX ERE) and for PowerShell's Select-String (.NET).
+# In the shell script $ESC and $CR stand for the escape and carriage-return characters: a line
+# may start with terminal colour codes, or after a progress bar redrawn with CR.
+FAILURE_PATTERN = (r"(^|$CR)[[:space:]]*($ESC\[[0-9;]*[A-Za-z])*"
+                   r"(\[[^][]*\][[:space:]]*-?[[:space:]]*($ESC\[[0-9;]*[A-Za-z])*){0,2}"
+                   r"\[(f|e|error|fatal|critical)\]|错误码")
+FAILURE_PATTERN_PS = (r"(^|\r)[\s\ufeff]*(\x1b\[[0-9;]*[A-Za-z])*"
+                      r"(\[[^\]\[]*\]\s*-?\s*(\x1b\[[0-9;]*[A-Za-z])*){0,2}"
+                      r"\[(f|e|error|fatal|critical)\]|错误码")
 
 
 @dataclass
@@ -137,26 +147,46 @@ def place(src: Path, dst: Path) -> PlacedFile:
         return PlacedFile(dst, size, "copy")
 
 
+def _stale(net: str) -> list[str]:
+    """What an earlier run in the folder left that this run would be taken for: the outputs
+    of parse and optimize (the later command would run on them after a failure)."""
+    return [p.name for st in ("parsed", "optimized") for p in ic.parsed_files(Path("."), net, st)]
+
+
 def _sh_script(net: str) -> str:
     toml = f"{net}.toml"
+    stale = " ".join(_stale(net))
     return f"""#!/bin/sh
 # Written by tdpu: icraft parse -> optimize -> run with {toml}, from this script's folder.
 # The Icraft command is $ICRAFT when set, else `icraft` on PATH. Stops at the first failure
-# (a non-zero exit status, or an [F]/[E] line or error code in the output: Icraft has been
-# seen to exit 0 after a component failed). Each command's output and exit status are kept in
-# logs/ beside Icraft's own logs; bring the folder back with `tdpu icraft import`.
-cd "$(dirname "$0")" || exit 1
+# (a non-zero exit status, or an [F]/[E] line or error code in its output or its log files:
+# Icraft has been seen to exit 0 after a component failed). Each command's output and exit
+# status are kept in logs/ beside Icraft's own logs (the logs and outputs of an earlier run
+# here are removed first); bring the folder back with `tdpu icraft import`.
 ICRAFT="${{ICRAFT:-icraft}}"
+case "$ICRAFT" in          # a relative path names a file from where the script was called
+    /*) ;;
+    */*) if [ -e "$ICRAFT" ]; then ICRAFT="$(pwd)/$ICRAFT"; fi ;;
+esac
+cd "$(dirname "$0")" || exit 1
+ESC=$(printf '\\033')
+CR=$(printf '\\r')
+PATTERN="{FAILURE_PATTERN}"
+rm -rf {' '.join(LOG_DIRS.values())} .icraft/logs
+rm -f logs/*.exit logs/*.console.log {stale}
 mkdir -p logs
 for cmd in {' '.join(COMMANDS)}; do
+    case "$cmd" in run) dir={LOG_DIRS["run"]} ;; *) dir="logs/$cmd" ;; esac
     echo "== $ICRAFT $cmd {toml}"
-    rm -f "logs/$cmd.exit"
     {{
-        if [ -x "$ICRAFT" ]; then "$ICRAFT" "$cmd" "{toml}" 2>&1; else $ICRAFT "$cmd" "{toml}" 2>&1; fi
+        # a program's path (spaces and all), else a command line (quotes in it honoured)
+        if [ -f "$ICRAFT" ] && [ -x "$ICRAFT" ]; then "$ICRAFT" "$cmd" "{toml}" 2>&1
+        else eval "$ICRAFT \\"\\$cmd\\" \\"{toml}\\"" 2>&1; fi
         echo $? > "logs/$cmd.exit"
     }} < /dev/null | tee "logs/$cmd.console.log"
     status=$(cat "logs/$cmd.exit" 2>/dev/null || echo 1)
-    if [ "$status" != 0 ] || grep -Eq '{FAILURE_PATTERN}' "logs/$cmd.console.log"; then
+    failed=$(find "$dir" .icraft/logs -type f -name '*.log' -exec grep -Eil "$PATTERN" {{}} + 2>/dev/null)
+    if [ "$status" != 0 ] || grep -Eiq "$PATTERN" "logs/$cmd.console.log" || [ -n "$failed" ]; then
         echo "icraft $cmd failed (exit status $status); see logs/" >&2
         exit 1
     fi
@@ -167,24 +197,44 @@ echo "done: bring this folder back and run: tdpu icraft import <this folder>"
 
 def _ps1_script(net: str) -> str:
     toml = f"{net}.toml"
+    stale = ", ".join(f"'{n}'" for n in _stale(net))
+    dirs = ", ".join(f"'{d}'" for d in (*(v.replace("/", "\\") for v in LOG_DIRS.values()),
+                                         ".icraft\\logs"))
     lines = [
         f"# Written by tdpu: icraft parse -> optimize -> run with {toml}, from this script's folder.",
         "# Run: powershell -ExecutionPolicy Bypass -File run_icraft.ps1",
         "# The Icraft command is $env:ICRAFT when set, else `icraft` on PATH. Stops at the first",
-        "# failure (a non-zero exit status, or an [F]/[E] line or error code in the output).",
-        "# Each command's output and exit status are kept in logs\\ beside Icraft's own logs;",
-        "# bring the folder back with `tdpu icraft import`.",
-        "Set-Location -LiteralPath $PSScriptRoot",
+        "# failure (a non-zero exit status, or an [F]/[E] line or error code in its output or its",
+        "# log files). Each command's output and exit status are kept in logs\\ beside Icraft's",
+        "# own logs (those of an earlier run here are removed first); bring the folder back with",
+        "# `tdpu icraft import`.",
         "$icraft = if ($env:ICRAFT) { $env:ICRAFT } else { 'icraft' }",
+        "# A relative path names a file from where the script was called.",
+        "if ($icraft -match '[\\\\/]' -and (Test-Path -LiteralPath $icraft)) {",
+        "    $icraft = (Resolve-Path -LiteralPath $icraft).Path",
+        "}",
+        "Set-Location -LiteralPath $PSScriptRoot",
+        f"$pattern = '{FAILURE_PATTERN_PS}'",
+        f"foreach ($d in @({dirs})) {{",
+        "    if (Test-Path -LiteralPath $d) { Remove-Item -LiteralPath $d -Recurse -Force }",
+        "}",
+        "Remove-Item -Path 'logs\\*.exit', 'logs\\*.console.log' -ErrorAction SilentlyContinue",
+        f"foreach ($f in @({stale})) {{ Remove-Item -LiteralPath $f -ErrorAction SilentlyContinue }}",
         "New-Item -ItemType Directory -Force -Path logs | Out-Null",
         "foreach ($cmd in @(" + ", ".join(f"'{c}'" for c in COMMANDS) + ")) {",
+        f"    $dir = if ($cmd -eq 'run') {{ '{LOG_DIRS['run'].replace('/', chr(92))}' }} else {{ \"logs\\$cmd\" }}",
         f"    Write-Host \"== $icraft $cmd {toml}\"",
         "    $out = \"logs\\$cmd.console.log\"",
-        "    Remove-Item -ErrorAction SilentlyContinue \"logs\\$cmd.exit\"",
         f"    & $icraft $cmd '{toml}' 2>&1 | ForEach-Object {{ \"$_\" }} | Tee-Object -FilePath $out",
         "    $code = $LASTEXITCODE",
         "    Set-Content -Path \"logs\\$cmd.exit\" -Value $code -Encoding ascii",
-        f"    $failed = Select-String -Path $out -Pattern '{FAILURE_PATTERN}' -Quiet",
+        "    $failed = [bool](Select-String -LiteralPath $out -Pattern $pattern -List)",
+        "    foreach ($d in @($dir, '.icraft\\logs')) {",
+        "        if (-not $failed -and (Test-Path -LiteralPath $d)) {",
+        "            $logs = @(Get-ChildItem -LiteralPath $d -Recurse -Filter '*.log' -File)",
+        "            if ($logs.Count) { $failed = [bool]($logs | Select-String -Pattern $pattern -List) }",
+        "        }",
+        "    }",
         "    if ($code -ne 0 -or $failed) {",
         "        Write-Host \"icraft $cmd failed (exit status $code); see logs\\\"",
         "        exit 1",

@@ -69,13 +69,17 @@ def explain_code(code: int | None) -> str:
     return "not in the Icraft manuals' error tables; see the log lines"
 
 
-# A level mark, after Icraft's timestamp or bare at the start of the line (`[F] 21002`).
-LEVEL_MARK_RE = re.compile(r"^\s*(?:\[[\d/:. -]+\]\s*)?\[(?P<level>[DIWEF]|debug|info|warning|"
-                           r"warn|error|critical|fatal)\]", re.I)
-FATAL_CODE_RE = re.compile(r"\[F\]\s*(\d{5})\b")
+# A level mark at the start of the line: bare (`[F] 21002`, SPEC §6), after Icraft's timestamp
+# (`[MM/DD/YY hh:mm:ss.ms] [F] …`, `[YYYY-MM-DD hh:mm:ss.ms] [error] …`), or after a timestamp
+# and a logger name as a custom pattern writes it (`[%D %T] [%n]-[%L] %v`,
+# 3_Component_Utils.md §3.1); a byte-order mark on a file's first line is ignored.
+LEVEL_MARK_RE = re.compile(r"^[\s\ufeff]*(?:\[[^\]\[]*\]\s*-?\s*){0,2}?\[(?P<level>[DIWEF]|debug|"
+                           r"info|warning|warn|error|critical|fatal|trace)\]", re.I)
+FATAL_CODE_RE = re.compile(r"\[(?:F|fatal|critical)\]\s*(?:error\s*(?:code)?\s*[:：=]?\s*)?(\d{5})\b",
+                           re.I)
 CAUGHT_CODE_RE = re.compile(r"错误码\s*(\d+)")
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_LEVELS = {"d": "debug", "debug": "debug", "i": "info", "info": "info", "w": "warning",
+_LEVELS = {"d": "debug", "debug": "debug", "trace": "debug", "i": "info", "info": "info", "w": "warning",
            "warning": "warning", "warn": "warning", "e": "error", "error": "error",
            "f": "error", "fatal": "error", "critical": "error"}
 
@@ -219,6 +223,36 @@ def run_argv(exe: str | Path, json: Path, raw: Path, inputs: Sequence[Path],
     ]
 
 
+def find_dump(roots: Sequence[Path], nbytes: int | None,
+              newer_than: float | None = None) -> Path | None:
+    """The output feature map icraft run dumped under one of `roots`.
+
+    The run dumps into a folder named after the format under its log folder
+    (`<log_path>/<network>/ftmp<format>/`, 1_Start_Running.md §1; 3_Component_run.md §2.6 says
+    "ftmp+dump_format"), with names the manuals do not give: a `.ftmp` of the logits' byte size
+    is taken, one in a folder whose name holds the format first, the newest first. Without a
+    known size only files in such a folder count; `newer_than` leaves out earlier runs' files.
+    """
+    fmt = DUMP_FORMAT.lower()
+    found = []
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for p in root.rglob("*.ftmp"):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            if (nbytes is not None and st.st_size != nbytes) or \
+                    (newer_than is not None and st.st_mtime < newer_than):
+                continue
+            in_dump = any(fmt in part.lower() for part in p.relative_to(root).parts[:-1])
+            if nbytes is None and not in_dump:
+                continue
+            found.append((in_dump, st.st_mtime, str(p), p))
+    return max(found)[3] if found else None
+
+
 def _toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -249,7 +283,10 @@ def compile_toml(cfg: Config, base: Path, network: Path, inputs: Sequence[Sequen
         f"network = {_toml_str(_rel(network, base))}",
         'jr_path = "./"',
         'log_path = "./logs/parse/"',
-        "inputs = " + _toml_str(";".join(",".join(map(str, s)) for s in inputs)),
+        # One input as the manuals write it (`inputs = [ 1, 640, 640, 3,]`, 2_Interface_CLI.md
+        # §2); several as on the command line (`;` between inputs).
+        ("inputs = [" + ", ".join(map(str, inputs[0])) + "]" if n == 1 else
+         "inputs = " + _toml_str(";".join(",".join(map(str, s)) for s in inputs))),
         f"inputs_layout = {_toml_str(_per_input('FD', n))}",
         f"pre_method = {_toml_str(_per_input('nop', n))}",
         f"pre_mean = {_toml_str(_per_input('nop', n))}",
@@ -543,6 +580,9 @@ class WindowsTree:
     """How a Windows program run through WSL interop is ended: the Linux-side interop process
     does not take the Windows tree with it (see `wsl.py`)."""
 
+    def started(self) -> None:
+        """The program has just been started (the Windows side may be looked up now)."""
+
     def end(self) -> str:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -592,6 +632,8 @@ def run_icraft(argv: Sequence[str], *, cwd: Path, log_dirs: Sequence[Path], time
         stderr=subprocess.PIPE, env=env, **proc_tree.popen_kwargs(),
     )
     tree = proc_tree.Tree(proc.pid)
+    if windows is not None:
+        windows.started()
     exited = threading.Event()
     exit_at: list[float] = []
 

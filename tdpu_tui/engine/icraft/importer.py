@@ -44,6 +44,25 @@ def _member_problem(name: str) -> str | None:
     return None
 
 
+def member_name(info: zipfile.ZipInfo) -> str:
+    """A member's name with `/` between its parts. A name stored without the UTF-8 flag is in
+    the code page of the machine that zipped it: on the team's Chinese Windows GBK (cp936),
+    which Python reads as cp437. It is decoded as GBK where that works, before `\\` is taken
+    for a separator (the second byte of a GBK character can be 0x5C)."""
+    name = info.orig_filename
+    if not info.flag_bits & 0x800:
+        try:
+            raw = name.encode("cp437")
+        except UnicodeEncodeError:
+            raw = b""
+        if any(b > 0x7F for b in raw):
+            try:
+                name = raw.decode("gbk")
+            except UnicodeDecodeError:
+                pass
+    return name.replace("\\", "/")
+
+
 def safe_extract(archive: Path, dest: Path) -> Path:
     """Unpack `archive` into the fresh folder `dest`, refusing members that would land
     outside it; returns `dest`."""
@@ -55,22 +74,25 @@ def safe_extract(archive: Path, dest: Path) -> Path:
         root = dest.resolve()
         plan = []
         for info in zf.infolist():
-            problem = _member_problem(info.filename)
+            # Windows tools (PowerShell 5.1's Compress-Archive, older Explorer) write `\`
+            # between the parts of a name, a folder's entry included.
+            name = member_name(info)
+            problem = _member_problem(name)
             mode = info.external_attr >> 16
             if problem is None and stat.S_ISLNK(mode):
                 problem = "a symbolic link"
-            target = (root / info.filename.replace("\\", "/")).resolve()
+            target = (root / name).resolve()
             if problem is None and not (target == root or target.is_relative_to(root)):
                 problem = "a path outside the folder it is unpacked to"
             if problem is not None:
-                raise BundleError(f"{archive}: member {info.filename!r} has {problem}: "
+                raise BundleError(f"{archive}: member {name!r} has {problem}: "
                                   "refused (nothing was unpacked)")
-            plan.append((info, target))
+            plan.append((info, name.endswith("/"), target))
         if dest.exists():
             shutil.rmtree(dest)
         dest.mkdir(parents=True)
-        for info, target in plan:
-            if info.is_dir():
+        for info, is_dir, target in plan:
+            if is_dir:
                 target.mkdir(parents=True, exist_ok=True)
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -185,16 +207,10 @@ def _outputs(root: Path, net: str, command: str) -> list[Path]:
 
 
 def find_dump(root: Path, nbytes: int | None) -> Path | None:
-    """The output feature map the run dumped: a `.ftmp` under `ftmpSFB/` (of the logits' size
-    when it is known), in the run's log folder or Icraft's default one."""
-    found = []
-    for base in (root / bd.LOG_DIRS["run"], root / ".icraft" / "logs", root / "logs"):
-        if base.is_dir():
-            found += [p for p in base.rglob("*.ftmp")
-                      if p.parent.name == f"ftmp{ic.DUMP_FORMAT}"
-                      and (nbytes is None or p.stat().st_size == nbytes)]
-    found = sorted(set(found))
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    """The output feature map the run dumped (`driver.find_dump`), in the run's log folder or
+    Icraft's default one (the scripts clear both before they run)."""
+    return ic.find_dump([root / bd.LOG_DIRS["run"], root / ".icraft" / "logs", root / "logs"],
+                        nbytes)
 
 
 def read_command(root: Path, net: str, command: str) -> CommandOutcome:

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
@@ -27,6 +28,9 @@ from tdpu_tui.engine.core.errors import StageFailed
 from tdpu_tui.engine.icraft.driver import WindowsTree
 
 OSRELEASE = Path("/proc/sys/kernel/osrelease")
+PROC_VERSION = Path("/proc/version")
+# Registered by WSL for running Windows programs (present only where interop works).
+INTEROP_BINFMT = Path("/proc/sys/fs/binfmt_misc/WSLInterop")
 # The argument keys of parse/optimize/run whose values are paths (`;` between several).
 PATH_KEYS = {"--network", "--jr_path", "--log_path", "--json", "--raw", "--input"}
 _MNT_RE = re.compile(r"^/mnt/[A-Za-z](/|$)")
@@ -37,10 +41,18 @@ def under_wsl(env: dict[str, str] | None = None, osrelease: Path | None = None) 
     env = os.environ if env is None else env
     if env.get("WSL_DISTRO_NAME") or env.get("WSL_INTEROP"):
         return True
-    try:
-        return "microsoft" in (osrelease or OSRELEASE).read_text(errors="replace").lower()
-    except OSError:
-        return False
+    # SPEC §10 names osrelease; /proc/version says the same ("…-microsoft-standard-WSL2 …")
+    # and is what many WSL checks read, so either counts.
+    if osrelease is None and INTEROP_BINFMT.exists():
+        return True
+    files = [osrelease] if osrelease is not None else [OSRELEASE, PROC_VERSION]
+    for f in files:
+        try:
+            if "microsoft" in f.read_text(errors="replace").lower():
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def is_windows_program(exe: str | Path) -> bool:
@@ -72,9 +84,15 @@ def to_windows(path: str | Path) -> str:
 
 
 def _convert_one(value: str) -> str:
+    """One path for Windows. A folder keeps its trailing separator (Icraft joins names onto
+    `--jr_path`/`--log_path`), but where the path holds white space it is `/`: WSL wraps such an
+    argument in quotes without escaping (microsoft/WSL#1625, #2411), and a `\\` before that
+    closing quote would escape it — the argument would swallow the ones after it."""
     trailing = value.endswith(("/", os.sep)) and len(value) > 1
     out = to_windows(value.rstrip("/") if trailing else value)
-    return out.rstrip("\\") + "\\" if trailing else out
+    if not trailing:
+        return out
+    return out.rstrip("\\/") + ("/" if any(c.isspace() for c in out) else "\\")
 
 
 def _is_path(value: str) -> bool:
@@ -96,12 +114,21 @@ def windows_argv(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _drive_form(path: str) -> str | None:
+    """`/mnt/c/x/y` as `C:\\x\\y` (WSL's default drive mounts), else None."""
+    m = re.match(r"^/mnt/([A-Za-z])(?:/(.*))?$", path)
+    if m is None:
+        return None
+    return f"{m.group(1).upper()}:\\" + (m.group(2) or "").replace("/", "\\")
+
+
 def shown_argv(argv: Sequence[str]) -> list[str]:
     """The command as Windows sees it (the program by its Windows path too)."""
+    first = str(argv[0])
     try:
-        exe = to_windows(argv[0]) if PurePosixPath(str(argv[0])).is_absolute() else str(argv[0])
+        exe = to_windows(first) if PurePosixPath(first).is_absolute() else first
     except StageFailed:
-        exe = str(argv[0])
+        exe = _drive_form(first) or first
     return [exe, *map(str, argv[1:])]
 
 
@@ -111,8 +138,10 @@ def find_windows_pid(program: str, marker: str) -> int | None:
     if ps is None or not marker:
         return None
     name = program.replace("'", "''")
-    script = (f"Get-CimInstance Win32_Process -Filter \"Name='{name}'\" | "
-              "ForEach-Object { \"$($_.ProcessId) $($_.CommandLine)\" }")
+    # No double quotes in the script: WSL passes an argument with spaces in quotes without
+    # escaping the quotes inside it (microsoft/WSL#2411), and Windows would drop them.
+    script = (f"Get-CimInstance Win32_Process | Where-Object {{ $_.Name -eq '{name}' }} | "
+              "ForEach-Object { [string]$_.ProcessId + ' ' + $_.CommandLine }")
     try:
         proc = subprocess.run([ps, "-NoProfile", "-NonInteractive", "-Command", script],
                               capture_output=True, check=False, timeout=TOOL_TIMEOUT_S,
@@ -137,9 +166,31 @@ class InteropTree(WindowsTree):
         self.program = name if name.lower().endswith(".exe") else f"{name}.exe"
         self.marker = next((v for k, v in itertools.pairwise(win_argv) if k == "--log_path"), "")
         self.calls: list[list[str]] = []
+        self.pid: int | None = None
+        self._stop = threading.Event()
+
+    # While the program runs its Windows PID is looked up in the background, so a timeout or
+    # cancel ends it at once (powershell.exe takes a second or more to start).
+    LOOKUP_DELAYS = (0.3, 0.7, 1.5, 3.0, 6.0)
+
+    def started(self) -> None:
+        if self.marker and shutil.which("powershell.exe"):
+            threading.Thread(target=self._lookup, daemon=True, name="windows-pid").start()
+
+    def _lookup(self) -> None:
+        for delay in self.LOOKUP_DELAYS:
+            if self._stop.wait(delay):
+                return
+            pid = find_windows_pid(self.program, self.marker)
+            if pid is not None and not self._stop.is_set():
+                self.pid = pid
+                return
 
     def end(self) -> str:
-        pid = find_windows_pid(self.program, self.marker)
+        self._stop.set()
+        # The interop relay lives as long as the Windows program, and end() is only called
+        # while the relay runs: a PID found earlier is still that program's.
+        pid = self.pid if self.pid is not None else find_windows_pid(self.program, self.marker)
         target = ["/PID", str(pid)] if pid is not None else ["/IM", self.program]
         argv = [_tool("taskkill.exe"), "/T", "/F", *target]
         self.calls.append(argv)

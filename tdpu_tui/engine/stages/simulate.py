@@ -27,19 +27,12 @@ def onnxruntime_logits(onnx_path: Path, name: str, feed: np.ndarray, cache=None)
     return np.asarray(onnx_logits(onnx_path, {name: feed}, session), dtype=np.float32)
 
 
-def find_output_ftmp(log_dir: Path, cwd: Path, nbytes: int) -> Path | None:
-    """The dumped output feature map: a `.ftmp` under `ftmpSFB/` of the logits' size.
-
-    icraft run dumps into `<log_path>/<network>/ftmp<format>/` (1_Start_Running.md §1); the
-    manuals do not name the files, so the logits are recognised by their byte size.
-    """
-    candidates = []
-    for root in (log_dir, cwd / ".icraft" / "logs"):
-        if root.is_dir():
-            candidates += [p for p in root.rglob("*.ftmp")
-                           if p.parent.name == f"ftmp{ic.DUMP_FORMAT}" and p.stat().st_size == nbytes]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
-
+def find_output_ftmp(log_dir: Path, cwd: Path, nbytes: int,
+                     since: float | None = None) -> Path | None:
+    """The dumped output feature map of this run (`driver.find_dump`): in its own log folder,
+    else in Icraft's default one (`cwd/.icraft/logs`, written since `since`)."""
+    return (ic.find_dump([log_dir], nbytes)
+            or ic.find_dump([cwd / ".icraft" / "logs"], nbytes, newer_than=since))
 
 
 def compare_with_reference(ctx: StageContext, ckpt, profile: str, name: str, feed: np.ndarray,
@@ -148,7 +141,8 @@ class SimulateStage(Stage):
         vocab = int(meta.vocab_size or ckpt.config.vocab_size)
         shape = (feed.shape[0], feed.shape[1], vocab)
         nbytes = int(np.prod(shape)) * 4
-        out = find_output_ftmp(log_dir, ctx.paths.icraft_dir, nbytes)
+        out = find_output_ftmp(log_dir, ctx.paths.icraft_dir, nbytes,
+                               since=(record.started or time.time()) - 2.0)
         if out is None:
             raise StageFailed(f"icraft run wrote no output feature map of {nbytes} bytes "
                               f"(float32 {list(shape)}) under {log_dir}/**/ftmp{ic.DUMP_FORMAT}/")

@@ -250,6 +250,20 @@ def test_item6_error_file_dev_zero(tmp_path):
     assert re.search(r"cut|truncat|截断|first \d", text + cp.stderr, re.I), text[-500:]
 
 
+def test_item6_binary_error_text_keeps_the_book_text(tmp_path):
+    """NUL bytes (a /dev/zero or a binary file) and escape sequences do not turn the user's
+    markdown into a binary file: they are shown, not written raw."""
+    proj = fresh_project(tmp_path / "p")
+    err = tmp_path / "e.log"
+    err.write_bytes(b"[E] 21002 \x1b[31mred\x1b[0m\nx\x00\x00y\n" + b"\x00" * 5000 + b"\n")
+    cp = tdpu(["bugs", "add", "--title", "bin", "--stage", "编译", "--error-file", str(err)], proj)
+    assert cp.returncode == 0, cp.stderr
+    raw = _book(proj).read_bytes()
+    assert not re.search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", raw), raw[:400]
+    assert b"21002" in raw and b"red" in raw
+    assert len(raw) < 20_000
+
+
 @linux_only
 @pytest.mark.slow
 def test_item6_error_file_400mb(tmp_path):
@@ -396,7 +410,10 @@ def _half_written(root: Path) -> list[str]:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_item9_stop_signal_during_icraft(exported, tmp_path, sig):
     pidfile = tmp_path / "child.pid"
-    fake = _fake_icraft(tmp_path, f'echo $$ >> "{pidfile}"\nexec sleep 60\n')
+    gpidfile = tmp_path / "grandchild.pid"
+    # like `icraft parse` running `icraft-parse`: the child starts a grandchild and waits
+    fake = _fake_icraft(tmp_path, f'sleep 60 &\necho $! > "{gpidfile}"\necho $$ >> "{pidfile}"\n'
+                                  f'wait\n')
     set_toml(exported, "icraft", "bin", json.dumps(str(fake)))
     status_file = exported / "phase3_logs" / "runs" / "status.json"
     proc = subprocess.Popen([sys.executable, "-m", "tdpu_tui", "--batch", "--stage", "parse",
@@ -409,8 +426,9 @@ def test_item9_stop_signal_during_icraft(exported, tmp_path, sig):
             assert time.monotonic() < deadline, "fake icraft never started"
             time.sleep(0.05)
         child = int(pidfile.read_text().split()[0])
+        grandchild = int(gpidfile.read_text().split()[0])
         time.sleep(0.3)
-        assert _alive(child)
+        assert _alive(child) and _alive(grandchild)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=20)
     finally:
@@ -421,12 +439,12 @@ def test_item9_stop_signal_during_icraft(exported, tmp_path, sig):
     assert "Traceback (most recent call last)" not in err_text, err_text[-3000:]
     assert proc.returncode == 130, (proc.returncode, err_text[-2000:])   # as Ctrl-C
     deadline = time.monotonic() + 5
-    while _alive(child) and time.monotonic() < deadline:
+    while (_alive(child) or _alive(grandchild)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    alive = _alive(child)
-    if alive:
-        os.kill(child, signal.SIGKILL)
-    assert not alive, "the Icraft child outlived tdpu"
+    alive = [p for p in (child, grandchild) if _alive(p)]
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert not alive, f"the Icraft child or grandchild outlived tdpu: {alive} of {child, grandchild}"
     status = json.loads(status_file.read_text())
     assert "running" not in json.dumps(status), status
     assert _half_written(exported) == []
@@ -637,6 +655,15 @@ def test_item14_out_of_order_stage_is_not_drafted(exported):
     assert after == before and _records(exported) == []
 
 
+def test_item14_seq_len_beyond_the_model_is_not_drafted(tmp_path):
+    proj = fresh_project(tmp_path / "p", '[export]\nprofile = "icraft"\nseq_len = 100000\n')
+    cp = tdpu(["--batch", "--stage", "export"], proj)
+    assert cp.returncode in (1, 2), (cp.returncode, cp.stderr[-2000:])
+    no_traceback(cp)
+    assert "seq_len" in cp.stderr
+    assert _records(proj) == [], _book(proj).read_text("utf-8")
+
+
 def test_item14_missing_model_dir_is_not_drafted(exported, tmp_path):
     cp = tdpu(["--batch", "--stage", "export", "--model", str(tmp_path / "nope")], exported)
     assert cp.returncode in (1, 2)
@@ -758,6 +785,18 @@ def test_item18_heading_in_fence_is_text(tmp_path, fence):
     assert text.startswith(text0)
     cp = tdpu(["bugs", "list", "--json"], proj)
     assert cp.returncode == 0 and "not a record" not in cp.stdout, cp.stdout
+
+
+def test_item18_non_ascii_digits_are_not_a_record_number(tmp_path):
+    proj = fresh_project(tmp_path / "p")
+    book = _book(proj)
+    book.parent.mkdir(parents=True)
+    text0 = BOOK_TITLE + "\n\n" + _record(1) + "## Bug #١٢: arabic digits\n\n"
+    book.write_text(text0, encoding="utf-8")
+    cp = tdpu(["bugs", "add", "--title", "next", "--stage", "编译"], proj)
+    assert cp.returncode == 0, cp.stderr
+    text = book.read_text("utf-8")
+    assert "## Bug #2: next" in text and text.startswith(text0), text
 
 
 def test_item19_concurrent_set_no_conflict_copies(tmp_path):

@@ -518,6 +518,30 @@ def test_item10_kill9_export_then_later_run_cleans(tmp_path):
 
 @linux_only
 @pytest.mark.slow
+def test_item10_kill9_while_writing_the_synthetic_checkpoint(tmp_path):
+    """The 2b4t synthetic checkpoint is 1.1 GB, written under a temporary name by export:
+    killed meanwhile, a later run removes the half-written folder."""
+    proj = fresh_project(tmp_path / "p")
+    set_toml(proj, "model.synthetic", "preset", '"2b4t"')
+    syn = proj / "models" / "output" / "synthetic"
+    syn.mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-m", "tdpu_tui", "--batch", "--stage", "export"],
+                            cwd=proj, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    seen = _kill9_when(proc, syn, ".", 60)
+    if not seen:
+        pytest.fail("no temporary checkpoint folder appeared (cannot probe)")
+    time.sleep(0.2)
+    left = [e.name for e in os.scandir(syn) if e.name.startswith(".")]
+    assert left, "nothing left after kill -9"
+    set_toml(proj, "model.synthetic", "preset", '"tiny"')
+    cp = tdpu(["--batch", "--stage", "precheck"], proj)
+    no_traceback(cp)
+    assert [e.name for e in os.scandir(syn) if e.name.startswith(".")] == []
+
+
+@linux_only
+@pytest.mark.slow
 def test_item10_kill9_validate_then_later_run_cleans(exported):
     out = exported / "models" / "output"
     proc = subprocess.Popen([sys.executable, "-m", "tdpu_tui", "--batch", "--stage", "validate"],

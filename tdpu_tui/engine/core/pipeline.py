@@ -155,8 +155,9 @@ class Pipeline:
     @staticmethod
     def _remove_leftovers(paths: Artifacts) -> list[str]:
         """Remove what killed runs left in the output folder (staging copies, validation
-        graphs); the lines to log about it."""
-        removed = remove_leftovers(paths.output)
+        graphs) and beside the synthetic checkpoints (one being written); the lines to log
+        about it."""
+        removed = remove_leftovers(paths.output) + remove_leftovers(paths.synthetic_root)
         if not removed:
             return []
         total = sum(size for _, size in removed)

@@ -759,6 +759,24 @@ def test_item14_temp_names_one_signature(exported, tmp_path):
     assert len(_records(exported)) == 1, _book(exported).read_text("utf-8")
 
 
+@pytest.mark.parametrize("a,b", [
+    ("models/output/.staging-123.456.vm.k3j4h5ab/bitnet_b1.58_bitlinear.onnx.data: I/O error",
+     "models/output/.staging-789.999.vm.zz_zz9zz/bitnet_b1.58_bitlinear.onnx.data: I/O error"),
+    ("models/output/.validate-step1-1.2.my-host.abcdef12.onnx: bad graph",
+     "models/output/.validate-step1-3.4.my-host.ghijkl_3.onnx: bad graph"),
+    ("synthetic/.staging-1.2.vm.tiny-seed0-tmp-abc12345/config.json: truncated",
+     "synthetic/.staging-9.8.vm.tiny-seed0-tmp-zzz98765/config.json: truncated"),
+    ("/tmp/tmpa1b2c3d4/x.json: not found", "/tmp/tmpzz9y8x7w/x.json: not found"),
+])
+def test_item14_signature_ignores_tdpu_temp_names(a, b):
+    """tdpu's own temp names (owner and random part) do not split a failure's signature;
+    a different file does."""
+    sys.path.insert(0, str(REPO))
+    from tdpu_tui.engine.records.bugbook.drafts import failure_signature
+    assert failure_signature("replace", a) == failure_signature("replace", b)
+    assert failure_signature("replace", a) != failure_signature("replace", a.replace(": ", "x: "))
+
+
 # ---------------------------------------------------------------------------------------------
 # 16-19. The bug book, exactly.
 

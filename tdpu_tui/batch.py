@@ -150,7 +150,12 @@ def _open_bug_book(cfg: Config) -> None:
 def _say(text: str, stream: TextIO) -> None:
     """print, except to a terminal that is gone (SIGHUP): the summary and --json still follow."""
     with contextlib.suppress(OSError, ValueError):
-        print(text, file=stream, flush=True)
+        try:
+            print(text, file=stream, flush=True)
+        except UnicodeEncodeError:   # LANG=C, an ASCII pipe: '→', '×', 中文 as escapes, not lost
+            enc = getattr(stream, "encoding", None) or "ascii"
+            print(text.encode(enc, "backslashreplace").decode(enc, "replace"), file=stream,
+                  flush=True)
 
 
 @contextlib.contextmanager

@@ -953,6 +953,17 @@ def test_item19_list_json_utf8_any_encoding(tmp_path, envvars):
     assert book.read_bytes() == raw
 
 
+def test_item19_batch_results_under_an_ascii_stdout(exported):
+    """Results go to stdout whatever its encoding (LANG=C over SSH, cron): the summary table
+    with '→' and '×' in it is written with escapes, not dropped."""
+    env = _env(PYTHONIOENCODING="ascii")
+    cp = tdpu(["--batch", "--stage", "replace", "--no-bug-drafts"], exported, env=env)
+    assert cp.returncode == 0, cp.stderr[-2000:]
+    no_traceback(cp)
+    assert re.search(r"^replace +ok", cp.stdout, re.M), (cp.stdout, cp.stderr[-1000:])
+    assert "BitLinear" in cp.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # 20. A pipeline run creates the book with the template title; lock files in one hidden folder.
 

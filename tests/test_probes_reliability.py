@@ -292,7 +292,7 @@ def test_item6_error_file_400mb(tmp_path):
 # 7. net_name with a path separator, '..', a drive or an absolute form is a config error.
 
 @pytest.mark.parametrize("name", [
-    "../../../outside/victim", "/tmp/victim_abs", "C:victim", "a\\b",
+    "../../../outside/victim", "/tmp/victim_abs", "C:victim", "a\\b", "NUL",
 ])
 def test_item7_net_name_outside(exported, tmp_path, name):
     outside = tmp_path / "outside"

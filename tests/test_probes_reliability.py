@@ -186,15 +186,9 @@ def test_item4_bad_numbers_are_config_errors(tmp_path, section, key, value):
     assert key in cp.stderr and "tdpu.toml" in cp.stderr, cp.stderr[-2000:]
     # nothing ran: no export happened
     assert not (proj / "models" / "output" / "bitnet_b1.58_full.onnx").exists()
-
-
-def test_item4_opset_names_what_onnx_supports(tmp_path):
-    import onnx.defs
-    proj = fresh_project(tmp_path / "p")
-    set_toml(proj, "export", "opset", "999")
-    cp = tdpu(["--batch", "--stage", "export"], proj)
-    assert cp.returncode == 2
-    assert str(onnx.defs.onnx_opset_version()) in cp.stderr, cp.stderr[-2000:]
+    if key == "opset":      # checked against what the installed onnx supports, and says so
+        import onnx.defs
+        assert str(onnx.defs.onnx_opset_version()) in cp.stderr, cp.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -846,13 +840,12 @@ def test_item17_nested_lines_kept_by_set(tmp_path):
     assert "已解决" in json.dumps(first, ensure_ascii=False)
 
 
-@pytest.mark.parametrize("fence", ["```", "~~~"])
-def test_item18_heading_in_fence_is_text(tmp_path, fence):
+def test_item18_heading_in_fence_is_text(tmp_path):
     proj = fresh_project(tmp_path / "p")
     book = _book(proj)
     book.parent.mkdir(parents=True)
-    code = f"{fence}\n## Bug #7: not a record\n- **状态**: 未解决\n{fence}\n"
-    text0 = BOOK_TITLE + "\n\n" + code + "\n" + _record(1) + "说明：\n" + code + "\n"
+    code = [f"{fence}\n## Bug #7: not a record\n- **状态**: 未解决\n{fence}\n" for fence in ("```", "~~~")]
+    text0 = BOOK_TITLE + "\n\n" + code[0] + "\n" + _record(1) + "说明：\n" + code[1] + "\n"
     book.write_text(text0, encoding="utf-8")
     cp = tdpu(["bugs", "set", "7", "--status", "已解决"], proj)
     assert cp.returncode != 0

@@ -34,9 +34,11 @@ _COLORS = {Status.OK: "32", Status.FAILED: "31", Status.SKIPPED: "33"}
 class ProgressPrinter:
     """Renders events on stderr: a live line on a terminal, plain lines otherwise."""
 
-    def __init__(self, stream: TextIO = sys.stderr):
-        self.stream = stream
-        self.live = stream.isatty() and os.environ.get("TERM", "") != "dumb"
+    def __init__(self, stream: TextIO | None = None):
+        # sys.stderr when made, not when this module was imported (a redirected or replaced
+        # stderr since then, as pytest's capture does, must be the one written to)
+        self.stream = stream if stream is not None else sys.stderr
+        self.live = self.stream.isatty() and os.environ.get("TERM", "") != "dumb"
         self.color = self.live and "NO_COLOR" not in os.environ
         self._last_live = 0.0
         self._live_shown = False
@@ -94,6 +96,10 @@ class ProgressPrinter:
                     self._last_plain[event.stage] = now
                     self.stream.write(text + "\n")
         elif isinstance(event, StageLog):
+            # Debug lines (the trace behind an error already reported in one line) go to the
+            # stage's log file (phase3_logs/runs/<stage>.log), not to the terminal.
+            if event.level == "debug":
+                return
             self._clear_live()
             self.stream.write(f"[{event.stage}] {event.text}\n")
         elif isinstance(event, StageFinished):
@@ -144,7 +150,12 @@ def _open_bug_book(cfg: Config) -> None:
 def _say(text: str, stream: TextIO) -> None:
     """print, except to a terminal that is gone (SIGHUP): the summary and --json still follow."""
     with contextlib.suppress(OSError, ValueError):
-        print(text, file=stream, flush=True)
+        try:
+            print(text, file=stream, flush=True)
+        except UnicodeEncodeError:   # LANG=C, an ASCII pipe: '→', '×', 中文 as escapes, not lost
+            enc = getattr(stream, "encoding", None) or "ascii"
+            print(text.encode(enc, "backslashreplace").decode(enc, "replace"), file=stream,
+                  flush=True)
 
 
 @contextlib.contextmanager

@@ -145,9 +145,23 @@ def _read_capped(fh: BinaryIO, cap: int) -> tuple[bytes, bool]:
     return (data[:cut] if cut > 0 else data), True
 
 
+# Control characters other than tab and newline (NUL from /dev/zero or a binary file, a
+# terminal's escape sequences) would make the user's markdown a binary file: shown as \xNN,
+# a long run of one as `\xNN×count`.
+_CONTROL_RE = re.compile("([\x00-\x08\x0b-\x1f\x7f])\\1*")
+
+
+def _visible(text: str) -> str:
+    def escape(m: re.Match[str]) -> str:
+        code = f"\\x{ord(m.group(1)):02x}"
+        n = len(m.group(0))
+        return code * n if n <= 4 else f"{code}×{n}"
+    return _CONTROL_RE.sub(escape, text.replace("\r\n", "\n"))
+
+
 def _read_error(args: argparse.Namespace) -> str | None:
     if getattr(args, "error_file", None) is None:
-        return args.error
+        return None if args.error is None else _visible(args.error)
     name = "stdin" if args.error_file == "-" else args.error_file
     try:
         if args.error_file == "-":
@@ -161,7 +175,8 @@ def _read_error(args: argparse.Namespace) -> str | None:
     except OSError as exc:
         raise _UsageError(f"tdpu bugs: --error-file: cannot read {name}: {exc.strerror or exc}") from None
     # Icraft logs from the Windows host are GBK, in part: decoded line by line as the app does.
-    text = "\n".join(decode_line(line.rstrip(b"\r")) for line in data.split(b"\n")).strip("\r\n")
+    text = _visible("\n".join(decode_line(line.rstrip(b"\r"))
+                               for line in data.split(b"\n")).strip("\r\n"))
     if cut:
         note = (f"[cut: {name} holds more than {ERROR_FILE_CAP // 1024} KiB; the first "
                 f"{len(data)} bytes are kept]")

@@ -142,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tdpu: error: --model {args.model}: {why} (expected a Hugging Face checkpoint "
                   "directory: config.json + model.safetensors, or 'synthetic')", file=sys.stderr)
             return ExitCode.USAGE
+    if args.json and Path(args.json).is_dir():
+        print(f"tdpu: error: --json {args.json}: is a directory (expected a file name)",
+              file=sys.stderr)
+        return ExitCode.USAGE
     if args.json and not _writable_dir(Path(args.json).resolve().parent):
         print(f"tdpu: error: --json {args.json}: cannot write in {Path(args.json).resolve().parent}",
               file=sys.stderr)

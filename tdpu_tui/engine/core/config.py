@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -206,6 +207,9 @@ _MAXIMUM = {"icraft.timeout_s": (7 * 24 * 3600.0, "one week"),
             "rtl.timeout_s": (7 * 24 * 3600.0, "one week")}
 
 
+_WINDOWS_DEVICE_RE = re.compile(r"^(?:CON|PRN|AUX|NUL|COM[0-9¹²³]|LPT[0-9¹²³])(?:\..*)?$", re.IGNORECASE)
+
+
 def check_net_name(name: str, file: Path | None) -> None:
     """`[icraft].net_name` names files inside the Icraft output folder, nothing else."""
     bad = None
@@ -219,6 +223,10 @@ def check_net_name(name: str, file: Path | None) -> None:
         bad = "a drive or absolute path"
     elif any(ord(c) < 32 for c in name) or any(c in '<>"|?*' for c in name):
         bad = "a character Windows does not allow in file names"
+    elif name.endswith("."):
+        bad = "a trailing '.' (Windows drops it: the files would get another name)"
+    elif _WINDOWS_DEVICE_RE.match(name):
+        bad = "a Windows device name (CON, PRN, AUX, NUL, COM1-9, LPT1-9: no file can have it)"
     if bad is not None:
         raise ConfigError(f"expected a plain file name (letters, digits, '_', '-', '.'), found "
                           f"{name!r} with {bad}", file=file, key="icraft.net_name")

@@ -26,6 +26,11 @@ from tdpu_tui.engine.osutil.files import human_bytes, remove_leftovers, with_fil
 
 FailureHook = Callable[[StageResult, Config], None]
 _SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# The project's folders unusable (a file where [paths] names a folder, no permission, a
+# read-only or full file system): reported naming the file, not drafted as a bug of the model,
+# the graphs or Icraft (SPEC §7).
+_PLACE_ERRNOS = _SPACE_ERRNOS | {errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
+                                 errno.EROFS}
 
 
 def os_error_message(exc: OSError) -> str:
@@ -155,8 +160,9 @@ class Pipeline:
     @staticmethod
     def _remove_leftovers(paths: Artifacts) -> list[str]:
         """Remove what killed runs left in the output folder (staging copies, validation
-        graphs); the lines to log about it."""
-        removed = remove_leftovers(paths.output)
+        graphs) and beside the synthetic checkpoints (one being written); the lines to log
+        about it."""
+        removed = remove_leftovers(paths.output) + remove_leftovers(paths.synthetic_root)
         if not removed:
             return []
         total = sum(size for _, size in removed)
@@ -192,6 +198,7 @@ class Pipeline:
             status, message, usage = Status.FAILED, str(exc), isinstance(exc, UsageError)
             ctx.log(message, "error")
         except OSError as exc:
+            usage = exc.errno in _PLACE_ERRNOS
             if exc.filename is not None:   # the file system said no: name the file first
                 status, message = Status.FAILED, os_error_message(exc)
                 ctx.log(message, "error")

@@ -9,7 +9,7 @@ pipeline records here when a stage starts and how it ended, and the app shows th
                            "pid": 1234, "started_at": "...", "finished_at": "..."}, ...}}
 
 `status` is a `Status` value ("running" while the stage runs). Updates are read-modify-write
-under the advisory lock beside the file and written atomically, so concurrent runs of
+under an advisory lock in the logs' state folder and written atomically, so concurrent runs of
 different stages keep each other's rows. Reading never raises: a missing or damaged file
 reads as no rows.
 """
@@ -27,7 +27,7 @@ from typing import Any
 
 from tdpu_tui.engine.core.events import StageResult, Status
 from tdpu_tui.engine.osutil import platform
-from tdpu_tui.engine.osutil.files import atomic_path, lock_for
+from tdpu_tui.engine.osutil.files import FileLock, atomic_path, state_dir
 
 FORMAT = "tdpu-status/1"
 MESSAGE_LIMIT = 2000
@@ -64,8 +64,15 @@ def _now() -> str:
     return _dt.datetime.now().isoformat(timespec="seconds")
 
 
+def _lock(path: Path) -> FileLock:
+    """The lock of `runs/status.json`: in the logs folder's one hidden state folder
+    (`phase3_logs/.tdpu/runs.status.json.lock`), beside the bug book's and the logs' locks,
+    not a second `.tdpu` inside `runs/`."""
+    return FileLock(state_dir(path.parent) / f"{path.parent.name}.{path.name}.lock")
+
+
 def _update(path: Path, name: str, fields: dict[str, Any]) -> None:
-    with lock_for(path):
+    with _lock(path):
         doc = _read(path)
         stages = doc.setdefault("stages", {})
         row = stages.get(name) if isinstance(stages.get(name), dict) else {}

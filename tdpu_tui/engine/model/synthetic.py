@@ -37,7 +37,7 @@ from tdpu_tui.engine.core.artifacts import Artifacts
 from tdpu_tui.engine.model.checkpoint import ATTN_PROJECTIONS, CONFIG_FILE, MLP_PROJECTIONS, SINGLE_FILE
 from tdpu_tui.engine.core.config import Config, SyntheticConfig
 from tdpu_tui.engine.core.errors import ConfigError
-from tdpu_tui.engine.osutil.files import fsync_dir
+from tdpu_tui.engine.osutil.files import STAGING_PREFIX, fsync_dir, owned_prefix
 
 FORMAT_VERSION = 2  # bump whenever the bytes written for a stamp change
 STAMP_FILE = "tdpu_synthetic.json"
@@ -255,7 +255,10 @@ def write_synthetic(directory: str | Path, preset: str = "tiny", seed: int = 0,
     if _is_complete(directory, stamp):
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    # Named for this process (`owned_prefix`): a kill -9 meanwhile (1.1 GB at 2b4t) leaves a
+    # folder the next run removes (`core.pipeline`, `osutil.files.remove_leftovers`).
+    tmp = Path(tempfile.mkdtemp(prefix=f"{owned_prefix(STAGING_PREFIX)}{directory.name}-tmp-",
+                                dir=directory.parent))
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config(shapes, linear_class), indent=2) + "\n", encoding="utf-8")
         _write_safetensors(tmp / SINGLE_FILE, _plan(shapes, linear_class), seed, on_progress)
@@ -277,7 +280,8 @@ def _swap_in(tmp: Path, directory: Path) -> None:
     """Rename `tmp` to `directory`, moving a previous `directory` aside and deleting it after."""
     old = None
     if directory.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+        old = Path(tempfile.mkdtemp(prefix=f"{owned_prefix(STAGING_PREFIX)}{directory.name}-old-",
+                                    dir=directory.parent))
         os.replace(directory, old / directory.name)
     os.replace(tmp, directory)
     fsync_dir(directory.parent)

@@ -131,8 +131,10 @@ class ExportStage(Stage):
                     f"{c.intermediate_size}, heads {c.num_attention_heads}/{c.num_key_value_heads}, "
                     f"vocab {c.vocab_size}, linear_class {c.linear_class}")
             if profile == "icraft" and cfg.export.seq_len > c.max_position_embeddings:
-                raise StageFailed(f"{cfg.file}: [export].seq_len = {cfg.export.seq_len} exceeds the "
-                                  f"model's max_position_embeddings {c.max_position_embeddings}")
+                # the user's setting against this model: a usage mistake, reported, not drafted
+                raise UsageError(f"{cfg.file}: [export].seq_len = {cfg.export.seq_len} exceeds the "
+                                 f"model's max_position_embeddings {c.max_position_embeddings}; "
+                                 f"set [export].seq_len to at most {c.max_position_embeddings}")
             onnx_tmp = stage_dir / paths.full_onnx.name
             data_tmp = stage_dir / paths.full_onnx_data.name
             raw_tmp = stage_dir / paths.full_raw.name

@@ -39,7 +39,7 @@ from tdpu_tui.engine.records.bugbook.model import (
 )
 
 _HEADING_RE = re.compile(
-    r"^ {0,3}#{1,6}[ \t]+bug[ \t]*#?[ \t]*(?P<num>\d+)"
+    r"^ {0,3}#{1,6}[ \t]+bug[ \t]*#?[ \t]*(?P<num>[0-9]+)"  # ASCII digits: int() reads ١٢ as 12
     r"(?:[ \t]*[:：.\-–—][ \t]*|[ \t]+|[ \t]*$)(?P<title>.*?)[ \t]*$",
     re.IGNORECASE,
 )
@@ -52,7 +52,7 @@ _BREAK_RE = re.compile(r"^ {0,3}([-*_])[ \t]*(?:\1[ \t]*){2,}$")
 _FENCE_OPEN_RE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
 _SIGNATURE_RE = re.compile(r"^[ \t]*<!--[ \t]*tdpu:signature[ \t]+(?P<sig>\S+)[ \t]*-->[ \t]*$")
 _LEGACY_MARK_RE = re.compile(
-    rf"^[ \t]*<!--[ \t]*tdpu:last-bug-number[ \t]+(?P<n>\d{{1,{MAX_NUMBER_DIGITS}}})\b.*-->[ \t]*$")
+    rf"^[ \t]*<!--[ \t]*tdpu:last-bug-number[ \t]+(?P<n>[0-9]{{1,{MAX_NUMBER_DIGITS}}})\b.*-->[ \t]*$")
 _BOM = b"\xef\xbb\xbf"
 
 Line = tuple[str, str]  # (text, line ending: "\n", "\r\n" or "" for an unterminated last line)

@@ -33,6 +33,10 @@ _TMP_RE = re.compile(
     r"|(?:[A-Za-z]:)?[\\/](?:private[\\/])?(?:var[\\/]folders|var[\\/]tmp|tmp|temp))"
     r"(?:[\\/][^\s'\"\\/:]+)*", re.IGNORECASE)
 _VOLATILE = [
+    # tdpu's own temp names (`osutil.files.owned_prefix`): .staging-PID.START.HOST.<random>,
+    # .validate-…, .validate-step1-…: the owner and the random part vary between runs
+    (re.compile(r"(?<![\w.])(\.(?:staging|validate-step1|validate)-)\d+\.\d+\.[A-Za-z0-9_-]+?\."
+                r"([A-Za-z0-9_.-]*?)[a-z0-9_]{6,12}(?![a-z0-9_])"), r"\1<owner>.\2<r>"),
     # a temp directory and the random names under it; the file name itself is kept
     (_TMP_RE, lambda m: "<tmp>/" + re.split(r"[\\/]", m.group(0))[-1]),
     # random parts of temp names: tempfile's tmpab12cd…, .staging-k2j3h4ab/, .book.md.x1y2z3w4.tmp

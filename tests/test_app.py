@@ -250,6 +250,84 @@ async def test_results_of_stages_downstream_of_a_rerun_stage_are_marked_old(cfg)
 
 
 @aio
+async def test_a_failed_or_cancelled_rerun_marks_everything_downstream_old(cfg):
+    hold = threading.Event()
+    stages = fake_stages()
+    app = TdpuApp(cfg, stages=stages)
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await run_and_wait(pilot, app)
+            table = app.pipeline_panel.table
+            assert table.get_cell("validate", "result").plain == "validate finished"
+            stages[0].fail = "checkpoint unreadable"
+            app.last_summary = None
+            await run_and_wait(pilot, app, "enter")  # export only, and it fails
+            assert statuses(app)["export"] == "failed"
+            assert table.get_cell("validate", "result").plain == \
+                "old (export failed since): validate finished"
+            # Transitively: parse needs precheck, which needs export.
+            assert table.get_cell("parse", "result").plain == \
+                "old (export failed since): not run: precheck failed"
+            stages[0].fail, stages[0].hold = None, hold
+            app.last_summary = None
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: statuses(app)["export"] == "running")
+            assert table.get_cell("validate", "result").plain == \
+                "old (export is running): validate finished"
+            await pilot.press("c")
+            await wait_for(pilot, lambda: app.last_summary is not None and not app.running)
+            assert statuses(app)["export"] == "cancelled"
+            assert table.get_cell("replace", "result").plain == \
+                "old (export was cancelled since): nothing selected"
+            detail = str(app.query_one("#stage-detail").render())
+            assert "export" in detail and "cancelled" in detail
+    finally:
+        hold.set()
+
+
+def test_old_results_follow_the_needs_and_a_plain_skip_makes_nothing_old():
+    from tdpu_tui.app.pipeline_panel import StageRow
+    from tdpu_tui.app.staleness import Stale, stale_rows
+    from tdpu_tui.engine.core.events import Status
+
+    def row(name, needs, status, at, blocked_by=None):
+        r = StageRow(name, name, tuple(needs), status, ran_at=at)
+        r.blocked_by = blocked_by
+        return r
+
+    rows = {r.name: r for r in (
+        row("export", (), Status.OK, 10.0),
+        row("parse", ("export",), Status.SKIPPED, 11.0),            # no Icraft: nothing written
+        row("optimize", ("parse",), Status.OK, 2.0),
+        row("replace", ("export",), Status.OK, 3.0),
+        row("validate", ("replace",), Status.OK, 12.0),             # ran on the old replace output
+        row("rtl", ("validate",), Status.PENDING, None),
+    )}
+    assert stale_rows(rows) == {"replace": Stale("export", "ran"), "validate": Stale("export", "ran")}
+    rows["parse"].blocked_by = "export"
+    rows["export"].status = Status.FAILED
+    got = stale_rows(rows)
+    assert got["optimize"] == Stale("export", "failed") and got["replace"] == Stale("export", "failed")
+    assert "rtl" not in got and "export" not in got and "parse" not in got
+
+
+@aio
+async def test_a_newer_run_elsewhere_marks_this_sessions_older_results_old(cfg):
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await run_and_wait(pilot, app)
+        later = time.time() + 5
+        _write_status(cfg, {"export": {"pid": 1, "status": "ok", "seconds": 2.0, "message": "again",
+                                       "started_at": "2026-11-26T10:00:00", "started_ts": later,
+                                       "finished_at": "2026-11-26T10:00:02"}})
+        table = app.pipeline_panel.table
+        await wait_for(pilot, lambda: table.get_cell("validate", "result").plain.startswith("old"),
+                       timeout=5)
+        assert table.get_cell("validate", "result").plain == \
+            "old (export ran since): validate finished"
+
+
+@aio
 async def test_f_reruns_failed_stages_and_those_they_blocked(cfg):
     stages = fake_stages()
     app = TdpuApp(cfg, stages=stages)
@@ -277,13 +355,21 @@ async def test_keys_answer_while_a_stage_runs_and_c_cancels_it(cfg):
             assert time.perf_counter() - start < 1.0
             await pilot.press("1", "c")
             await wait_for(pilot, lambda: not app.running)
-            await wait_for(pilot, lambda: statuses(app)["export"] == "failed")
-            assert "cancelled" in app.pipeline_panel.rows["export"].message
-            await wait_for(pilot, lambda: statuses(app)["validate"] == "skipped")
+            await wait_for(pilot, lambda: statuses(app)["export"] == "cancelled")
+            assert app.pipeline_panel.rows["export"].message == "stage 'export' cancelled"
+            await wait_for(pilot, lambda: statuses(app)["validate"] == "cancelled")
             assert app.pipeline_panel.rows["precheck"].message == "not run: cancelled"
+            assert "■ cancelled" in app.pipeline_panel.table.get_cell("export", "status").plain
             # A run starts the book (its title line); a cancel drafts no record in it.
             assert _bugs(cfg).read_text(encoding="utf-8") == "# Phase 3 Bug记录\n"
             assert not any(n.title == "stage failed" for n in app._notifications)
+            assert any("run cancelled" in n.message for n in app._notifications)
+            # Nor is it offered as a draft: `d` is not in the footer and opens no form.
+            assert app.pipeline_panel.current == "export"
+            assert app.pipeline_panel.table.check_action("draft_bug", ()) is False
+            await pilot.press("d")
+            await pilot.pause()
+            assert not isinstance(app.screen, BugForm)
     finally:
         hold.set()
 
@@ -307,6 +393,7 @@ async def test_quit_during_a_run_asks_first_then_stops_the_stage(cfg):
             worker = app.worker
             await pilot.press("y")
             await wait_for(pilot, lambda: not app.is_running, timeout=10)
+        assert app.return_value == 130  # quit during a run: interrupted
         assert app.pipeline.cancel.is_set()
         assert worker.is_finished
         assert stages[0].runs == 1 and all(s.runs == 0 for s in stages[1:])
@@ -320,6 +407,7 @@ async def test_quit_when_idle_does_not_ask(cfg):
     async with app.run_test() as pilot:
         await pilot.press("q")
         await wait_for(pilot, lambda: not app.is_running, timeout=5)
+    assert app.return_value == 0
 
 
 @aio

@@ -32,6 +32,7 @@ from tdpu_tui.app.pipeline_panel import PipelinePanel, StagesTable
 from tdpu_tui.app.screens import ConfirmScreen, HelpScreen
 from tdpu_tui.engine.core.artifacts import Artifacts
 from tdpu_tui.engine.core.config import Config
+from tdpu_tui.engine.core.errors import ExitCode
 from tdpu_tui.engine.core.events import (
     Event,
     RunFinished,
@@ -48,7 +49,6 @@ from tdpu_tui.engine.osutil.tail import EchoFilter, Tailer
 StageSource = Iterable[Stage] | Callable[[], Iterable[Stage]] | None
 
 
-TABS = ("pipeline", "log", "nodes", "bugs")
 _FOCUS = {"pipeline": StagesTable, "log": LogView, "nodes": NodesTable, "bugs": BugsTable}
 # App-level actions that must not fire behind a modal screen (a form, the quit question).
 _GUARDED = {"quit", "help", "run_all", "rerun_failed", "cancel", "add_bug", "show_tab",
@@ -286,13 +286,12 @@ class TdpuApp(BugActions, ImportAction, App[int]):
     def _handle(self, ev: Event) -> None:
         panel = self.pipeline_panel
         if isinstance(ev, StageStarted):
-            panel.started(ev.stage)
+            panel.started(ev.stage, ev.time)
             self.sub_title = f"{self._config_name()} · running {ev.stage}"
         elif isinstance(ev, StageFinished):
             result = ev.result
             panel.finished(result)
-            cancelled = self.pipeline is not None and self.pipeline.cancel.is_set()
-            if result.status is Status.FAILED and not cancelled:  # a cancel says so at the end
+            if result.status is Status.FAILED:  # a cancel is not a failure: it says so at the end
                 first = result.message.splitlines()[0] if result.message else ""
                 hint = "" if result.usage_error else "\nPipeline tab, d opens its bug record"
                 self.say(f"{result.name} failed: {first}{hint}",
@@ -307,7 +306,7 @@ class TdpuApp(BugActions, ImportAction, App[int]):
             counts = collections.Counter(r.status.value for r in ev.summary.results)
             text = ", ".join(f"{n} {s}" for s, n in counts.items()) or "nothing run"
             self.sub_title = f"{self._config_name()} · last run: {text}"
-            if self.pipeline is not None and self.pipeline.cancel.is_set():
+            if ev.summary.cancelled:
                 self.say(f"run cancelled: {text}", severity="warning")
             else:
                 self.say(f"run finished: {text}",
@@ -364,9 +363,9 @@ class TdpuApp(BugActions, ImportAction, App[int]):
 
     def action_rerun_failed(self) -> None:
         rows = self.pipeline_panel.rows
-        failed = [n for n, r in rows.items() if r.status is Status.FAILED]
+        failed = [n for n, r in rows.items() if r.status in (Status.FAILED, Status.CANCELLED)]
         if not failed:
-            self.say("no failed stage to rerun")
+            self.say("no failed or cancelled stage to rerun")
             return
         # Stages that did not run because of a failure run again with it.
         blocked = [n for n, r in rows.items()
@@ -398,7 +397,10 @@ class TdpuApp(BugActions, ImportAction, App[int]):
         self.push_screen(HelpScreen())
 
     async def action_quit(self) -> None:
-        if self._stopping or not self.running:
+        if self._stopping:      # q again while the run stops: leave at once, still "interrupted"
+            self.exit(int(ExitCode.INTERRUPT))
+            return
+        if not self.running:
             self.exit(0)
             return
         stage = next((n for n, r in self.pipeline_panel.rows.items() if r.status is Status.RUNNING),
@@ -420,4 +422,4 @@ class TdpuApp(BugActions, ImportAction, App[int]):
             # The run's own error is already reported; we are leaving.
             with contextlib.suppress(Exception):
                 await self.worker.wait()
-        self.exit(0)
+        self.exit(int(ExitCode.INTERRUPT))

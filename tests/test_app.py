@@ -942,3 +942,41 @@ async def test_bug_file_changed_on_disk_is_reloaded(cfg):
         path.write_text(BUG_FILE + BUG_FILE.split("\n", 2)[2].replace("#1", "#2"), encoding="utf-8")
         await wait_for(pilot, lambda: app.bugs_panel.table.row_count == 2, timeout=5)
         assert any(n.title == "bug records" for n in app._notifications)
+
+
+# -- #13.15: memory per tab switch, the collector after runs -----------------------------------
+
+@aio
+async def test_tab_switches_leave_no_footer_keys_behind(cfg):
+    """Textual's Footer kept every removed key alive (a data_bind watcher per key)."""
+    import gc
+
+    from textual.widgets._footer import FooterKey
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("1", "2", "3", "4", "1")
+        await pilot.pause(0.2)
+        gc.collect()
+        before = sum(isinstance(o, FooterKey) for o in gc.get_objects())
+        for i in range(40):
+            await pilot.press("1234"[i % 4])
+        await pilot.press("1")
+        await pilot.pause(0.2)
+        gc.collect()
+        alive = [o for o in gc.get_objects() if isinstance(o, FooterKey)]
+        assert len(alive) <= before, (before, len(alive))
+        assert all(k.is_attached for k in alive)
+        assert any(k.description == "Run all" for k in app.query(FooterKey))
+
+
+@aio
+async def test_after_a_run_what_survives_is_frozen_for_the_collector(cfg):
+    import gc
+    app = TdpuApp(cfg, stages=fake_stages())
+    try:
+        async with app.run_test() as pilot:
+            await run_and_wait(pilot, app)
+            await wait_for(pilot, lambda: app.run_done.is_set())
+            assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

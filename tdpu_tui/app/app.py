@@ -20,12 +20,14 @@ from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.css.query import NoMatches
-from textual.widgets import Footer, Header, TabbedContent, TabPane
+from textual.widgets import Header, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
+from tdpu_tui.app import heap
 from tdpu_tui.app.bug_actions import BugActions, BugNotFiled, BugRecorded
 from tdpu_tui.app.bugs_panel import BugsPanel, BugsTable
 from tdpu_tui.app.import_screen import ImportAction
+from tdpu_tui.app.keybar import KeyBar
 from tdpu_tui.app.log_panel import LogPanel, LogView
 from tdpu_tui.app.nodes_panel import NodesPanel, NodesTable
 from tdpu_tui.app.pipeline_panel import PipelinePanel, StagesTable
@@ -119,7 +121,7 @@ class TdpuApp(BugActions, ImportAction, App[int]):
                 yield NodesPanel(self.config, id="nodes-panel")
             with TabPane("4 Bugs", id="bugs"):
                 yield BugsPanel(self.config, own_signatures=self._own_signatures, id="bugs-panel")
-        yield Footer(show_command_palette=False, compact=True)
+        yield KeyBar(show_command_palette=False, compact=True)
 
     @property
     def main(self):
@@ -349,9 +351,11 @@ class TdpuApp(BugActions, ImportAction, App[int]):
 
     @staticmethod
     def _run_pipeline(pipeline: Pipeline, names: list[str] | None, done: threading.Event):
+        heap.before_run()
         try:
             return pipeline.run(names)
         finally:
+            heap.after_run()
             done.set()
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:

@@ -23,14 +23,16 @@ from textual.css.query import NoMatches
 from textual.widgets import Header, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
-from tdpu_tui.app import heap
+from tdpu_tui.app import heap, run_control
 from tdpu_tui.app.bug_actions import BugActions, BugNotFiled, BugRecorded
 from tdpu_tui.app.bugs_panel import BugsPanel, BugsTable
+from tdpu_tui.app.commands import TdpuCommands
 from tdpu_tui.app.import_screen import ImportAction
 from tdpu_tui.app.keybar import KeyBar
 from tdpu_tui.app.log_panel import LogPanel, LogView
 from tdpu_tui.app.nodes_panel import NodesPanel, NodesTable
 from tdpu_tui.app.pipeline_panel import PipelinePanel, StagesTable
+from tdpu_tui.app.report_view import ReportView
 from tdpu_tui.app.screens import ConfirmScreen, HelpScreen
 from tdpu_tui.engine.core.artifacts import Artifacts
 from tdpu_tui.engine.core.config import Config
@@ -51,7 +53,9 @@ from tdpu_tui.engine.osutil.tail import EchoFilter, Tailer
 StageSource = Iterable[Stage] | Callable[[], Iterable[Stage]] | None
 
 
-_FOCUS = {"pipeline": StagesTable, "log": LogView, "nodes": NodesTable, "bugs": BugsTable}
+# Each tab and what gets the focus on it; its digit key is its place here.
+_FOCUS = {"pipeline": StagesTable, "log": LogView, "nodes": NodesTable, "bugs": BugsTable,
+          "report": ReportView}
 # App-level actions that must not fire behind a modal screen (a form, the quit question).
 _GUARDED = {"quit", "help", "run_all", "rerun_failed", "cancel", "add_bug", "show_tab",
             "import_bundle"}
@@ -60,7 +64,7 @@ _GUARDED = {"quit", "help", "run_all", "rerun_failed", "cancel", "add_bug", "sho
 class TdpuApp(BugActions, ImportAction, App[int]):
     CSS_PATH = Path(__file__).with_name("tdpu.tcss")  # absolute: subclasses live elsewhere
     TITLE = "tdpu"
-    ENABLE_COMMAND_PALETTE = False
+    COMMANDS = {TdpuCommands}      # ctrl+p: the app's actions, not Textual's system commands
 
     BINDINGS = [
         Binding("q", "quit", "Quit"),
@@ -75,6 +79,7 @@ class TdpuApp(BugActions, ImportAction, App[int]):
         Binding("2", "show_tab('log')", "Log", show=False),
         Binding("3", "show_tab('nodes')", "Nodes", show=False),
         Binding("4", "show_tab('bugs')", "Bugs", show=False),
+        Binding("5", "show_tab('report')", "Report", show=False),
     ]
 
     PUMP_INTERVAL = 0.05          # s between UI updates from the worker and the tailer
@@ -121,6 +126,9 @@ class TdpuApp(BugActions, ImportAction, App[int]):
                 yield NodesPanel(self.config, id="nodes-panel")
             with TabPane("4 Bugs", id="bugs"):
                 yield BugsPanel(self.config, own_signatures=self._own_signatures, id="bugs-panel")
+            with TabPane("5 Report", id="report"):
+                yield ReportView(self.paths.performance_report,
+                                 self._shown(self.paths.performance_report), id="report-view")
         yield KeyBar(show_command_palette=False, compact=True)
 
     @property
@@ -300,9 +308,12 @@ class TdpuApp(BugActions, ImportAction, App[int]):
                          severity="error", title="stage failed", timeout=8)
             if result.name == "export" and result.status is Status.OK:
                 self.nodes_panel.reload()
+            if result.artifacts.get("performance_report"):
+                self.main.query_one(ReportView).reload()
         elif isinstance(ev, (BugRecorded, BugNotFiled)):
             self.show_bug_event(ev)
         elif isinstance(ev, RunFinished):
+            self.refresh_bindings()
             self._follow_other_runs(history=False)
             self.last_summary = ev.summary
             counts = collections.Counter(r.status.value for r in ev.summary.results)
@@ -347,6 +358,7 @@ class TdpuApp(BugActions, ImportAction, App[int]):
         self.worker = self.run_worker(partial(self._run_pipeline, pipeline, names, done),
                                       name="pipeline", group="pipeline", thread=True,
                                       exit_on_error=False)
+        self.refresh_bindings()
         return True
 
     @staticmethod
@@ -359,6 +371,8 @@ class TdpuApp(BugActions, ImportAction, App[int]):
             done.set()
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.worker is self.worker:
+            self.refresh_bindings()
         if event.worker is self.worker and event.state is WorkerState.ERROR:
             self.say(f"the run stopped: {event.worker.error}", severity="error")
 
@@ -367,7 +381,7 @@ class TdpuApp(BugActions, ImportAction, App[int]):
 
     def action_rerun_failed(self) -> None:
         rows = self.pipeline_panel.rows
-        failed = [n for n, r in rows.items() if r.status in (Status.FAILED, Status.CANCELLED)]
+        failed = [n for n, r in rows.items() if r.status in run_control.RERUN]
         if not failed:
             self.say("no failed or cancelled stage to rerun")
             return
@@ -388,7 +402,19 @@ class TdpuApp(BugActions, ImportAction, App[int]):
 
     # -- navigation, help, quit ----------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        return not (action in _GUARDED and len(self.screen_stack) > 1)
+        """Keys act, and the footer shows them, only where they can do something."""
+        if action in _GUARDED and len(self.screen_stack) > 1:
+            return False
+        return run_control.can_act(self, action)
+
+    @staticmethod
+    def tab_keys() -> dict[str, str]:
+        """Tab id -> its digit key."""
+        return {tab: str(i) for i, tab in enumerate(_FOCUS, 1)}
+
+    def draft_bug_from(self, name: str) -> None:
+        """As `d` on that stage's row (the command palette's draft command)."""
+        self.on_stages_table_draft_bug(StagesTable.DraftBug(name))
 
     def action_show_tab(self, tab: str) -> None:
         main = self.main

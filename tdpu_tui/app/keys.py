@@ -2,11 +2,12 @@
 
 KEY_MAP: list[tuple[str, list[tuple[str, str]]]] = [
     ("Everywhere", [
-        ("1 2 3 4", "Pipeline / Log / Nodes / Bugs tab"),
+        ("1 2 3 4 5", "Pipeline / Log / Nodes / Bugs / Report tab"),
         ("r", "run every stage"),
         ("f", "rerun the failed stages (and those they blocked)"),
         ("c", "cancel the run (stops at the next check; Icraft is killed)"),
         ("b", "new bug record"),
+        ("ctrl+p", "command palette: every action by name"),
         ("?", "this help"),
         ("q ctrl+q", "quit (asks first while a stage runs)"),
     ]),

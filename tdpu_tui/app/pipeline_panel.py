@@ -306,6 +306,7 @@ class PipelinePanel(Vertical):
             table.update_cell(name, key, value)
         if self.current == name:
             self.refresh_detail()
+            table.refresh_bindings()
 
     def on_resize(self) -> None:
         used = sum(FIXED.values()) + 2 * (len(FIXED) + 1) + 2
@@ -319,6 +320,7 @@ class PipelinePanel(Vertical):
 
     def on_data_table_row_highlighted(self, _event: DataTable.RowHighlighted) -> None:
         self.refresh_detail()
+        self.table.refresh_bindings()
 
     def refresh_detail(self) -> None:
         detail = self.query_one("#stage-detail", Static)

@@ -416,9 +416,19 @@ async def test_help_lists_the_keys_and_escape_closes_it(cfg):
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
-        text = str(app.screen.query_one("#help-text").render())
-        for key in ("enter", "space", "ctrl+s", "end"):
+        await pilot.pause()
+        text = "\n".join(str(w.render()) for w in app.screen.query(".help-column"))
+        for key in ("enter", "space", "ctrl+s", "end", "ctrl+p", "5"):
             assert key in text
+        # It fits 80×24 whole, and how to close it is its first line.
+        dialog = app.screen.query_one("#help")
+        assert dialog.region.height <= 24 and dialog.region.width <= 80
+        for column in app.screen.query(".help-column"):
+            assert column.region.height == len(str(column.render()).splitlines())
+            assert column.region.bottom <= dialog.region.bottom
+            assert all(len(line) <= column.region.width for line in str(column.render()).splitlines())
+        close = app.screen.query_one("#help-close")
+        assert close.region.y == dialog.region.y + 1 and "escape" in str(close.render())
         await pilot.press("r")  # app keys are inert behind a dialog
         assert app.worker is None
         await pilot.press("escape")

@@ -1116,3 +1116,27 @@ async def test_the_command_palette_offers_the_apps_actions_where_they_can_act(cf
         await pilot.pause(0.5)
         await pilot.press("enter")
         await wait_for(pilot, lambda: app.query_one("#tabs").active == "report", timeout=5)
+
+
+# -- #15.9 the Nodes tab at 80×24 --------------------------------------------------------------
+
+@pytest.mark.slow
+@aio
+async def test_nodes_status_cut_with_an_ellipsis_and_the_full_line_below_wraps(exported):
+    app = TdpuApp(exported, stages=fake_stages())
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("3")
+        panel = app.nodes_panel
+        await wait_for(pilot, lambda: panel.nodes)
+        status_w = next(w for k, _, w in panel._columns if k == "status")
+        longest = max(panel.nodes, key=lambda n: len(n.status))
+        assert len(longest.status) > status_w   # the tiny model's lm_head: not ternary, and why
+        panel.table.move_cursor(row=_row_names(panel.table).index(longest.name))
+        await pilot.pause()
+        table = panel.table
+        line = table.render_line(1 + table.cursor_row - round(table.scroll_y)).text
+        assert panel._shown_name(longest) in line and line.rstrip().endswith("…"), line
+        detail = app.query_one("#node-detail")
+        text = str(detail.render())
+        assert longest.name in text and longest.status in text
+        assert detail.region.height >= 2 and detail.region.right <= 80   # wrapped, not cut

@@ -1140,3 +1140,61 @@ async def test_nodes_status_cut_with_an_ellipsis_and_the_full_line_below_wraps(e
         text = str(detail.render())
         assert longest.name in text and longest.status in text
         assert detail.region.height >= 2 and detail.region.right <= 80   # wrapped, not cut
+
+
+# -- #15.10 the Log tab: a label column that stays, cut lines marked, earlier runs in order ----
+
+def _view_line(view, y: int) -> str:
+    return view.render_line(y).text
+
+
+@aio
+async def test_log_labels_stay_put_sideways_and_a_cut_line_says_so(cfg):
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("2")
+        panel = app.log_panel
+        long = "".join(f"{i:03d}-" for i in range(60))       # 240 characters
+        panel.add_lines("optimize", [long, "short line"])
+        await pilot.pause()
+        view = panel.view
+        rows = [_view_line(view, y) for y in range(view.size.height)]
+        y = next(i for i, r in enumerate(rows) if "000-001-" in r)
+        assert rows[y].startswith("optimize  │ 000-001-") and rows[y].rstrip().endswith("…")
+        assert len(rows[y]) == view.size.width
+        assert not rows[y + 1].rstrip().endswith("…")
+        view.scroll_to(x=100, animate=False, immediate=True)
+        await pilot.pause()
+        row = _view_line(view, y)
+        assert row.startswith("optimize  │ …")              # the label stays, the start is cut
+        assert long[100 + 1:100 + 10] in row and "000-" not in row
+        assert _view_line(view, y + 1).startswith("optimize  │ ")
+
+
+@aio
+async def test_earlier_runs_show_in_run_order_under_a_separator_with_their_time(cfg):
+    import os
+
+    from tdpu_tui.engine.records.style import fmt_time
+    runs = Artifacts.of(cfg).run_logs
+    runs.mkdir(parents=True)
+    # File-name order (export, validate) is not run order: validate ran first here.
+    (runs / "export.log").write_text("export line\n", encoding="utf-8")
+    (runs / "validate.log").write_text("validate line\n", encoding="utf-8")
+    os.utime(runs / "validate.log", (1_700_000_000, 1_700_000_000))
+    _write_status(cfg, {"export": {"pid": 1, "status": "ok", "started_at": "x",
+                                   "started_ts": 1_700_000_600.0, "finished_at": "y"}})
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause(0.3)
+        ring = list(app.log_panel.ring)
+        assert ring[:4] == [
+            f"validate  │ ── validate.log · last written {fmt_time(1_700_000_000)} ──",
+            "validate  │ validate line",
+            f"export    │ ── export.log · run of {fmt_time(1_700_000_600.0)} ──",
+            "export    │ export line",
+        ]
+        assert "earlier runs above" in ring[4]
+        (runs / "export.log").open("a", encoding="utf-8").write("a later line\n")
+        await wait_for(pilot, lambda: "export    │ a later line" in app.log_panel.ring, timeout=5)
+        assert sum("export line" in line for line in app.log_panel.ring) == 1

@@ -29,6 +29,7 @@ from tdpu_tui.app.bugs_panel import BugsPanel, BugsTable
 from tdpu_tui.app.commands import TdpuCommands
 from tdpu_tui.app.import_screen import ImportAction
 from tdpu_tui.app.keybar import KeyBar
+from tdpu_tui.app.log_history import earlier_runs
 from tdpu_tui.app.log_panel import LogPanel, LogView
 from tdpu_tui.app.nodes_panel import NodesPanel, NodesTable
 from tdpu_tui.app.pipeline_panel import PipelinePanel, StagesTable
@@ -161,7 +162,9 @@ class TdpuApp(BugActions, ImportAction, App[int]):
         except Exception as exc:  # a broken stage module must not take the app down
             stages, problem = [], f"cannot load the stages: {type(exc).__name__}: {exc}"
         self.pipeline_panel.set_stages(stages, problem)
-        self._follow_other_runs(history=True)
+        # What earlier runs logged, in run order and headed; then only what is added.
+        self._follow_other_runs(history=False)
+        self._show_earlier_runs()
         for p in self._follow:
             self.follow_file(p)
         self.tailer.start()
@@ -228,6 +231,24 @@ class TdpuApp(BugActions, ImportAction, App[int]):
                                label=lambda p: p.stem, history=history)
         self.tailer.follow_dir(self.paths.icraft_dir.resolve(), "*.log", label=self.file_label,
                                history=history)
+
+    def _show_earlier_runs(self) -> None:
+        from tdpu_tui.engine.core import run_status
+        started = {name: st.started_ts for name, st in run_status.load(self.paths.run_status).items()
+                   if st.started_ts}
+        runs = earlier_runs([
+            (self.paths.run_logs.resolve(), "*.log", False, lambda p: p.stem, started),
+            (self.paths.icraft_dir.resolve(), "*.log", True, self.file_label, {}),
+        ])
+        log = self.log_panel
+        for run in runs:
+            log.add_marker(run.label, run.header())
+            lines = self._echo.fresh(run.path, run.lines)
+            if lines:
+                log.add_lines(run.label, lines)
+        if runs:
+            log.add_marker("", "earlier runs above · lines from now on below")
+            log.update_status()
 
     def follow_file(self, path: str | Path, label: str | None = None) -> None:
         """Show the lines of `path` in the log panel as it grows (Icraft logs, any log)."""

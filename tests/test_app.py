@@ -1198,3 +1198,35 @@ async def test_earlier_runs_show_in_run_order_under_a_separator_with_their_time(
         (runs / "export.log").open("a", encoding="utf-8").write("a later line\n")
         await wait_for(pilot, lambda: "export    │ a later line" in app.log_panel.ring, timeout=5)
         assert sum("export line" in line for line in app.log_panel.ring) == 1
+
+
+# -- #15.11 the progress bar ---------------------------------------------------------------------
+
+class PhasedStage(FakeStage):
+    """Counts each phase from zero, as validate once did: the bar must not go back."""
+
+    def run(self, ctx) -> str:
+        ctx.progress(3, 4, "accuracy")
+        ctx.progress(1, 3, "timing")
+        self.started.set()
+        while not self.hold.is_set():
+            ctx.check_cancelled()
+            time.sleep(0.01)
+        return "done"
+
+
+@aio
+async def test_a_stage_progress_bar_never_goes_back_within_a_run(cfg):
+    hold = threading.Event()
+    stage = PhasedStage("validate", hold=hold)
+    app = TdpuApp(cfg, stages=[stage])
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("r")
+            await wait_for(pilot, lambda: app.pipeline_panel.rows["validate"].note == "timing")
+            bar = app.pipeline_panel.table.get_cell("validate", "progress")
+            assert bar.endswith(" 75%"), bar
+            hold.set()
+            await wait_for(pilot, lambda: app.last_summary is not None and not app.running)
+    finally:
+        hold.set()

@@ -32,7 +32,7 @@ from tdpu_tui.app.keybar import KeyBar
 from tdpu_tui.app.log_history import earlier_runs
 from tdpu_tui.app.log_panel import LogPanel, LogView
 from tdpu_tui.app.nodes_panel import NodesPanel, NodesTable
-from tdpu_tui.app.pipeline_panel import PipelinePanel, StagesTable
+from tdpu_tui.app.pipeline_panel import PipelinePanel, StagesTable, behind
 from tdpu_tui.app.report_view import ReportView
 from tdpu_tui.app.screens import ConfirmScreen, HelpScreen
 from tdpu_tui.engine.core.artifacts import Artifacts
@@ -290,6 +290,10 @@ class TdpuApp(BugActions, ImportAction, App[int]):
                     pending_label = stage
                 pending_lines.append(ev.text)
             elif isinstance(ev, StageProgress):
+                # Coalesced to one update per stage, the furthest bar with the latest note.
+                prev = progressed.get(ev.stage)
+                if prev is not None and behind(ev.done, ev.total, prev.done, prev.total):
+                    ev = StageProgress(ev.stage, prev.done, prev.total, ev.note or prev.note)
                 progressed[ev.stage] = ev
             else:
                 flush_lines()

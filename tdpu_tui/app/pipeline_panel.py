@@ -49,6 +49,14 @@ def progress_bar(done: float | None, total: float | None) -> str:
     return "█" * filled + "░" * (BAR_WIDTH - filled) + f" {frac * 100:3.0f}%"
 
 
+def behind(done: float | None, total: float | None, was_done: float | None,
+           was_total: float | None) -> bool:
+    """Whether done/total is less far than was_done/was_total: one bar per run, so a stage that
+    restarts its count (a new phase) never moves it back."""
+    return bool(total and was_total and done is not None and was_done is not None
+                and done / total < was_done / was_total)
+
+
 @dataclass
 class StageRow:
     name: str
@@ -182,8 +190,7 @@ class PipelinePanel(Vertical):
         row = self.rows.get(name)
         if row is None:
             return
-        # One bar per run: a stage that restarts its count (a new phase) never moves it back.
-        if total and row.total and row.done is not None and done / total < row.done / row.total:
+        if behind(done, total, row.done, row.total):
             done, total = row.done, row.total
         row.done, row.total = done, total
         if note:

@@ -159,8 +159,14 @@ def main() -> int:
                 idle.extend(switches(tmux, 1))
             lines.append(figures("idle 10 s afterwards, a key every 0.5 s", idle))
             lines.append(f"RSS after the idle keys {rss_mib(pid):.1f} MiB")
+            polls = []
+            for _ in range(50):     # what one poll costs: the resolution of the figures above
+                start = time.perf_counter()
+                tmux.screen()
+                polls.append(time.perf_counter() - start)
+            lines.append(f"one capture-pane poll: median {statistics.median(polls) * 1000:.1f} ms")
         finally:
-            subprocess.run(["tmux", "-L", tmux.socket, "kill-server"], capture_output=True)
+            subprocess.run(["tmux", "-L", tmux.socket, "kill-server"], capture_output=True, check=False)
     lines.append(f"machine: {machine()}")
     text = "\n".join(lines)
     print(text)

@@ -17,8 +17,8 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
-from textual.strip import Strip
 from textual.message import Message
+from textual.strip import Strip
 from textual.widgets import Input, Log, Static
 
 MAX_LINES = 20_000

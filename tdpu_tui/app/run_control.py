@@ -6,6 +6,8 @@ only when a stage failed or was cancelled. Everything else is always available.
 
 from __future__ import annotations
 
+from textual.css.query import NoMatches
+
 from tdpu_tui.engine.core.events import Status
 
 RERUN = (Status.FAILED, Status.CANCELLED)
@@ -21,7 +23,7 @@ def can_act(app, action: str) -> bool:
             return False
         try:
             rows = app.pipeline_panel.rows
-        except Exception:   # starting or shutting down: no panel yet
+        except NoMatches:   # starting or shutting down: no panel yet
             return False
         return any(r.status in RERUN for r in rows.values())
     return True

@@ -56,11 +56,13 @@ class LogView(Log):
         """The label column stays put while the text scrolls sideways; a line cut at an edge
         shows it with `…` there (right: more to see; left: scrolled past its start)."""
         rich_style = self.rich_style
-        if y >= len(self._lines) or width <= LABEL_CELLS + 2:
+        # Without the scrollbars, which are drawn over the last columns.
+        shown = min(width, self.scrollable_content_region.width)
+        if y >= len(self._lines) or shown <= LABEL_CELLS + 2:
             return super()._render_line(y, scroll_x, width)
         line = self._render_line_strip(y, rich_style)
         length = line.cell_length
-        body_w = width - LABEL_CELLS
+        body_w = shown - LABEL_CELLS
         label = line.crop_extend(0, LABEL_CELLS, rich_style)
         start = LABEL_CELLS + scroll_x
         body = line.crop_extend(start, start + body_w, rich_style)
@@ -73,7 +75,8 @@ class LogView(Log):
             if cut_right:
                 parts.append(mark)
             body = Strip.join(parts)
-        return Strip.join([label, body]).apply_offsets(scroll_x, y)
+        strip = Strip.join([label, body]).crop_extend(0, width, rich_style)
+        return strip.apply_offsets(scroll_x, y)
 
     def action_follow(self) -> None:
         self.scroll_end(animate=False, immediate=True)

@@ -80,6 +80,7 @@ def no_blink(app) -> None:
     """A blinking cursor is caught on or off at random: the picture holds it steady."""
     for widget in app.screen.query("Input, TextArea"):
         widget.cursor_blink = False
+        widget._pause_blink(visible=True)   # and where the blink was: on, its timer stopped
 
 
 async def _ran(pilot) -> None:

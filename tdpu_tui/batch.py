@@ -28,7 +28,7 @@ from tdpu_tui.engine.core.pipeline import Pipeline
 
 PLAIN_PROGRESS_INTERVAL_S = 2.0
 BAR_WIDTH = 28
-_COLORS = {Status.OK: "32", Status.FAILED: "31", Status.SKIPPED: "33"}
+_COLORS = {Status.OK: "32", Status.FAILED: "31", Status.SKIPPED: "33", Status.CANCELLED: "35"}
 
 
 class ProgressPrinter:
@@ -209,11 +209,13 @@ def json_summary(summary: RunSummary, cfg: Config, *, code: int, started: float,
         status = "interrupted"
     elif summary.failed:
         status = "failed"
+    elif summary.cancelled:
+        status = "cancelled"
     else:
         status = "ok"
     stages = []
     for r, entry in zip(summary.results, body["stages"]):
-        entry = dict(entry, cancelled=r.status.value == "cancelled")
+        entry = dict(entry, cancelled=r.status is Status.CANCELLED)
         if r.blocked_by:
             entry["blocked_by"] = r.blocked_by
         stages.append(entry)
@@ -253,7 +255,8 @@ def run_batch(cfg: Config, stages: list[str] | None, *, json_path: str | None = 
     with stop_signals_as_ctrl_c():
         try:
             summary = pipeline.run(stages)
-            code = ExitCode.FAILURE if summary.failed else ExitCode.OK
+            code = (ExitCode.FAILURE if summary.failed
+                    else ExitCode.INTERRUPT if summary.cancelled else ExitCode.OK)
         except KeyboardInterrupt:
             with contextlib.suppress(OSError):
                 printer._clear_live()

@@ -216,7 +216,11 @@ async def test_the_tiny_pipeline_runs_from_the_app(cfg):
         got = statuses(app)
         assert got["export"] == "ok" and got["validate"] == "ok", app.pipeline_panel.rows
         assert all(s in ("ok", "skipped") for s in got.values()), got
-        assert app.nodes_panel.loaded_mtime is not None or app.nodes_panel.loading
+        # The Nodes tab reloads on the new export: its inventory, from the graph just written.
+        panel = app.nodes_panel
+        await wait_for(pilot, lambda: not panel.loading and panel.nodes, timeout=60)
+        assert panel.loaded_mtime == panel.export_mtime() is not None
+        assert sum(1 for n in panel.nodes if n.ternary) == 14 and not panel.error
         assert any(line.startswith("validate") for line in app.log_panel.ring)
 
 
@@ -250,6 +254,84 @@ async def test_results_of_stages_downstream_of_a_rerun_stage_are_marked_old(cfg)
 
 
 @aio
+async def test_a_failed_or_cancelled_rerun_marks_everything_downstream_old(cfg):
+    hold = threading.Event()
+    stages = fake_stages()
+    app = TdpuApp(cfg, stages=stages)
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await run_and_wait(pilot, app)
+            table = app.pipeline_panel.table
+            assert table.get_cell("validate", "result").plain == "validate finished"
+            stages[0].fail = "checkpoint unreadable"
+            app.last_summary = None
+            await run_and_wait(pilot, app, "enter")  # export only, and it fails
+            assert statuses(app)["export"] == "failed"
+            assert table.get_cell("validate", "result").plain == \
+                "old (export failed since): validate finished"
+            # Transitively: parse needs precheck, which needs export.
+            assert table.get_cell("parse", "result").plain == \
+                "old (export failed since): not run: precheck failed"
+            stages[0].fail, stages[0].hold = None, hold
+            app.last_summary = None
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: statuses(app)["export"] == "running")
+            assert table.get_cell("validate", "result").plain == \
+                "old (export is running): validate finished"
+            await pilot.press("c")
+            await wait_for(pilot, lambda: app.last_summary is not None and not app.running)
+            assert statuses(app)["export"] == "cancelled"
+            assert table.get_cell("replace", "result").plain == \
+                "old (export was cancelled since): nothing selected"
+            detail = str(app.query_one("#stage-detail").render())
+            assert "export" in detail and "cancelled" in detail
+    finally:
+        hold.set()
+
+
+def test_old_results_follow_the_needs_and_a_plain_skip_makes_nothing_old():
+    from tdpu_tui.app.pipeline_panel import StageRow
+    from tdpu_tui.app.staleness import Stale, stale_rows
+    from tdpu_tui.engine.core.events import Status
+
+    def row(name, needs, status, at, blocked_by=None):
+        r = StageRow(name, name, tuple(needs), status, ran_at=at)
+        r.blocked_by = blocked_by
+        return r
+
+    rows = {r.name: r for r in (
+        row("export", (), Status.OK, 10.0),
+        row("parse", ("export",), Status.SKIPPED, 11.0),            # no Icraft: nothing written
+        row("optimize", ("parse",), Status.OK, 2.0),
+        row("replace", ("export",), Status.OK, 3.0),
+        row("validate", ("replace",), Status.OK, 12.0),             # ran on the old replace output
+        row("rtl", ("validate",), Status.PENDING, None),
+    )}
+    assert stale_rows(rows) == {"replace": Stale("export", "ran"), "validate": Stale("export", "ran")}
+    rows["parse"].blocked_by = "export"
+    rows["export"].status = Status.FAILED
+    got = stale_rows(rows)
+    assert got["optimize"] == Stale("export", "failed") and got["replace"] == Stale("export", "failed")
+    assert "rtl" not in got and "export" not in got and "parse" not in got
+
+
+@aio
+async def test_a_newer_run_elsewhere_marks_this_sessions_older_results_old(cfg):
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await run_and_wait(pilot, app)
+        later = time.time() + 5
+        _write_status(cfg, {"export": {"pid": 1, "status": "ok", "seconds": 2.0, "message": "again",
+                                       "started_at": "2026-11-26T10:00:00", "started_ts": later,
+                                       "finished_at": "2026-11-26T10:00:02"}})
+        table = app.pipeline_panel.table
+        await wait_for(pilot, lambda: table.get_cell("validate", "result").plain.startswith("old"),
+                       timeout=5)
+        assert table.get_cell("validate", "result").plain == \
+            "old (export ran since): validate finished"
+
+
+@aio
 async def test_f_reruns_failed_stages_and_those_they_blocked(cfg):
     stages = fake_stages()
     app = TdpuApp(cfg, stages=stages)
@@ -277,13 +359,21 @@ async def test_keys_answer_while_a_stage_runs_and_c_cancels_it(cfg):
             assert time.perf_counter() - start < 1.0
             await pilot.press("1", "c")
             await wait_for(pilot, lambda: not app.running)
-            await wait_for(pilot, lambda: statuses(app)["export"] == "failed")
-            assert "cancelled" in app.pipeline_panel.rows["export"].message
-            await wait_for(pilot, lambda: statuses(app)["validate"] == "skipped")
+            await wait_for(pilot, lambda: statuses(app)["export"] == "cancelled")
+            assert app.pipeline_panel.rows["export"].message == "stage 'export' cancelled"
+            await wait_for(pilot, lambda: statuses(app)["validate"] == "cancelled")
             assert app.pipeline_panel.rows["precheck"].message == "not run: cancelled"
+            assert "■ cancelled" in app.pipeline_panel.table.get_cell("export", "status").plain
             # A run starts the book (its title line); a cancel drafts no record in it.
             assert _bugs(cfg).read_text(encoding="utf-8") == "# Phase 3 Bug记录\n"
             assert not any(n.title == "stage failed" for n in app._notifications)
+            assert any("run cancelled" in n.message for n in app._notifications)
+            # Nor is it offered as a draft: `d` is not in the footer and opens no form.
+            assert app.pipeline_panel.current == "export"
+            assert app.pipeline_panel.table.check_action("draft_bug", ()) is False
+            await pilot.press("d")
+            await pilot.pause()
+            assert not isinstance(app.screen, BugForm)
     finally:
         hold.set()
 
@@ -307,6 +397,7 @@ async def test_quit_during_a_run_asks_first_then_stops_the_stage(cfg):
             worker = app.worker
             await pilot.press("y")
             await wait_for(pilot, lambda: not app.is_running, timeout=10)
+        assert app.return_value == 130  # quit during a run: interrupted
         assert app.pipeline.cancel.is_set()
         assert worker.is_finished
         assert stages[0].runs == 1 and all(s.runs == 0 for s in stages[1:])
@@ -320,6 +411,7 @@ async def test_quit_when_idle_does_not_ask(cfg):
     async with app.run_test() as pilot:
         await pilot.press("q")
         await wait_for(pilot, lambda: not app.is_running, timeout=5)
+    assert app.return_value == 0
 
 
 @aio
@@ -328,9 +420,19 @@ async def test_help_lists_the_keys_and_escape_closes_it(cfg):
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
-        text = str(app.screen.query_one("#help-text").render())
-        for key in ("enter", "space", "ctrl+s", "end"):
+        await pilot.pause()
+        text = "\n".join(str(w.render()) for w in app.screen.query(".help-column"))
+        for key in ("enter", "space", "ctrl+s", "end", "ctrl+p", "5"):
             assert key in text
+        # It fits 80×24 whole, and how to close it is its first line.
+        dialog = app.screen.query_one("#help")
+        assert dialog.region.height <= 24 and dialog.region.width <= 80
+        for column in app.screen.query(".help-column"):
+            assert column.region.height == len(str(column.render()).splitlines())
+            assert column.region.bottom <= dialog.region.bottom
+            assert all(len(line) <= column.region.width for line in str(column.render()).splitlines())
+        close = app.screen.query_one("#help-close")
+        assert close.region.y == dialog.region.y + 1 and "escape" in str(close.render())
         await pilot.press("r")  # app keys are inert behind a dialog
         assert app.worker is None
         await pilot.press("escape")
@@ -636,9 +738,6 @@ async def test_toggled_nodes_are_kept_by_replace(exported):
     """Deselect a node in the app, run `replace` from the app, find it still a MatMul."""
     import onnx
 
-    from tdpu_tui.engine.stages import all_stages
-    if "replace" not in [s.name for s in all_stages()]:
-        pytest.skip("the replace stage is not registered yet")
     app = TdpuApp(exported)
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.press("3")
@@ -854,3 +953,286 @@ async def test_bug_file_changed_on_disk_is_reloaded(cfg):
         path.write_text(BUG_FILE + BUG_FILE.split("\n", 2)[2].replace("#1", "#2"), encoding="utf-8")
         await wait_for(pilot, lambda: app.bugs_panel.table.row_count == 2, timeout=5)
         assert any(n.title == "bug records" for n in app._notifications)
+
+
+# -- #13.15: memory per tab switch, the collector after runs -----------------------------------
+
+@aio
+async def test_tab_switches_leave_no_footer_keys_behind(cfg):
+    """Textual's Footer kept every removed key alive (a data_bind watcher per key)."""
+    import gc
+
+    from textual.widgets._footer import FooterKey
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("1", "2", "3", "4", "1")
+        await pilot.pause(0.2)
+        gc.collect()
+        before = sum(isinstance(o, FooterKey) for o in gc.get_objects())
+        for i in range(40):
+            await pilot.press("1234"[i % 4])
+        await pilot.press("1")
+        await pilot.pause(0.2)
+        gc.collect()
+        alive = [o for o in gc.get_objects() if isinstance(o, FooterKey)]
+        # One bar's keys may be on their way out; the leak kept ~10 per switch (400 here).
+        assert len(alive) <= 2 * before, (before, len(alive))
+        assert any(k.description == "Run all" for k in app.query(FooterKey))
+
+
+@aio
+async def test_after_a_run_what_survives_is_frozen_for_the_collector(cfg):
+    import gc
+    app = TdpuApp(cfg, stages=fake_stages())
+    try:
+        async with app.run_test() as pilot:
+            await run_and_wait(pilot, app)
+            await wait_for(pilot, lambda: app.run_done.is_set())
+            assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
+# -- #15.3 the report view, #15.8 the command palette and the footer's keys -------------------
+
+def _write_report(cfg, step_bitlinear: float = 1.25) -> None:
+    from tdpu_tui.engine.records.perf_report import GraphTiming, PerfResult, _performance
+    perf = PerfResult([GraphTiming("float", "/x/a.onnx", 4 << 20, 1.5, 0.5),
+                       GraphTiming("bitlinear", "/x/b.onnx", 1 << 20, 3.0, step_bitlinear),
+                       GraphTiming("matmulnbits", "/x/c.onnx", 1100 << 10, None, 0.4)], 16, 13)
+    path = Artifacts.of(cfg).performance_report
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# report\n" + "\n".join(_performance(perf, None, {})) + "\n", encoding="utf-8")
+
+
+def test_the_report_figures_are_read_back_from_the_written_tables():
+    from tdpu_tui.engine.records.perf_report import (
+        GraphTiming, PerfResult, ProjectionTiming, _performance, read_report_figures,
+    )
+    perf = PerfResult([GraphTiming("float", "/x/a.onnx", 4096, 1.5, 0.5),
+                       GraphTiming("bitlinear", "/x/b.onnx", 1024, 3.0, None),
+                       GraphTiming("matmulnbits", "/x/c.onnx", 1100, 0.9, 0.3)], 16, 13)
+    perf.projections = ProjectionTiming(0, 7, 16)
+    perf.projections.prefill_ms.update(float=0.2, bitlinear=0.1)
+    perf.projections.step_ms.update(float=0.02, bitlinear=0.01)
+    got = read_report_figures("\n".join(_performance(perf, None, {})))
+    assert [(g.label, g.prefill_ms, g.step_ms, g.weight_bytes) for g in got.graphs] == \
+        [("float", 1.5, 0.5, 4096), ("bitlinear", 3.0, None, 1024), ("matmulnbits", 0.9, 0.3, 1100)]
+    assert got.prefill_tokens == 16 and got.projections_layer == 0
+    assert got.projections["bitlinear"] == (0.1, 0.01) and got.projections["matmulnbits"] == (None, None)
+    assert read_report_figures("# report\n\n## 精度 Accuracy\n| a | b |\n") is None
+
+
+@pytest.mark.parametrize("size", SIZES)
+@aio
+async def test_the_report_tab_charts_the_comparison_and_follows_the_file(cfg, size):
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=size) as pilot:
+        await pilot.press("5")
+        assert app.query_one("#tabs").active == "report"
+        charts = app.query_one("#report-charts")
+        assert "no report yet" in str(charts.render())
+        _write_report(cfg)
+        await wait_for(pilot, lambda: "Single-token step" in str(charts.render()), timeout=5)
+        text = str(charts.render())
+        assert "BitLinear 2.5 × slower than float" in text
+        assert "BitLinear 0.25 × float (4.0 × smaller)" in text
+        step = text.split("Prefill")[0]
+        lines = {line.split()[0]: line for line in step.splitlines() if line.startswith("  ")}
+        assert "n/a" in [ln for ln in text.splitlines() if "MatMulNBits" in ln][1]
+        assert lines["BitLinear"].count("█") > lines["float"].count("█") > 0
+        assert all(len(line) <= size[0] for line in text.splitlines())
+        _write_report(cfg, step_bitlinear=0.25)
+        await wait_for(pilot, lambda: "BitLinear 0.50 × float (2.0 × faster)" in str(charts.render())
+                       or "BitLinear 0.5 × float (2.0 × faster)" in str(charts.render()), timeout=5)
+
+
+def _footer_keys(app) -> set[str]:
+    from textual.widgets._footer import FooterKey
+    return {k.description for k in app.query(FooterKey)}
+
+
+@aio
+async def test_the_footer_shows_a_key_only_where_it_can_act(cfg):
+    hold = threading.Event()
+    stages = fake_stages()
+    app = TdpuApp(cfg, stages=stages)
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause(0.2)
+            assert {"Run all", "Run stage"} <= _footer_keys(app)
+            assert not {"Draft bug", "Cancel", "Rerun"} & _footer_keys(app)
+            await run_and_wait(pilot, app)
+            await pilot.pause(0.2)
+            assert "Rerun" in _footer_keys(app) and "Draft bug" not in _footer_keys(app)
+            await pilot.press("down")  # precheck failed
+            await wait_for(pilot, lambda: "Draft bug" in _footer_keys(app), timeout=5)
+            await pilot.press("4")
+            await wait_for(pilot, lambda: "$EDITOR" in _footer_keys(app), timeout=5)
+            assert "Edit bug" in _footer_keys(app)   # the run drafted precheck's record
+            _bugs(cfg).write_text("# Phase 3 Bug记录\n", encoding="utf-8")
+            await wait_for(pilot, lambda: "Edit bug" not in _footer_keys(app), timeout=5)
+            await pilot.press("enter")
+            assert not isinstance(app.screen, BugForm)
+            await pilot.press("1")
+            stages[0].hold = hold
+            app.last_summary = None
+            await pilot.press("r")
+            await wait_for(pilot, lambda: "Cancel" in _footer_keys(app), timeout=5)
+            assert not {"Run all", "Run stage", "Rerun"} & _footer_keys(app)
+            hold.set()
+            await wait_for(pilot, lambda: app.last_summary is not None and not app.running)
+            await wait_for(pilot, lambda: "Cancel" not in _footer_keys(app), timeout=5)
+    finally:
+        hold.set()
+
+
+@aio
+async def test_the_command_palette_offers_the_apps_actions_where_they_can_act(cfg):
+    from textual.command import CommandPalette
+
+    from tdpu_tui.app.commands import app_commands
+    stages = fake_stages()
+    app = TdpuApp(cfg, stages=stages)
+    async with app.run_test(size=(120, 40)) as pilot:
+        names = [name for name, _, _ in app_commands(app)]
+        # The stages come from what the Pipeline tab shows (the registry's), none hard-coded.
+        assert [n for n in names if n.startswith("Run stage ")] == \
+            [f"Run stage {s.name}" for s in stages]
+        assert "Cancel the run" not in names and not any(n.startswith("Draft") for n in names)
+        assert "Show the Report tab" in names
+        await pilot.press("ctrl+p")
+        await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette), timeout=5)
+        await pilot.press(*"run every")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.last_summary is not None and not app.running)
+        assert all(s.runs == 1 for s in stages[:2])
+        names = [name for name, _, _ in app_commands(app)]
+        assert "Draft a bug record from precheck" in names
+        assert "Rerun the failed and cancelled stages" in names
+        await pilot.press("ctrl+p")
+        await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette), timeout=5)
+        await pilot.press(*"report tab")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.query_one("#tabs").active == "report", timeout=5)
+
+
+# -- #15.9 the Nodes tab at 80×24 --------------------------------------------------------------
+
+@pytest.mark.slow
+@aio
+async def test_nodes_status_cut_with_an_ellipsis_and_the_full_line_below_wraps(exported):
+    app = TdpuApp(exported, stages=fake_stages())
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("3")
+        panel = app.nodes_panel
+        await wait_for(pilot, lambda: panel.nodes)
+        status_w = next(w for k, _, w in panel._columns if k == "status")
+        longest = max(panel.nodes, key=lambda n: len(n.status))
+        assert len(longest.status) > status_w   # the tiny model's lm_head: not ternary, and why
+        panel.table.move_cursor(row=_row_names(panel.table).index(longest.name))
+        await pilot.pause()
+        table = panel.table
+        line = table.render_line(1 + table.cursor_row - round(table.scroll_y)).text
+        assert panel._shown_name(longest) in line and line.rstrip().endswith("…"), line
+        detail = app.query_one("#node-detail")
+        text = str(detail.render())
+        assert longest.name in text and longest.status in text
+        assert detail.region.height >= 2 and detail.region.right <= 80   # wrapped, not cut
+
+
+# -- #15.10 the Log tab: a label column that stays, cut lines marked, earlier runs in order ----
+
+def _view_line(view, y: int) -> str:
+    return view.render_line(y).text
+
+
+@aio
+async def test_log_labels_stay_put_sideways_and_a_cut_line_says_so(cfg):
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("2")
+        panel = app.log_panel
+        long = "".join(f"{i:03d}-" for i in range(60))       # 240 characters
+        # Enough lines for both scrollbars, which are drawn over the last columns.
+        panel.add_lines("optimize", [long, "short line"] * 20)
+        await pilot.pause()
+        view = panel.view
+        view.scroll_to(y=0, animate=False, immediate=True)
+        await pilot.pause()
+        shown = view.scrollable_content_region.width
+        assert shown < view.size.width
+        rows = [_view_line(view, y) for y in range(view.size.height)]
+        y = next(i for i, r in enumerate(rows) if "000-001-" in r)
+        assert rows[y].startswith("optimize  │ 000-001-") and rows[y][:shown].endswith("…")
+        assert len(rows[y]) == view.size.width
+        assert not rows[y + 1][:shown].rstrip().endswith("…")
+        view.scroll_to(x=100, animate=False, immediate=True)
+        await pilot.pause()
+        row = _view_line(view, y)
+        assert row.startswith("optimize  │ …")              # the label stays, the start is cut
+        assert long[100 + 1:100 + 10] in row and "000-" not in row
+        assert _view_line(view, y + 1).startswith("optimize  │ ")
+
+
+@aio
+async def test_earlier_runs_show_in_run_order_under_a_separator_with_their_time(cfg):
+    import os
+
+    from tdpu_tui.engine.records.style import fmt_time
+    runs = Artifacts.of(cfg).run_logs
+    runs.mkdir(parents=True)
+    # File-name order (export, validate) is not run order: validate ran first here.
+    (runs / "export.log").write_text("export line\n", encoding="utf-8")
+    (runs / "validate.log").write_text("validate line\n", encoding="utf-8")
+    os.utime(runs / "validate.log", (1_700_000_000, 1_700_000_000))
+    _write_status(cfg, {"export": {"pid": 1, "status": "ok", "started_at": "x",
+                                   "started_ts": 1_700_000_600.0, "finished_at": "y"}})
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause(0.3)
+        ring = list(app.log_panel.ring)
+        assert ring[:4] == [
+            f"validate  │ ── validate.log · last written {fmt_time(1_700_000_000)} ──",
+            "validate  │ validate line",
+            f"export    │ ── export.log · run of {fmt_time(1_700_000_600.0)} ──",
+            "export    │ export line",
+        ]
+        assert "earlier runs above" in ring[4]
+        (runs / "export.log").open("a", encoding="utf-8").write("a later line\n")
+        await wait_for(pilot, lambda: "export    │ a later line" in app.log_panel.ring, timeout=5)
+        assert sum("export line" in line for line in app.log_panel.ring) == 1
+
+
+# -- #15.11 the progress bar ---------------------------------------------------------------------
+
+class PhasedStage(FakeStage):
+    """Counts each phase from zero, as validate once did: the bar must not go back."""
+
+    def run(self, ctx) -> str:
+        ctx.progress(3, 4, "accuracy")
+        ctx.progress(1, 3, "timing")
+        self.started.set()
+        while not self.hold.is_set():
+            ctx.check_cancelled()
+            time.sleep(0.01)
+        return "done"
+
+
+@aio
+async def test_a_stage_progress_bar_never_goes_back_within_a_run(cfg):
+    hold = threading.Event()
+    stage = PhasedStage("validate", hold=hold)
+    app = TdpuApp(cfg, stages=[stage])
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("r")
+            await wait_for(pilot, lambda: app.pipeline_panel.rows["validate"].note == "timing")
+            bar = app.pipeline_panel.table.get_cell("validate", "progress")
+            assert bar.endswith(" 75%"), bar
+            hold.set()
+            await wait_for(pilot, lambda: app.last_summary is not None and not app.running)
+    finally:
+        hold.set()

@@ -76,6 +76,13 @@ def exported_dir(tmp_path_factory):
     return d
 
 
+def no_blink(app) -> None:
+    """A blinking cursor is caught on or off at random: the picture holds it steady."""
+    for widget in app.screen.query("Input, TextArea"):
+        widget.cursor_blink = False
+        widget._pause_blink(visible=True)   # and where the blink was: on, its timer stopped
+
+
 async def _ran(pilot) -> None:
     app = pilot.app
     await pilot.press("r")
@@ -142,6 +149,8 @@ def test_snapshot_bug_form_drafted_from_a_failed_stage(snap_compare, project, si
     async def run_before(pilot):
         await _ran(pilot)
         await pilot.press("down", "d")
+        await wait_for(pilot, lambda: pilot.app.screen.query("#f-time"))
+        no_blink(pilot.app)
         pilot.app.screen.query_one("#f-time").value = "2026-11-26 09:30"
         await pilot.pause()
 
@@ -153,3 +162,45 @@ def test_snapshot_bug_form_drafted_from_a_failed_stage(snap_compare, project, si
 def test_snapshot_help(snap_compare, project, size):
     assert snap_compare(TdpuApp(project, stages=fake_stages()), terminal_size=size,
                         press=["question_mark"])
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_snapshot_report_tab(snap_compare, project, size):
+    from test_app import _write_report
+    _write_report(project)
+
+    async def run_before(pilot):
+        await pilot.press("5")
+        await wait_for(pilot, lambda: "Single-token" in str(pilot.app.query_one("#report-charts").render()))
+
+    assert snap_compare(TdpuApp(project, stages=fake_stages()), terminal_size=size,
+                        run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_snapshot_pipeline_after_a_cancel_and_a_rerun(snap_compare, project, size):
+    """A cancelled export: its own status, and what needs it marked old."""
+    import threading
+
+    from test_app import FakeStage
+    hold = threading.Event()
+    stages = fake_stages()
+
+    async def run_before(pilot):
+        app = pilot.app
+        await _ran(pilot)
+        stages[0].hold = hold
+        app.last_summary = None
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.pipeline_panel.rows["export"].status.value == "running")
+        await pilot.press("c")
+        await wait_for(pilot, lambda: app.last_summary is not None and not app.running)
+        app.clear_notifications()
+        await pilot.pause()
+
+    assert isinstance(stages[0], FakeStage)
+    try:
+        assert snap_compare(TdpuApp(project, stages=stages), terminal_size=size,
+                            run_before=run_before)
+    finally:
+        hold.set()

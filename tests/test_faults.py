@@ -441,9 +441,12 @@ def test_a_stop_signal_ends_the_icraft_child_closes_statuses_and_exits_130(icraf
     assert "Traceback" not in err and "tdpu: interrupted" in err
     assert wait_for(lambda: helpers.process_gone(component), 10)
     rows = status_rows(icraft_export.parent / "phase3_logs")
-    assert rows["parse"]["status"] == "failed" and rows["parse"]["message"] == "interrupted"
-    assert json.loads(summary.read_text(encoding="utf-8"))["stages"][0]["status"] == "failed"
-    assert "parse  failed" in out
+    assert rows["parse"]["status"] == "cancelled" and rows["parse"]["message"] == "interrupted (Ctrl-C)"
+    doc = json.loads(summary.read_text(encoding="utf-8"))
+    assert doc["stages"][0]["status"] == "cancelled" and doc["stages"][0]["cancelled"] is True
+    assert "parse  cancelled" in out
+    assert "## parse — cancelled" in (icraft_export.parent / "phase3_logs" / "icraft_compile_log.md"
+                                      ).read_text(encoding="utf-8")
     out_dir = icraft_export.parent / "models" / "output"
     assert not [p for p in out_dir.rglob("*.tmp")]
 
@@ -483,7 +486,7 @@ def test_sigterm_during_validate_exits_130_and_leaves_no_temp_copies(replaced, t
             proc.kill()
     assert proc.returncode == 130, out + err
     assert leftovers(out_dir) == []
-    assert status_rows(cfg.parent / "phase3_logs")["validate"]["status"] == "failed"
+    assert status_rows(cfg.parent / "phase3_logs")["validate"]["status"] == "cancelled"
     assert (report.read_bytes() if report.exists() else None) == before
 
 

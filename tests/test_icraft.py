@@ -317,7 +317,8 @@ def test_cancel_kills_the_process_group(tmp_path, fake_path):
         cancel.set()
     threading.Thread(target=cancel_when_running, daemon=True).start()
     results, _ = run(cfg, ["parse"], cancel=cancel)
-    assert results["parse"].status is Status.FAILED and "cancelled" in results["parse"].message
+    assert results["parse"].status is Status.CANCELLED and "cancelled" in results["parse"].message
+    assert "## parse — cancelled" in paths.compile_log.read_text(encoding="utf-8")
     deadline = time.monotonic() + 5
     grandchild = int(pidfile.read_text())
     while not helpers.process_gone(grandchild) and time.monotonic() < deadline:

@@ -61,7 +61,7 @@ def test_each_stage_writes_its_log_file(tmp_config):
     assert (cfg.logs_dir / "runs" / "a.log").read_text() == "a running\n"
 
 
-def test_cancel_skips_the_remaining_stages(tmp_config):
+def test_a_cancel_ends_the_stage_and_the_rest_cancelled_never_failed(tmp_config):
     cfg = load_config(tmp_config)
     cancel = threading.Event()
 
@@ -73,9 +73,14 @@ def test_cancel_skips_the_remaining_stages(tmp_config):
     drafted = []
     summary = Pipeline(cfg, [Cancelling("a"), Fake("b")], cancel=cancel,
                        on_failure=lambda r, c: drafted.append(r)).run()
-    assert [r.status for r in summary.results] == [Status.FAILED, Status.SKIPPED]
-    assert "cancelled" in summary.results[0].message
+    assert [r.status for r in summary.results] == [Status.CANCELLED, Status.CANCELLED]
+    assert summary.results[0].message == "stage 'a' cancelled"
+    assert summary.results[1].message == "not run: cancelled"
+    assert not summary.failed and summary.cancelled
     assert drafted == []  # the user's cancel is not a bug to record
+    from tdpu_tui.engine.core import run_status
+    recorded = run_status.load(cfg.logs_dir / "runs" / "status.json")
+    assert {n: r.status for n, r in recorded.items()} == {"a": Status.CANCELLED, "b": Status.CANCELLED}
 
 
 def test_failure_hook_gets_the_failed_result(tmp_config):
@@ -103,8 +108,15 @@ def test_batch_exit_codes_and_json_summary(tmp_config, tmp_path, monkeypatch, ca
     monkeypatch.setattr(registry, "all_stages", lambda: [Fake("a", outcome="fail")])
     assert run_batch(cfg, None, bug_drafts=False) == 1
     monkeypatch.setattr(registry, "all_stages", lambda: [Fake("a", outcome="interrupt"), Fake("b")])
+    capsys.readouterr()
     assert run_batch(cfg, None, json_path=str(out)) == 130
-    assert json.loads(out.read_text())["stages"][0]["message"] == "interrupted"
+    doc = json.loads(out.read_text())
+    assert doc["status"] == "interrupted" and doc["not_run"] == ["b"]
+    assert doc["stages"][0]["status"] == "cancelled" and doc["stages"][0]["cancelled"] is True
+    assert doc["stages"][0]["message"] == "interrupted (Ctrl-C)"
+    assert capsys.readouterr().out.splitlines()[2].split()[:2] == ["a", "cancelled"]
+    from tdpu_tui.engine.core import run_status
+    assert run_status.load(cfg.logs_dir / "runs" / "status.json")["a"].status is Status.CANCELLED
     assert run_batch(cfg, ["zzz"]) == 2
 
 

@@ -217,9 +217,7 @@ def test_json_summary_carries_the_runs_outcome_first(tmp_path):
 
 def test_an_interrupted_run_says_so_at_the_top_and_names_what_did_not_run(tmp_path):
     cfg = _cfg(tmp_path)
-    # a stage stopped by Ctrl-C (Status.CANCELLED where the engine has it)
-    stopped = StageResult("export", Status.FAILED, 3.0, "interrupted")
-    stopped.status = types.SimpleNamespace(value="cancelled")
+    stopped = StageResult("export", Status.CANCELLED, 3.0, "interrupted (Ctrl-C)")  # Ctrl-C
     doc = json_summary(RunSummary([stopped], interrupted=True), cfg, code=130, started=0.0, finished=3.0,
                        selected=["export", "precheck"])
     assert list(doc)[:3] == ["status", "interrupted", "exit_code"]

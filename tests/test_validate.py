@@ -264,3 +264,20 @@ def test_timing_stops_at_the_next_run_once_the_stage_is_cancelled():
         interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 30,
                             check=check)
     assert len(calls) == 3          # the untimed warm-up run, then two timed runs
+
+
+def test_the_validate_progress_bar_never_goes_back_over_its_phases(replaced, tmp_path):
+    from tdpu_tui.engine.core.events import StageProgress
+    root = _copy(replaced, tmp_path)
+    events = []
+    pipe = Pipeline(_config(root), all_stages(), on_event=events.append)
+    assert pipe.run(["validate"]).results[0].status is Status.OK
+    bar = [(e.done / e.total, e.note) for e in events
+           if isinstance(e, StageProgress) and e.stage == "validate" and e.total]
+    fractions = [f for f, _ in bar]
+    assert fractions == sorted(fractions), bar
+    notes = [n for _, n in bar]
+    # Every phase is on the one bar, in run order: accuracy, timing, the projections alone.
+    assert notes.index("checking sampled nodes") < notes.index("timing the single-token step") \
+        < notes.index("timing one layer's projections alone")
+    assert 0 <= fractions[0] < 0.5 and 0.9 <= fractions[-1] < 1

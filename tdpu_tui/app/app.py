@@ -20,18 +20,24 @@ from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.css.query import NoMatches
-from textual.widgets import Footer, Header, TabbedContent, TabPane
+from textual.widgets import Header, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
+from tdpu_tui.app import heap, run_control
 from tdpu_tui.app.bug_actions import BugActions, BugNotFiled, BugRecorded
 from tdpu_tui.app.bugs_panel import BugsPanel, BugsTable
+from tdpu_tui.app.commands import TdpuCommands
 from tdpu_tui.app.import_screen import ImportAction
+from tdpu_tui.app.keybar import KeyBar
+from tdpu_tui.app.log_history import earlier_runs
 from tdpu_tui.app.log_panel import LogPanel, LogView
 from tdpu_tui.app.nodes_panel import NodesPanel, NodesTable
-from tdpu_tui.app.pipeline_panel import PipelinePanel, StagesTable
+from tdpu_tui.app.pipeline_panel import PipelinePanel, StagesTable, behind
+from tdpu_tui.app.report_view import ReportView
 from tdpu_tui.app.screens import ConfirmScreen, HelpScreen
 from tdpu_tui.engine.core.artifacts import Artifacts
 from tdpu_tui.engine.core.config import Config
+from tdpu_tui.engine.core.errors import ExitCode
 from tdpu_tui.engine.core.events import (
     Event,
     RunFinished,
@@ -48,8 +54,9 @@ from tdpu_tui.engine.osutil.tail import EchoFilter, Tailer
 StageSource = Iterable[Stage] | Callable[[], Iterable[Stage]] | None
 
 
-TABS = ("pipeline", "log", "nodes", "bugs")
-_FOCUS = {"pipeline": StagesTable, "log": LogView, "nodes": NodesTable, "bugs": BugsTable}
+# Each tab and what gets the focus on it; its digit key is its place here.
+_FOCUS = {"pipeline": StagesTable, "log": LogView, "nodes": NodesTable, "bugs": BugsTable,
+          "report": ReportView}
 # App-level actions that must not fire behind a modal screen (a form, the quit question).
 _GUARDED = {"quit", "help", "run_all", "rerun_failed", "cancel", "add_bug", "show_tab",
             "import_bundle"}
@@ -58,7 +65,7 @@ _GUARDED = {"quit", "help", "run_all", "rerun_failed", "cancel", "add_bug", "sho
 class TdpuApp(BugActions, ImportAction, App[int]):
     CSS_PATH = Path(__file__).with_name("tdpu.tcss")  # absolute: subclasses live elsewhere
     TITLE = "tdpu"
-    ENABLE_COMMAND_PALETTE = False
+    COMMANDS = {TdpuCommands}      # ctrl+p: the app's actions, not Textual's system commands
 
     BINDINGS = [
         Binding("q", "quit", "Quit"),
@@ -73,6 +80,7 @@ class TdpuApp(BugActions, ImportAction, App[int]):
         Binding("2", "show_tab('log')", "Log", show=False),
         Binding("3", "show_tab('nodes')", "Nodes", show=False),
         Binding("4", "show_tab('bugs')", "Bugs", show=False),
+        Binding("5", "show_tab('report')", "Report", show=False),
     ]
 
     PUMP_INTERVAL = 0.05          # s between UI updates from the worker and the tailer
@@ -119,7 +127,10 @@ class TdpuApp(BugActions, ImportAction, App[int]):
                 yield NodesPanel(self.config, id="nodes-panel")
             with TabPane("4 Bugs", id="bugs"):
                 yield BugsPanel(self.config, own_signatures=self._own_signatures, id="bugs-panel")
-        yield Footer(show_command_palette=False, compact=True)
+            with TabPane("5 Report", id="report"):
+                yield ReportView(self.paths.performance_report,
+                                 self._shown(self.paths.performance_report), id="report-view")
+        yield KeyBar(show_command_palette=False, compact=True)
 
     @property
     def main(self):
@@ -151,7 +162,9 @@ class TdpuApp(BugActions, ImportAction, App[int]):
         except Exception as exc:  # a broken stage module must not take the app down
             stages, problem = [], f"cannot load the stages: {type(exc).__name__}: {exc}"
         self.pipeline_panel.set_stages(stages, problem)
-        self._follow_other_runs(history=True)
+        # What earlier runs logged, in run order and headed; then only what is added.
+        self._follow_other_runs(history=False)
+        self._show_earlier_runs()
         for p in self._follow:
             self.follow_file(p)
         self.tailer.start()
@@ -219,6 +232,24 @@ class TdpuApp(BugActions, ImportAction, App[int]):
         self.tailer.follow_dir(self.paths.icraft_dir.resolve(), "*.log", label=self.file_label,
                                history=history)
 
+    def _show_earlier_runs(self) -> None:
+        from tdpu_tui.engine.core import run_status
+        started = {name: st.started_ts for name, st in run_status.load(self.paths.run_status).items()
+                   if st.started_ts}
+        runs = earlier_runs([
+            (self.paths.run_logs.resolve(), "*.log", False, lambda p: p.stem, started),
+            (self.paths.icraft_dir.resolve(), "*.log", True, self.file_label, {}),
+        ])
+        log = self.log_panel
+        for run in runs:
+            log.add_marker(run.label, run.header())
+            lines = self._echo.fresh(run.path, run.lines)
+            if lines:
+                log.add_lines(run.label, lines)
+        if runs:
+            log.add_marker("", "earlier runs above · lines from now on below")
+            log.update_status()
+
     def follow_file(self, path: str | Path, label: str | None = None) -> None:
         """Show the lines of `path` in the log panel as it grows (Icraft logs, any log)."""
         self.tailer.follow(Path(path).resolve(), label)
@@ -259,6 +290,10 @@ class TdpuApp(BugActions, ImportAction, App[int]):
                     pending_label = stage
                 pending_lines.append(ev.text)
             elif isinstance(ev, StageProgress):
+                # Coalesced to one update per stage, the furthest bar with the latest note.
+                prev = progressed.get(ev.stage)
+                if prev is not None and behind(ev.done, ev.total, prev.done, prev.total):
+                    ev = StageProgress(ev.stage, prev.done, prev.total, ev.note or prev.note)
                 progressed[ev.stage] = ev
             else:
                 flush_lines()
@@ -286,28 +321,30 @@ class TdpuApp(BugActions, ImportAction, App[int]):
     def _handle(self, ev: Event) -> None:
         panel = self.pipeline_panel
         if isinstance(ev, StageStarted):
-            panel.started(ev.stage)
+            panel.started(ev.stage, ev.time)
             self.sub_title = f"{self._config_name()} · running {ev.stage}"
         elif isinstance(ev, StageFinished):
             result = ev.result
             panel.finished(result)
-            cancelled = self.pipeline is not None and self.pipeline.cancel.is_set()
-            if result.status is Status.FAILED and not cancelled:  # a cancel says so at the end
+            if result.status is Status.FAILED:  # a cancel is not a failure: it says so at the end
                 first = result.message.splitlines()[0] if result.message else ""
                 hint = "" if result.usage_error else "\nPipeline tab, d opens its bug record"
                 self.say(f"{result.name} failed: {first}{hint}",
                          severity="error", title="stage failed", timeout=8)
             if result.name == "export" and result.status is Status.OK:
                 self.nodes_panel.reload()
+            if result.artifacts.get("performance_report"):
+                self.main.query_one(ReportView).reload()
         elif isinstance(ev, (BugRecorded, BugNotFiled)):
             self.show_bug_event(ev)
         elif isinstance(ev, RunFinished):
+            self.refresh_bindings()
             self._follow_other_runs(history=False)
             self.last_summary = ev.summary
             counts = collections.Counter(r.status.value for r in ev.summary.results)
             text = ", ".join(f"{n} {s}" for s, n in counts.items()) or "nothing run"
             self.sub_title = f"{self._config_name()} · last run: {text}"
-            if self.pipeline is not None and self.pipeline.cancel.is_set():
+            if ev.summary.cancelled:
                 self.say(f"run cancelled: {text}", severity="warning")
             else:
                 self.say(f"run finished: {text}",
@@ -346,16 +383,21 @@ class TdpuApp(BugActions, ImportAction, App[int]):
         self.worker = self.run_worker(partial(self._run_pipeline, pipeline, names, done),
                                       name="pipeline", group="pipeline", thread=True,
                                       exit_on_error=False)
+        self.refresh_bindings()
         return True
 
     @staticmethod
     def _run_pipeline(pipeline: Pipeline, names: list[str] | None, done: threading.Event):
+        heap.before_run()
         try:
             return pipeline.run(names)
         finally:
+            heap.after_run()
             done.set()
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.worker is self.worker:
+            self.refresh_bindings()
         if event.worker is self.worker and event.state is WorkerState.ERROR:
             self.say(f"the run stopped: {event.worker.error}", severity="error")
 
@@ -364,9 +406,9 @@ class TdpuApp(BugActions, ImportAction, App[int]):
 
     def action_rerun_failed(self) -> None:
         rows = self.pipeline_panel.rows
-        failed = [n for n, r in rows.items() if r.status is Status.FAILED]
+        failed = [n for n, r in rows.items() if r.status in run_control.RERUN]
         if not failed:
-            self.say("no failed stage to rerun")
+            self.say("no failed or cancelled stage to rerun")
             return
         # Stages that did not run because of a failure run again with it.
         blocked = [n for n, r in rows.items()
@@ -385,7 +427,19 @@ class TdpuApp(BugActions, ImportAction, App[int]):
 
     # -- navigation, help, quit ----------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        return not (action in _GUARDED and len(self.screen_stack) > 1)
+        """Keys act, and the footer shows them, only where they can do something."""
+        if action in _GUARDED and len(self.screen_stack) > 1:
+            return False
+        return run_control.can_act(self, action)
+
+    @staticmethod
+    def tab_keys() -> dict[str, str]:
+        """Tab id -> its digit key."""
+        return {tab: str(i) for i, tab in enumerate(_FOCUS, 1)}
+
+    def draft_bug_from(self, name: str) -> None:
+        """As `d` on that stage's row (the command palette's draft command)."""
+        self.on_stages_table_draft_bug(StagesTable.DraftBug(name))
 
     def action_show_tab(self, tab: str) -> None:
         main = self.main
@@ -398,7 +452,10 @@ class TdpuApp(BugActions, ImportAction, App[int]):
         self.push_screen(HelpScreen())
 
     async def action_quit(self) -> None:
-        if self._stopping or not self.running:
+        if self._stopping:      # q again while the run stops: leave at once, still "interrupted"
+            self.exit(int(ExitCode.INTERRUPT))
+            return
+        if not self.running:
             self.exit(0)
             return
         stage = next((n for n, r in self.pipeline_panel.rows.items() if r.status is Status.RUNNING),
@@ -420,4 +477,4 @@ class TdpuApp(BugActions, ImportAction, App[int]):
             # The run's own error is already reported; we are leaving.
             with contextlib.suppress(Exception):
                 await self.worker.wait()
-        self.exit(0)
+        self.exit(int(ExitCode.INTERRUPT))

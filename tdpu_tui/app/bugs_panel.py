@@ -26,6 +26,12 @@ class BugsTable(DataTable):
         Binding("e", "open_editor", "$EDITOR"),
     ]
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """`enter` edits, and the footer shows it, only with a record to edit."""
+        if action == "edit":
+            return self.row_count > 0
+        return True
+
     class Edit(Message):
         def __init__(self, number: int):
             super().__init__()
@@ -131,6 +137,7 @@ class BugsPanel(Vertical):
                           key=str(r.number))
         if table.row_count:
             table.move_cursor(row=min(keep, table.row_count - 1))
+        table.refresh_bindings()
         base = self.config.base_dir
         try:
             shown = self.path.relative_to(base)

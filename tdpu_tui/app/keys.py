@@ -1,39 +1,48 @@
-"""The key map, in one place: the help screen shows it and docs/app.md repeats it."""
+"""The key map, in one place: the help screen shows it and docs/app.md repeats it at length.
+
+Two columns of it fit 80×24 (the help screen), so each line is short; the footer and the
+command palette (ctrl+p) say the rest.
+"""
 
 KEY_MAP: list[tuple[str, list[tuple[str, str]]]] = [
     ("Everywhere", [
-        ("1 2 3 4", "Pipeline / Log / Nodes / Bugs tab"),
+        ("1 2 3", "Pipeline / Log / Nodes tab"),
+        ("4 5", "Bugs / Report tab"),
         ("r", "run every stage"),
-        ("f", "rerun the failed stages (and those they blocked)"),
-        ("c", "cancel the run (stops at the next check; Icraft is killed)"),
+        ("f", "rerun failed + cancelled"),
+        ("c", "cancel the run"),
         ("b", "new bug record"),
+        ("ctrl+p", "command palette"),
         ("?", "this help"),
-        ("q ctrl+q", "quit (asks first while a stage runs)"),
+        ("q ctrl+q", "quit (asks while running)"),
     ]),
     ("Pipeline", [
         ("up/down", "choose a stage"),
         ("enter", "run the highlighted stage"),
-        ("d", "draft a bug record from the highlighted failed stage"),
+        ("d", "draft a bug from a failure"),
+        ("i", "import Icraft results"),
     ]),
     ("Log", [
-        ("end", "jump to the end and follow new lines"),
-        ("home", "jump to the start (stops following)"),
-        ("left/right", "scroll long lines sideways"),
-        ("/", "filter lines (escape clears)"),
+        ("end", "follow new lines"),
+        ("home", "jump to the start"),
+        ("left/right", "scroll sideways"),
+        ("/", "filter (escape clears)"),
     ]),
     ("Nodes", [
-        ("space", "toggle replacement of the highlighted node"),
-        ("a / n", "select all / none of the ternary nodes shown"),
-        ("/", "filter nodes (escape clears)"),
+        ("space", "toggle the node"),
+        ("a / n", "all / none (as filtered)"),
+        ("/", "filter (escape clears)"),
     ]),
     ("Bugs", [
-        ("enter", "edit the highlighted record"),
+        ("enter", "edit the record"),
         ("b", "add a record"),
-        ("e", "open bugs_found.md in $VISUAL / $EDITOR (reloaded afterwards)"),
+        ("e", "open in $VISUAL/$EDITOR"),
     ]),
     ("Bug form", [
         ("tab", "next field"),
         ("ctrl+s", "save"),
-        ("escape", "cancel (asks first if you typed something)"),
+        ("escape", "cancel"),
     ]),
 ]
+# The help screen's columns: these sections on the left, the rest on the right.
+LEFT_COLUMN = ("Everywhere", "Pipeline")

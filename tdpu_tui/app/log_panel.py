@@ -11,15 +11,20 @@ import re
 from collections.abc import Iterable
 
 from rich.highlighter import Highlighter
+from rich.segment import Segment
+from rich.style import Style
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.message import Message
+from textual.strip import Strip
 from textual.widgets import Input, Log, Static
 
 MAX_LINES = 20_000
 LABEL_WIDTH = 10
+LABEL_CELLS = LABEL_WIDTH + 2   # the label, "│" and a space: the column that never scrolls
+CUT_STYLE = Style(dim=True, bold=True)
 
 _ERROR = re.compile(r"\[(E|F|error|fatal|critical)\]", re.IGNORECASE)
 _WARNING = re.compile(r"\[(W|warning|warn)\]", re.IGNORECASE)
@@ -46,6 +51,32 @@ class LogView(Log):
     def __init__(self, **kwargs):
         super().__init__(highlight=True, max_lines=MAX_LINES, auto_scroll=True, **kwargs)
         self.highlighter = LevelHighlighter()
+
+    def _render_line(self, y: int, scroll_x: int, width: int) -> Strip:
+        """The label column stays put while the text scrolls sideways; a line cut at an edge
+        shows it with `…` there (right: more to see; left: scrolled past its start)."""
+        rich_style = self.rich_style
+        # Without the scrollbars, which are drawn over the last columns.
+        shown = min(width, self.scrollable_content_region.width)
+        if y >= len(self._lines) or shown <= LABEL_CELLS + 2:
+            return super()._render_line(y, scroll_x, width)
+        line = self._render_line_strip(y, rich_style)
+        length = line.cell_length
+        body_w = shown - LABEL_CELLS
+        label = line.crop_extend(0, LABEL_CELLS, rich_style)
+        start = LABEL_CELLS + scroll_x
+        body = line.crop_extend(start, start + body_w, rich_style)
+        cut_right = length > start + body_w
+        cut_left = scroll_x > 0 and length > LABEL_CELLS
+        if cut_right or cut_left:
+            mark = Strip([Segment("…", rich_style + CUT_STYLE)], 1)
+            parts = [mark] if cut_left else []
+            parts.append(body.crop(1 if cut_left else 0, body_w - (1 if cut_right else 0)))
+            if cut_right:
+                parts.append(mark)
+            body = Strip.join(parts)
+        strip = Strip.join([label, body]).crop_extend(0, width, rich_style)
+        return strip.apply_offsets(scroll_x, y)
 
     def action_follow(self) -> None:
         self.scroll_end(animate=False, immediate=True)

@@ -205,8 +205,11 @@ class NodesPanel(Vertical):
             mark = Text(" — ", style="dim")
         shape = f"{node.k}×{node.n}" if node.k and node.n else ""
         zeros = f"{node.zeros * 100:.1f}%" if node.zeros is not None else ""
-        status = Text(node.status, style="green" if node.ternary else "yellow")
-        cells = {"replace": mark, "node": Text(self._shown_name(node)),
+        # A cell cut at the column's edge ends with "…" (the line below shows it whole).
+        status = Text(node.status, style="green" if node.ternary else "yellow", no_wrap=True,
+                      overflow="ellipsis")
+        cells = {"replace": mark, "node": Text(self._shown_name(node), no_wrap=True,
+                                               overflow="ellipsis"),
                  "layer": "" if node.layer is None else str(node.layer),
                  "proj": node.projection or "", "shape": shape, "zeros": zeros, "status": status}
         return [cells[key] for key, _, _ in self._columns]
@@ -242,8 +245,10 @@ class NodesPanel(Vertical):
             why = selection_reason(node, self.config, self.overrides)
         except Exception as exc:
             why = str(exc)
+        # Wrapped, never cut: the full node name, its status and why it is (not) selected.
         text = Text(node.name, style="bold")
-        text.append(f"  {why}", style="green" if self.selection.get(node.name) else "dim")
+        text.append(f"  {node.status}", style="green" if node.ternary else "yellow")
+        text.append(f"  · {why}", style="green" if self.selection.get(node.name) else "dim")
         if node.projection == "lm_head" and self.config.replace.lm_head == "bf16" \
                 and not self.selection.get(node.name):
             text.append("  · held in bf16 as LinearBF16 ([replace].lm_head)", style="cyan")

@@ -13,6 +13,7 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import DataTable, Static
 
+from tdpu_tui.app.staleness import Stale, stale_rows
 from tdpu_tui.engine.core.events import StageResult, Status
 from tdpu_tui.engine.core.stage import LOG_TAIL_LINES
 
@@ -22,9 +23,10 @@ _STATUS_STYLE = {
     Status.OK: ("✔", "ok", "green"),
     Status.FAILED: ("✘", "failed", "bold red"),
     Status.SKIPPED: ("–", "skipped", "yellow"),
+    Status.CANCELLED: ("■", "cancelled", "magenta"),
 }
 BAR_WIDTH = 8
-FIXED = {"stage": 9, "status": 9, "time": 6, "progress": 13}
+FIXED = {"stage": 9, "status": 11, "time": 6, "progress": 13}
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -47,6 +49,14 @@ def progress_bar(done: float | None, total: float | None) -> str:
     return "█" * filled + "░" * (BAR_WIDTH - filled) + f" {frac * 100:3.0f}%"
 
 
+def behind(done: float | None, total: float | None, was_done: float | None,
+           was_total: float | None) -> bool:
+    """Whether done/total is less far than was_done/was_total: one bar per run, so a stage that
+    restarts its count (a new phase) never moves it back."""
+    return bool(total and was_total and done is not None and was_done is not None
+                and done / total < was_done / was_total)
+
+
 @dataclass
 class StageRow:
     name: str
@@ -60,7 +70,9 @@ class StageRow:
     note: str = ""
     message: str = ""
     bug_number: int | None = None  # the record drafted for this stage's failure
-    stale_after: str = ""  # a stage this one needs ran again after it: its result is old
+    # Wall-clock start of the run the shown result comes from (None: no result yet).
+    ran_at: float | None = None
+    stale: Stale | None = None  # a stage this one needs ran again (or failed) since: result is old
     blocked_by: str | None = None  # not run because this needed stage failed
     origin: str = ""  # set when the row shows another process's run (phase3_logs/runs/status.json)
     log_tail: collections.deque[str] = field(
@@ -83,6 +95,18 @@ class StagesTable(DataTable):
         Binding("enter", "run_stage", "Run stage"),
         Binding("d", "draft_bug", "Draft bug"),
     ]
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """The footer shows `d` only on a failed stage, `enter` only when a run can start."""
+        panel = self.parent
+        if not isinstance(panel, PipelinePanel):
+            return True
+        row = panel.rows.get(self._current() or "")
+        if action == "draft_bug":
+            return row is not None and row.status is Status.FAILED
+        if action == "run_stage":
+            return row is not None and not getattr(self.app, "running", False)
+        return True
 
     class RunStage(Message):
         def __init__(self, name: str):
@@ -150,20 +174,24 @@ class PipelinePanel(Vertical):
         return self.table._current()
 
     # -- events -----------------------------------------------------------------------------
-    def started(self, name: str) -> None:
+    def started(self, name: str, at: float | None = None) -> None:
         row = self.rows.get(name)
         if row is None:
             return
         row.status, row.started, row.seconds = Status.RUNNING, time.monotonic(), None
+        row.ran_at = at if at is not None else time.time()
         row.done = row.total = None
-        row.note = row.message = row.stale_after = row.origin = ""
+        row.note = row.message = row.origin = ""
         row.log_tail.clear()
         self.update_row(name)
+        self.refresh_stale()
 
     def progress(self, name: str, done: float, total: float | None, note: str) -> None:
         row = self.rows.get(name)
         if row is None:
             return
+        if behind(done, total, row.done, row.total):
+            done, total = row.done, row.total
         row.done, row.total = done, total
         if note:
             row.note = note
@@ -186,45 +214,43 @@ class PipelinePanel(Vertical):
         if result.status is Status.OK and row.total:
             row.done = row.total
         self.update_row(result.name)
+        self.refresh_stale()
 
     def mark_pending(self, names: list[str]) -> None:
+        """The stages of a run about to start: what needs them and does not run is old now."""
+        now = time.time()
         for name in names:
             row = self.rows.get(name)
             if row is not None:
                 row.status, row.seconds, row.started, row.message = Status.PENDING, None, None, ""
                 row.done = row.total = None
-                row.note = row.stale_after = row.origin = ""
+                row.note = row.origin = ""
+                row.ran_at, row.blocked_by = now, None
                 self.update_row(name)
-        self._mark_stale(names)
+        self.refresh_stale()
 
-    def _mark_stale(self, rerun: list[str]) -> None:
-        """Results of stages that need a stage run again (and are not run with it) are old."""
-        changed = {n: n for n in rerun}
-        for row in self.rows.values():  # registry order: a stage comes after what it needs
-            if row.name in changed:
-                continue
-            cause = next((changed[d] for d in row.needs if d in changed), None)
-            if cause is None:
-                continue
-            changed[row.name] = cause
-            if row.status is not Status.PENDING:
-                row.stale_after = cause
+    def refresh_stale(self) -> None:
+        """Mark old every result downstream of a newer, failed or cancelled run it needs."""
+        stale = stale_rows(self.rows)
+        for row in self.rows.values():
+            new = stale.get(row.name)
+            if new != row.stale:
+                row.stale = new
                 self.update_row(row.name)
 
     def show_recorded(self, recorded: dict, own_pid: int) -> None:
         """Rows from the status file (`engine/core/run_status.py`) that another process wrote: a
         `tdpu --batch` run in another shell, or an earlier session of the app."""
-        shown = []
         for name, st in recorded.items():
             row = self.rows.get(name)
             if row is None or (st.pid == own_pid and not st.elsewhere):
                 continue
-            shown.append(name)
             when = (st.finished_at or st.started_at).replace("T", " ")
             where = (f"process {st.pid}" if st.pid else "an unrecorded process") + (
                 f" on {st.host}" if st.elsewhere else "")
             row.done = row.total = None
-            row.note = row.stale_after = ""
+            row.note = ""
+            row.ran_at = st.started_ts
             row.bug_number = None          # this session's record, if any, is not about that run
             row.log_tail.clear()
             if st.status is Status.RUNNING:
@@ -244,7 +270,7 @@ class PipelinePanel(Vertical):
                 row.blocked_by = st.blocked_by
                 row.origin = f"run by {where}, finished {when}"
             self.update_row(name)
-        self._mark_stale([n for n in shown if self.rows[n].status is Status.RUNNING])
+        self.refresh_stale()
 
     @property
     def others_running(self) -> bool:
@@ -272,8 +298,8 @@ class PipelinePanel(Vertical):
     def _result_cell(row: StageRow) -> Text:
         # Text, not str: a str cell is markup, and results hold keys like [icraft].bin.
         text = Text(no_wrap=True, overflow="ellipsis")
-        if row.stale_after:
-            text.append(f"old ({row.stale_after} ran since): ", style="italic")
+        if row.stale is not None:
+            text.append(f"{row.stale.label()}: ", style="italic")
             text.append(row.result_line(), style="dim")
         else:
             text.append(row.result_line())
@@ -287,6 +313,7 @@ class PipelinePanel(Vertical):
             table.update_cell(name, key, value)
         if self.current == name:
             self.refresh_detail()
+            table.refresh_bindings()
 
     def on_resize(self) -> None:
         used = sum(FIXED.values()) + 2 * (len(FIXED) + 1) + 2
@@ -300,6 +327,7 @@ class PipelinePanel(Vertical):
 
     def on_data_table_row_highlighted(self, _event: DataTable.RowHighlighted) -> None:
         self.refresh_detail()
+        self.table.refresh_bindings()
 
     def refresh_detail(self) -> None:
         detail = self.query_one("#stage-detail", Static)
@@ -320,9 +348,9 @@ class PipelinePanel(Vertical):
         if self.run_logs and row.status is not Status.PENDING:
             text.append(f"   log: {self.run_logs}/{row.name}.log", style="dim")
         text.append("\n")
-        if row.stale_after:
-            text.append(f"result of an earlier run: {row.stale_after} ran again since "
-                        "(enter runs this stage on its new output)\n", style="italic")
+        if row.stale is not None:
+            text.append(f"result of an earlier run: {row.stale.cause} {row.stale.what} since "
+                        "(enter runs this stage again)\n", style="italic")
         if row.origin:
             text.append(f"not this session's run: {row.origin} (recorded in runs/status.json)\n",
                         style="italic")

@@ -8,11 +8,11 @@ from datetime import datetime
 from rich.markup import escape
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static, TextArea
 
-from tdpu_tui.app.keys import KEY_MAP
+from tdpu_tui.app.keys import KEY_MAP, LEFT_COLUMN
 from tdpu_tui.engine.records.bugbook import FIELD_LABELS, TIME_FORMAT
 
 FIELDS = ("title", "time", "stage", "status", "error", "cause", "fix")
@@ -41,21 +41,31 @@ class ConfirmScreen(ModalScreen[bool]):
 
 
 class HelpScreen(ModalScreen[None]):
+    """Every key in two columns, sized for 80×24; how to close it is the first line."""
+
     BINDINGS = [
         Binding("escape", "close", "Close"),
         Binding("question_mark", "close", "Close", show=False),
         Binding("q", "close", "Close", show=False),
     ]
 
-    def compose(self) -> ComposeResult:
+    @staticmethod
+    def column(sections) -> str:
         lines = []
-        for section, keys in KEY_MAP:
-            lines.append(f"[b]{section}[/b]")
-            lines += [f"  [b]{k:<10}[/b] {what}" for k, what in keys]
-            lines.append("")
-        with VerticalScroll(id="help", classes="dialog"):
-            yield Static("\n".join(lines).rstrip(), id="help-text")
-            yield Static("escape closes this help", classes="hint")
+        for section, keys in sections:
+            lines.append(f"[b]{escape(section)}[/b]")
+            lines += [f"[b]{escape(k):<10}[/b] {escape(what)}" for k, what in keys]
+        return "\n".join(lines)
+
+    def compose(self) -> ComposeResult:
+        left = [(s, k) for s, k in KEY_MAP if s in LEFT_COLUMN]
+        right = [(s, k) for s, k in KEY_MAP if s not in LEFT_COLUMN]
+        with Vertical(id="help", classes="dialog"):
+            yield Static("[b]escape[/b] or [b]?[/b] closes this help · "
+                         "[b]ctrl+p[/b] finds any action by name", id="help-close", classes="hint")
+            with Horizontal(id="help-columns"):
+                yield Static(self.column(left), id="help-text", classes="help-column")
+                yield Static(self.column(right), id="help-text-right", classes="help-column")
 
     def action_close(self) -> None:
         self.dismiss(None)

@@ -15,6 +15,9 @@ class Status(str, Enum):
     OK = "ok"
     FAILED = "failed"
     SKIPPED = "skipped"
+    # Stopped by a cancel (`c` or quit in the app, Ctrl-C in batch), or not run because of one:
+    # not a failure, never drafted as a bug record.
+    CANCELLED = "cancelled"
 
 
 @dataclass
@@ -45,6 +48,10 @@ class RunSummary:
     @property
     def failed(self) -> bool:
         return any(r.status is Status.FAILED for r in self.results)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.interrupted or any(r.status is Status.CANCELLED for r in self.results)
 
     def as_json(self) -> dict[str, Any]:
         artifacts: dict[str, str] = {}

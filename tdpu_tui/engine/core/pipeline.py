@@ -1,7 +1,9 @@
 """The runner both faces drive: the stages it is given, in that order, honouring `needs`.
 
 A failed stage stops the stages that depend on it in the same run, not the others: they end
-`skipped` with `blocked_by` naming the failed stage at the root.
+`skipped` with `blocked_by` naming the failed stage at the root. A cancel (`c` or quit in the
+app, Ctrl-C in batch) ends the running stage `cancelled` and the stages after it `cancelled`
+("not run: cancelled"); neither is a failure nor drafted as a bug record.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from tdpu_tui.engine.core.stage import EventSink, Skip, Stage, StageContext
 from tdpu_tui.engine.osutil.files import human_bytes, remove_leftovers, with_filename
 
 FailureHook = Callable[[StageResult, Config], None]
+# The message of a stage Ctrl-C (or SIGTERM/SIGHUP, handled as Ctrl-C) stopped.
+INTERRUPTED = "interrupted (Ctrl-C)"
 _SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 # The project's folders unusable (a file where [paths] names a folder, no permission, a
 # read-only or full file system): reported naming the file, not drafted as a bug of the model,
@@ -101,7 +105,7 @@ class Pipeline:
             for stage in selected:
                 blocked = [d for d in stage.needs if d in broken]
                 if self.cancel.is_set():
-                    result = StageResult(stage.name, Status.SKIPPED, message="not run: cancelled")
+                    result = StageResult(stage.name, Status.CANCELLED, message="not run: cancelled")
                     self.emit(StageStarted(stage.name))
                 elif blocked:
                     root = broken[blocked[0]]
@@ -121,7 +125,8 @@ class Pipeline:
                 self.emit(StageFinished(stage.name, result))
                 if self._interrupted:
                     raise KeyboardInterrupt
-                # A stage stopped by a cancel (c, quit, Ctrl-C) is not a bug to record.
+                # A stage stopped by a cancel (c, quit, Ctrl-C) is not a bug to record: it ends
+                # CANCELLED; a failure that raced a cancel is not drafted either.
                 if (result.status is Status.FAILED and self.on_failure is not None
                         and not self.cancel.is_set()):
                     try:
@@ -134,7 +139,7 @@ class Pipeline:
             # Interrupted between recording a start and its outcome: the row must not stay "running".
             for name in list(self._open_rows):
                 self._note_status(paths.run_status, name,
-                                  StageResult(name, Status.FAILED, message="interrupted"))
+                                  StageResult(name, Status.CANCELLED, message=INTERRUPTED))
             raise
         finally:
             cache.clear()
@@ -189,10 +194,11 @@ class Pipeline:
         except Skip as exc:
             status, message = Status.SKIPPED, str(exc)
         except Cancelled as exc:
-            status, message = Status.FAILED, str(exc)
+            status, message = Status.CANCELLED, str(exc)
+            ctx.log(message, "warning")
         except KeyboardInterrupt:
-            status, message = Status.FAILED, "interrupted"
-            ctx.log(message, "error")
+            status, message = Status.CANCELLED, INTERRUPTED
+            ctx.log(message, "warning")
             self._interrupted = True
         except TdpuError as exc:
             status, message, usage = Status.FAILED, str(exc), isinstance(exc, UsageError)

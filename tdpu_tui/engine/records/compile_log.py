@@ -101,7 +101,7 @@ class StageRecord:
     """What one Icraft stage did, for its section of the compile log."""
 
     stage: str
-    status: str                         # ok | failed | skipped
+    status: str                         # ok | failed | skipped | cancelled
     summary: str = ""
     command: Sequence[str] | None = None
     cwd: Path | None = None

@@ -308,3 +308,52 @@ class ProjectionTiming:
     def ratio(self, which: str, a: str, b: str) -> float | None:
         d = self.step_ms if which == "step" else self.prefill_ms
         return d[a] / d[b] if d.get(a) and d.get(b) else None
+
+
+@dataclass
+class ReportFigures:
+    """The performance tables of a written report, read back (for the app's report view)."""
+
+    graphs: list[GraphTiming]
+    projections: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    projections_layer: int | None = None
+    prefill_tokens: int | None = None
+
+
+_NUM = re.compile(r"^-?\d+(?:\.\d+)?$")
+
+
+def _num(cell: str) -> float | None:
+    cell = cell.strip()
+    return float(cell) if _NUM.match(cell) else None
+
+
+def read_report_figures(text: str) -> ReportFigures | None:
+    """The per-graph table (prefill, step, projection weight bytes) and the projections-alone
+    table of `performance_report.md`, as `_performance` writes them; None when the report
+    has no performance section (not measured, or validation failed)."""
+    graphs: list[GraphTiming] = []
+    out = ReportFigures(graphs)
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("## "):
+            table = "graphs" if "Performance" in line else ""
+        elif line.startswith("### "):
+            m = re.search(r"Projections alone \(layer (\d+)", line)
+            table = "projections" if m else ""
+            if m:
+                out.projections_layer = int(m.group(1))
+        elif table and line.startswith("Median of timed runs"):
+            m = re.search(r"Prefill: (\d+) tokens", line)
+            out.prefill_tokens = int(m.group(1)) if m else None
+        elif table and line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if table == "graphs" and len(cells) >= 4:
+                size = re.search(r"(\d+) B\b", cells[3])
+                if size is None:
+                    continue
+                graphs.append(GraphTiming(cells[0], "", int(size.group(1)), _num(cells[1]),
+                                          _num(cells[2])))
+            elif table == "projections" and len(cells) == 3 and cells[0] in LABELS:
+                out.projections[cells[0]] = (_num(cells[1]), _num(cells[2]))
+    return out if graphs else None

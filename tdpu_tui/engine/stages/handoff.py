@@ -187,7 +187,8 @@ def import_bundle(cfg: Config, source: str | Path, on_event: Callable[[Event], N
             ctx.log(message, "error")
         except KeyboardInterrupt:   # the status row must not stay "running"
             _note(paths.run_status, stage,
-                  StageResult(stage, Status.FAILED, time.time() - started, "import interrupted"))
+                  StageResult(stage, Status.CANCELLED, time.time() - started,
+                              "import interrupted (Ctrl-C)"))
             raise
         finally:
             ctx.close()

@@ -59,7 +59,7 @@ def run_component(ctx: StageContext, exe: Path, argv: list[str], outputs: list[P
         res = ic.run_icraft(argv, cwd=cwd, log_dirs=[log_dir], timeout_s=cfg.icraft.timeout_s,
                             on_line=on_line, cancelled=lambda: ctx.cancelled, windows=windows)
     except KeyboardInterrupt:
-        record.status = "failed"
+        record.status = "cancelled"
         record.summary = "interrupted (Ctrl-C); the icraft process tree was ended"
         record.seconds = time.time() - record.started
         record.write(ctx.paths.compile_log)
@@ -81,7 +81,7 @@ def run_component(ctx: StageContext, exe: Path, argv: list[str], outputs: list[P
     record.error_code = res.error_code
     record.error_text = ic.explain_code(res.error_code)
     record.log_tail = res.tail
-    record.status = "ok" if ok else "failed"
+    record.status = "ok" if ok else "cancelled" if res.cancelled else "failed"
     record.files = _files(*outputs) + copied
     if res.ok and missing:
         record.summary = ("Icraft reported success but did not write "

@@ -93,8 +93,18 @@ def _bitlinear_session(path: Path):
     return create_session(path)
 
 
+# One progress bar over validate's phases, in run order (it never goes back): each phase
+# has its share of 0–100 %.
+PHASES = {"accuracy": (0.0, 50.0), "timing": (50.0, 90.0), "projections": (90.0, 100.0)}
+
+
 class Validation:
     """One validation run (kept as an object so the benchmark can reuse its pieces)."""
+
+    def bar(self, phase: str, done: float, total: float, note: str) -> None:
+        """Progress `done`/`total` within `phase`, on the stage's one bar."""
+        lo, hi = PHASES[phase]
+        self.ctx.progress(round(lo + (hi - lo) * min(1.0, done / total), 1), 100, note)
 
     def __init__(self, ctx: StageContext):
         self.ctx = ctx
@@ -313,14 +323,18 @@ class Validation:
                               "graphs timed one after another, not in turns")
         prefill_ms: dict[str, float] = {}
         step_ms: dict[str, float] = {}
-        for group in ([graphs] if together else [[g] for g in graphs]):
+        groups = [graphs] if together else [[g] for g in graphs]
+        steps, done = len(graphs) + 2 * len(groups), 0   # a load per graph, prefill and step per group
+        for group in groups:
             sessions = {}
             for label, path, nbytes, factory in group:
                 self.ctx.check_cancelled()
-                self.ctx.progress(len(perf.graphs), len(graphs), f"loading the {label} graph")
+                self.bar("timing", done, steps, f"loading the {label} graph")
+                done += 1
                 sessions[label] = factory(path)
                 perf.graphs.append(GraphTiming(label, str(path), int(nbytes)))
-            self.ctx.progress(len(perf.graphs) - len(group), len(graphs), f"timing prefill ({tokens} tokens)")
+            self.bar("timing", done, steps, f"timing prefill ({tokens} tokens)")
+            done += 1
             prefill_ms |= interleaved_medians(
                 {k: (lambda s=s: s.run(["logits"], prefill)) for k, s in sessions.items()}, repeats,
                 check=self.ctx.check_cancelled)
@@ -328,7 +342,8 @@ class Validation:
                 del sessions
                 gc.collect()
                 sessions = {label: factory(step_paths[label]) for label, _, _, factory in group}
-            self.ctx.progress(len(perf.graphs) - len(group), len(graphs), "timing the single-token step")
+            self.bar("timing", done, steps, "timing the single-token step")
+            done += 1
             step_ms |= interleaved_medians(
                 {k: (lambda s=s: s.run(["logits"], step)) for k, s in sessions.items()}, max(repeats, 5) * 2,
                 check=self.ctx.check_cancelled)
@@ -340,7 +355,7 @@ class Validation:
         """One layer's projections alone: the part of the graph the replacement changes."""
         from kernels.ort import create_session
 
-        self.ctx.progress(3, 4, "timing one layer's projections alone")
+        self.bar("projections", 0, 1, "timing one layer's projections alone")
         layer, models = projection_graphs(self.paths.bitlinear_onnx, self.profile == "reference")
         inputs = models["float"].graph.input
         pt = ProjectionTiming(layer, len(inputs), tokens)
@@ -445,14 +460,14 @@ class Validation:
                               f"{self.paths.replace_report} is not in the graph (re-run replace)")
         extra = [t for d in (*self.bf16, *sample)
                  for t in (bl_nodes[d["bitlinear"]].input[0], bl_nodes[d["bitlinear"]].output[0])]
-        ctx.progress(0, 4, "running the original graph")
+        self.bar("accuracy", 0, 4, "running the original graph")
         original = self.run_original(feed, extra)
-        ctx.progress(1, 4, "running the BitLinear graph")
+        self.bar("accuracy", 1, 4, "running the BitLinear graph")
         got = self.bitlinear_session(self.paths.bitlinear_onnx).run(["logits"], feed)[0]
         accuracy: dict[str, Any] = {}
         floor_why = ""
         if self.profile == "icraft":
-            ctx.progress(2, 4, "running the PyTorch reference (quantize_activations=True)")
+            self.bar("accuracy", 2, 4, "running the PyTorch reference (quantize_activations=True)")
             verdict = self.versus_reference(inputs, got)
             want = verdict.want
             logits = verdict.metrics
@@ -474,7 +489,7 @@ class Validation:
         for w in accuracy["explanations"]:
             ctx.log(w)
 
-        ctx.progress(3, 4, "checking sampled nodes")
+        self.bar("accuracy", 3, 4, "checking sampled nodes")
         checks = self.check_nodes(original, sample, g)
         del original
         checks_bl = [c for c in checks if c.layout != "bf16"]

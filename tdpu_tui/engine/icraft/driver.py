@@ -642,13 +642,22 @@ def run_icraft(argv: Sequence[str], *, cwd: Path, log_dirs: Sequence[Path], time
         exit_at.append(time.monotonic())
         exited.set()
 
+    watching = threading.Event()
+
+    def watch_tree() -> None:
+        # Remember the child's descendants as they come. A walk of the process table can take
+        # a second while the child floods its pipes (the readers hold the GIL between its
+        # reads), so it runs beside the loop that keeps the deadline, never in it.
+        while not watching.wait(0.5):
+            tree.refresh()
+
     threads = [threading.Thread(target=_reader, args=(proc.stdout, "icraft stdout", sink), daemon=True),
                threading.Thread(target=_reader, args=(proc.stderr, "icraft stderr", sink), daemon=True),
-               threading.Thread(target=waiter, daemon=True)]
+               threading.Thread(target=waiter, daemon=True),
+               threading.Thread(target=watch_tree, daemon=True)]
     for t in threads:
         t.start()
     deadline = start + timeout_s
-    last_tree = 0.0
 
     def end_tree() -> None:
         if windows is not None:
@@ -667,15 +676,14 @@ def run_icraft(argv: Sequence[str], *, cwd: Path, log_dirs: Sequence[Path], time
                 result.cancelled = True
                 end_tree()
                 break
-            if time.monotonic() - last_tree > 0.5:
-                tree.refresh()
-                last_tree = time.monotonic()
-            show_queued(TURN_S)
+            # Never past the deadline on tdpu's own work: it is checked again right after.
+            show_queued(min(TURN_S, max(0.0, deadline - time.monotonic())))
             follower.poll(sink, LOG_READ_PER_TURN)
     except BaseException:  # Ctrl-C (KeyboardInterrupt) or anything else: leave nothing behind
         end_tree()
         raise
     finally:
+        watching.set()
         exited.wait(5.0)
         result.returncode = proc.poll()
         end = exit_at[0] if exit_at else time.monotonic()

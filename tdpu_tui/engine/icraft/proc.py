@@ -67,21 +67,31 @@ class Tree:
         return bool(self.members())
 
     def end(self, grace: float) -> None:
-        """Terminate every member, wait up to `grace` s, kill what is left."""
-        procs = self.members()
-        for p in procs:
-            try:
-                p.terminate()
-            except psutil.Error:
-                pass
-        _gone, left = psutil.wait_procs(procs, timeout=max(grace, 0.0))
-        left += [p for p in self.members() if p.pid not in {q.pid for q in left}]
-        for p in left:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(left, timeout=2.0)
+        """Terminate every member, wait up to `grace` s, kill what is left.
+
+        The members already known (the child, the descendants seen while it ran) are ended
+        first, before any scan: walking the process table can take a second on a busy machine
+        while the child floods its pipes, and the deadline is the child's, not the scan's.
+        Then whatever a fresh walk finds is ended the same way."""
+        known = [p for p in ([self.root] if self.root is not None else []) + list(self._seen.values())
+                 if _running(p)]
+        _end_all(known, grace)
+        _end_all([p for p in self.members() if p.pid not in {q.pid for q in known}], grace)
+
+
+def _end_all(procs: list[psutil.Process], grace: float) -> None:
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _gone, left = psutil.wait_procs(procs, timeout=max(grace, 0.0))
+    for p in left:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=2.0)
 
 
 def _running(p: psutil.Process) -> bool:

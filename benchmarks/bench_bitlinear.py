@@ -134,14 +134,9 @@ def machine(threads: int) -> dict:
 
     from kernels import select
 
-    model = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from tdpu_tui.engine.osutil.platform import cpu_model
+
+    model = cpu_model()
     info = select.machine()
     chosen = select.selection()
     return {"cpu_model": model, "llvm_cpu": info["cpu"],

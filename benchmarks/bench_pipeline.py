@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 
 import psutil
-from tdpu_tui.engine.osutil.platform import load_average
+from tdpu_tui.engine.osutil.platform import cpu_model, load_average
 
 REPO = Path(__file__).resolve().parent.parent
 GIB = 1024 ** 3
@@ -137,16 +136,8 @@ def machine() -> str:
         cpu = llvm.get_host_cpu_name()
     except Exception:
         cpu = "?"
-    model = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     mem = psutil.virtual_memory().total / GIB
-    return f"{model} (LLVM: {cpu}), {psutil.cpu_count()} logical cores, {mem:.0f} GiB"
+    return f"{cpu_model()} (LLVM: {cpu}), {psutil.cpu_count()} logical cores, {mem:.0f} GiB"
 
 
 def main() -> None:

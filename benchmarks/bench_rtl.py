@@ -15,8 +15,6 @@ against the 5 s target. Nothing is asserted on time.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,18 +26,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 TARGET_S = 5.0
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}; {os.cpu_count()} CPUs; {platform.system()} {platform.release()}; Python {platform.python_version()}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,9 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     from tdpu_tui.engine.core.config import Config
     from tdpu_tui.engine.rtl import build, tiles
     from tdpu_tui.engine.rtl.harness import run_harness
+    from tdpu_tui.engine.osutil.platform import machine_summary
     from tdpu_tui.engine.rtl.timing import match, measure
 
-    print(f"machine: {machine()}")
+    print(f"machine: {machine_summary()}")
     verilator = build.find_verilator()
     if verilator is None:
         print(f"Verilator not found: {build.INSTALL_HINT}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -117,11 +116,10 @@ def figures(name: str, lat: list[float]) -> str:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}, load average {load} at the end")
+    from tdpu_tui.engine.osutil.platform import load_average, machine_summary
+
+    load = load_average()
+    return f"{machine_summary()}; load average {'?' if load is None else f'{load:.1f}'} at the end"
 
 
 def main() -> int:

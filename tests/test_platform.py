@@ -189,3 +189,19 @@ def test_windows_stop_signals_are_term_and_break_where_they_exist(monkeypatch):
     assert platform.termination_signals() == [signal.SIGTERM, 21]
     monkeypatch.delattr(signal, "SIGBREAK")
     assert platform.termination_signals() == [signal.SIGTERM]
+
+
+def test_the_machine_is_named_with_its_cpu(monkeypatch):
+    model = platform.cpu_model()
+    assert model and "\n" not in model
+    line = platform.machine_summary()
+    assert line.startswith(model) and f"{os.cpu_count()} CPUs" in line
+    import builtins
+    real_open = builtins.open
+
+    def no_proc(path, *a, **k):
+        if str(path) == "/proc/cpuinfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *a, **k)
+    monkeypatch.setattr(builtins, "open", no_proc)       # as on Windows: Python's own answer
+    assert platform.cpu_model()

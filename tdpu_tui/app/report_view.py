@@ -67,7 +67,7 @@ class ReportView(VerticalScroll, can_focus=True):
         self.shown_path = shown_path
         self.figures = None
         self.error = ""
-        self._seen: tuple | None = None
+        self._seen: tuple | None | bool = False     # the report's (mtime, size); False: not read yet
 
     def compose(self) -> ComposeResult:
         yield Static("", id="report-charts")
@@ -86,7 +86,7 @@ class ReportView(VerticalScroll, can_focus=True):
             stamp: tuple | None = (st.st_mtime_ns, st.st_size)
         except OSError:
             stamp = None
-        if stamp == self._seen and self._seen is not None:
+        if stamp == self._seen:        # unchanged (also: still missing) — nothing to redraw
             return
         self._seen = stamp
         self.figures, self.error = None, ""

@@ -76,6 +76,20 @@ _KINDS: dict[str, tuple[type, ...]] = {
 }
 
 
+def export_identity(graph: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """What identifies an export: its meta's time and origin, and the sizes of the graph and its
+    data. Copying the project (new mtimes) keeps it; exporting again changes it. The hand-off
+    bundle records it whole; the replace report the time and the sizes (`source_stamp`)."""
+    ident = {k: meta[k] for k in ("exported_at", "checkpoint", "profile", "seq_len", "opset")
+             if k in meta}
+    if meta.get("export_id"):
+        ident["export_id"] = meta["export_id"]
+    for f in (graph, graph.with_name(f"{graph.name}.data")):
+        if f.exists():
+            ident[f"{f.name} bytes"] = f.stat().st_size
+    return ident
+
+
 def _dump(path: Path, doc: dict[str, Any]) -> None:
     path.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tdpu_tui.engine.core.config import Config
 from tdpu_tui.engine.core.errors import StageFailed
+from tdpu_tui.engine.core.manifests import export_identity
 from tdpu_tui.engine.icraft import driver as ic
 from tdpu_tui.engine.osutil.files import atomic_write_bytes, human_bytes
 
@@ -72,19 +73,6 @@ class Bundle:
 
     def scripts(self) -> tuple[Path, Path]:
         return self.folder / "run_icraft.ps1", self.folder / "run_icraft.sh"
-
-
-def export_identity(graph: Path, meta: dict) -> dict:
-    """What identifies an export: its meta's time and origin, and the sizes of its files.
-    Copying the project keeps it; exporting again changes it."""
-    ident = {k: meta.get(k) for k in ("exported_at", "checkpoint", "profile", "seq_len", "opset")
-             if k in meta}
-    if meta.get("export_id"):
-        ident["export_id"] = meta["export_id"]
-    for f in (graph, graph.with_name(f"{graph.name}.data")):
-        if f.exists():
-            ident[f"{f.name} bytes"] = f.stat().st_size
-    return ident
 
 
 def describe_identity(ident: dict) -> str:

@@ -132,6 +132,14 @@ class ErrorScan:
         if self.code is None or (self.code < 10000 <= code):
             self.code, self.line = code, line.strip()
 
+    def reason(self) -> str | None:
+        """What the failure lines say, or None when there were none."""
+        if self.code is not None:
+            return f"Icraft error {self.code}: {explain_code(self.code)}"
+        if self.failed:
+            return f"Icraft reported a fatal error: {self.line}"
+        return None
+
 
 # --- finding the CLI ------------------------------------------------------------------------
 
@@ -348,10 +356,8 @@ class RunResult:
             return f"timed out after {self.timeout_s:g} s (process tree ended)"
         if self.cancelled:
             return "cancelled (process tree ended)"
-        if self.error.code is not None:
-            return f"Icraft error {self.error.code}: {explain_code(self.error.code)}"
-        if self.error.failed:
-            return f"Icraft reported a fatal error: {self.error.line}"
+        if self.error.reason():
+            return self.error.reason()
         if self.returncode not in (0, None):
             return f"exit status {self.returncode}"
         return "ok"

@@ -186,10 +186,8 @@ class CommandOutcome:
     def reason(self) -> str:
         if not self.ran:
             return "not run on the Icraft host (no logs of it in the bundle)"
-        if self.error.code is not None:
-            return f"Icraft error {self.error.code}: {ic.explain_code(self.error.code)}"
-        if self.error.failed:
-            return f"Icraft reported a fatal error: {self.error.line}"
+        if self.error.reason():
+            return self.error.reason()
         if self.exit_status not in (0, None):
             return f"exit status {self.exit_status}"
         if self.missing:

@@ -80,6 +80,29 @@ def load_average() -> float | None:
     return float(loads[0])
 
 
+def cpu_model() -> str:
+    """The CPU's model name as people know it ("AMD EPYC", "Intel(R) Xeon(R) …"): Linux's
+    /proc/cpuinfo, else what Python's platform module says (Windows: the processor string)."""
+    import platform as _platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return _platform.processor() or _platform.machine() or "unknown CPU"
+
+
+def machine_summary() -> str:
+    """One line naming the machine a figure was measured on: CPU, count, system, Python."""
+    import platform as _platform
+
+    return (f"{cpu_model()}; {os.cpu_count()} CPUs; {_platform.system()} {_platform.release()}; "
+            f"Python {_platform.python_version()}")
+
+
 def process_alive(pid: int | None, *, started_before: float | None = None) -> bool:
     """Whether `pid` is a running process (a zombie is not), asked through psutil.
 

@@ -13,7 +13,7 @@ from onnx import helper
 
 from kernels.packing import pack
 from tdpu_tui.engine.core.errors import GraphError, TdpuError
-from tdpu_tui.engine.core.manifests import ExportMeta, ReplaceReport
+from tdpu_tui.engine.core.manifests import ExportMeta, ReplaceReport, export_identity
 from tdpu_tui.engine.core.config import LM_HEAD_MODES, ReplaceConfig
 from tdpu_tui.engine.graph.external import placeholder_tensor, save_streamed, tensor_bytes
 from tdpu_tui.engine.graph.index import GraphIndex
@@ -128,17 +128,14 @@ def _live(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> tuple[list[onn
 
 def source_stamp(path: Path) -> dict:
     """What identifies the exported graph a BitLinear graph was made from (validate compares):
-    the export's time from its meta file and the sizes of the graph and its data. Copying the
-    project (new mtimes) keeps it; exporting again changes it."""
-    stamp: dict = {}
-    meta = path.with_suffix(".meta.json")
-    if meta.exists():
+    the export's time from its meta file and the sizes of the graph and its data."""
+    meta: dict = {}
+    meta_file = path.with_suffix(".meta.json")
+    if meta_file.exists():
         with contextlib.suppress(TdpuError):   # a graph from elsewhere: its sizes identify it
-            stamp["exported_at"] = ExportMeta.load(meta).exported_at
-    for f in (path, path.with_name(f"{path.name}.data")):
-        if f.exists():
-            stamp[f"{f.name} bytes"] = f.stat().st_size
-    return stamp
+            meta = {"exported_at": ExportMeta.load(meta_file).exported_at}
+    return {k: v for k, v in export_identity(path, meta).items()
+            if k == "exported_at" or k.endswith(" bytes")}
 
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from tdpu_tui.engine.core import run_status
 from tdpu_tui.engine.core.config import Config
 from tdpu_tui.engine.core.errors import ConfigError, ExitCode, StageFailed, TdpuError
+from tdpu_tui.engine.core.manifests import export_identity
 from tdpu_tui.engine.core.events import (
     Event,
     StageFinished,
@@ -118,7 +119,7 @@ def _check_same_export(ctx: StageContext, manifest: dict, root: Path) -> None:
         raise imp.BundleError(f"this project has no export ({paths.full_onnx}): the bundle in "
                               f"{root} was made from {bd.describe_identity(manifest['export'])}")
     meta = read_export_meta(ctx)
-    here = bd.export_identity(paths.full_onnx, meta.as_json())
+    here = export_identity(paths.full_onnx, meta.as_json())
     theirs = manifest["export"]
     if here != theirs:
         raise imp.BundleError(

@@ -18,19 +18,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from tdpu_tui.engine.core.errors import StageFailed
+from tdpu_tui.engine.core.errors import StageFailed, TdpuError
+from tdpu_tui.engine.core.manifests import ExportMeta
 from tdpu_tui.engine.core.stage import Skip, Stage, StageContext
 from tdpu_tui.engine.graph.index import GraphIndex
 from tdpu_tui.engine.osutil.files import atomic_write_text
+from tdpu_tui.engine.osutil.platform import machine_summary
 from tdpu_tui.engine.records.perf_report import update_section
 from tdpu_tui.engine.records.rtl_log import (
     TDPU_SECTION,
@@ -101,10 +102,6 @@ class RtlRun:
     machine: str = ""
 
 
-def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
-
-
 class RtlCheck:
     def __init__(self, ctx: StageContext):
         self.ctx = ctx
@@ -164,20 +161,26 @@ class RtlCheck:
         self.write_cost_section(timing or cost.CoreTiming.assumed(self.cfg.rtl.lanes), shapes,
                                 self.seq_len(), self.host_ops())
 
-    def seq_len(self) -> int:
+    @functools.cached_property
+    def meta(self) -> ExportMeta | None:
+        """The export's facts, read once; None when they cannot be read (the cost model then
+        uses [export].seq_len and leaves out the host's share)."""
         try:
-            meta = json.loads(self.paths.export_meta.read_text(encoding="utf-8"))
-            return int(meta.get("seq_len", self.cfg.export.seq_len))
-        except (OSError, ValueError):
-            return self.cfg.export.seq_len
+            return ExportMeta.load(self.paths.export_meta)
+        except TdpuError:
+            return None
+
+    def seq_len(self) -> int:
+        return self.meta.seq_len if self.meta is not None else self.cfg.export.seq_len
 
     def host_ops(self) -> dict | None:
-        try:
-            meta = json.loads(self.paths.export_meta.read_text(encoding="utf-8"))
-            conf = json.loads((Path(meta["checkpoint"]) / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError, KeyError):
+        if self.meta is None:
             return None
-        return cost.host_ops_ms(conf, int(meta.get("seq_len", self.cfg.export.seq_len)))
+        try:
+            conf = json.loads((Path(self.meta.checkpoint) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return cost.host_ops_ms(conf, self.meta.seq_len)
 
     # the stage -----------------------------------------------------------------------------
 
@@ -206,7 +209,7 @@ class RtlCheck:
         core = rtl_build.Core.of(self.cfg)
         run = RtlRun({"sources": core.hashes, "top": core.top, "lanes": core.lanes,
                       "verilator": f"{verilator.version} ({verilator.origin}: {verilator.exe})"},
-                     machine=machine())
+                     machine=machine_summary())
         ctx.progress(0, 4, f"building {core.top} (LEN={core.lanes}) with Verilator")
         b = rtl_build.build(core, verilator, self.paths.rtl_build, timeout_s=rc.timeout_s,
                             cancelled=lambda: ctx.cancelled)

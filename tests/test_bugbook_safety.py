@@ -211,6 +211,20 @@ def test_reload_reports_what_changed_outside(tmp_path):
     assert book.reload() == [f"{path.name} was edited outside this session (no bug record changed)"]
 
 
+def test_a_book_created_empty_is_not_an_outside_edit(tmp_path):
+    # A run starts the template (ensure_book) a moment before it drafts; a poll that lands in
+    # between saw "edited outside this session" (CI, test_app's drafting test).
+    from tdpu_tui.engine.records.bugbook import ensure_book
+    path = tmp_path / "bugs_found.md"
+    book = BugBook(path)
+    book.load()
+    ensure_book(path)
+    assert book.changed_on_disk()
+    assert book.reload() == []
+    path.write_text(path.read_text(encoding="utf-8") + "\n随手记一笔。\n", encoding="utf-8")
+    assert book.reload() == [f"{path.name} was edited outside this session (no bug record changed)"]
+
+
 def test_records_are_copies_so_callers_cannot_corrupt_the_merge_base(tmp_path):
     path = tmp_path / "bugs_found.md"
     book = BugBook(path)

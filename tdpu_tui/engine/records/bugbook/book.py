@@ -182,13 +182,17 @@ class BugBook:
     def reload(self) -> list[str]:
         """Read the file again; messages say which records changed outside this session."""
         old = self._doc.records if self._doc is not None else []
+        existed = self._digest is not None
         doc, stamp, digest = self._read()
         changed = digest != self._digest
         self._adopt(doc, stamp, digest)
         if not changed:
             return []
         msgs = _diff_messages(old, doc.records if doc else [], self.path.name, self.own_signatures)
-        if not msgs and not self._only_own_drafts(old, doc):
+        # A file that appears holding no record is the template a run starts (`ensure_book`,
+        # this session's or another's): nothing anyone needs to hear about.
+        created_empty = not existed and not (doc.records if doc else [])
+        if not msgs and not created_empty and not self._only_own_drafts(old, doc):
             msgs = [f"{self.path.name} was edited outside this session (no bug record changed)"]
         self.messages.extend(msgs)
         return msgs

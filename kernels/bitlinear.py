@@ -135,7 +135,8 @@ def _quantize_row(x, m, q, s, sumq):
 
 
 @_jit()
-def _quantize_claimed(x, q, s, sumq, chunk, ctrl):
+def _quantize_claimed(x, q, s, sumq, chunk, ctrl, signal):
+    atomic_add(signal, 0, 1)   # helpers spinning in kernels.pool start now
     # Rows in chunks claimed by the caller and kernels.pool's helpers (no fork-join).
     rows = x.shape[0]
     while True:
@@ -307,7 +308,8 @@ def _rescale_row(acc, s, weight_scale, out, m):
 
 
 @_jit()
-def _rescale_claimed(acc, s, weight_scale, out, chunk, ctrl):
+def _rescale_claimed(acc, s, weight_scale, out, chunk, ctrl, signal):
+    atomic_add(signal, 0, 1)   # helpers spinning in kernels.pool start now
     rows = acc.shape[0]
     while True:
         c = atomic_add(ctrl, 0, 1)

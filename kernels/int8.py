@@ -28,10 +28,22 @@ packed rows so that the chunk's weights stay in L1 while all M rows stream past 
 from __future__ import annotations
 
 import numpy as np
-from kernels import pool
 
+from kernels import pool
 from kernels.bitlinear import _jit, _one_packed_row, _quantize_row, _rescale_row
-from kernels.simd import atomic_add, isa_width, vand, vdot, vflush, vhsum, vload, vsplat, vsrl16, vzero
+from kernels.simd import (
+    atomic_add,
+    isa_vnni,
+    isa_width,
+    vand,
+    vdot,
+    vflush,
+    vhsum,
+    vload,
+    vsplat,
+    vsrl16,
+    vzero,
+)
 
 GROUP = 16
 ROWS_PER_TASK = 8
@@ -58,12 +70,25 @@ def _tail4(p, r, q, m, start):
 
 
 @_jit()
+def _finish(vnni, a0, a1, a2, a3, e0, e1, e2, e3):
+    """Code sums (c0, c1, c2, c3) from the vector sums a_i and the scalar tail sums e_i: the
+    vectors hold c_i scaled by 1, 4 and then 1, 4 (shifted) or 16, 64 (VNNI, masked in place),
+    the tails 1, 4, 1, 4. Every shift is exact (each term is a multiple of its scale)."""
+    high = 4 if vnni else 0
+    return (vhsum(a0) + e0, (vhsum(a1) + e1) >> 2,
+            (vhsum(a2) >> high) + e2, (vhsum(a3) >> (high + 2)) + (e3 >> 2))
+
+
+@_jit()
 def _two_rows_one_m(isa, p, r, q, m, width):
     """Code sums (c0, c1, c2, c3) of packed rows r and r + 1 against activation row m."""
     k_dim = p.shape[1]
     blocks = k_dim // width
+    vnni = isa_vnni(isa)
     m3 = vsplat(isa, 3)
     m12 = vsplat(isa, 12)
+    m48 = vsplat(isa, 48)
+    m192 = vsplat(isa, 192)
     a0 = vzero(isa)
     a1 = vzero(isa)
     a2 = vzero(isa)
@@ -91,16 +116,26 @@ def _two_rows_one_m(isa, p, r, q, m, width):
             x = vload(isa, q, qm + off)
             u = vload(isa, p, pr + off)
             v = vload(isa, p, ps + off)
-            uh = vsrl16(u, 4)
-            vh = vsrl16(v, 4)
+            if vnni:        # int32 sums: the upper codes masked in place (16 c2, 64 c3)
+                u2 = vand(u, m48)
+                u3 = vand(u, m192)
+                v2 = vand(v, m48)
+                v3 = vand(v, m192)
+            else:
+                uh = vsrl16(u, 4)
+                vh = vsrl16(v, 4)
+                u2 = vand(uh, m3)
+                u3 = vand(uh, m12)
+                v2 = vand(vh, m3)
+                v3 = vand(vh, m12)
             s0 = vdot(isa, s0, vand(u, m3), x)
             s1 = vdot(isa, s1, vand(u, m12), x)
-            s2 = vdot(isa, s2, vand(uh, m3), x)
-            s3 = vdot(isa, s3, vand(uh, m12), x)
+            s2 = vdot(isa, s2, u2, x)
+            s3 = vdot(isa, s3, u3, x)
             t0 = vdot(isa, t0, vand(v, m3), x)
             t1 = vdot(isa, t1, vand(v, m12), x)
-            t2 = vdot(isa, t2, vand(vh, m3), x)
-            t3 = vdot(isa, t3, vand(vh, m12), x)
+            t2 = vdot(isa, t2, v2, x)
+            t3 = vdot(isa, t3, v3, x)
         a0 = vflush(isa, a0, s0)
         a1 = vflush(isa, a1, s1)
         a2 = vflush(isa, a2, s2)
@@ -113,8 +148,7 @@ def _two_rows_one_m(isa, p, r, q, m, width):
     start = blocks * width
     e0, e1, e2, e3 = _tail4(p, r, q, m, start)
     f0, f1, f2, f3 = _tail4(p, r + 1, q, m, start)
-    return ((vhsum(a0) + e0, (vhsum(a1) + e1) >> 2, vhsum(a2) + e2, (vhsum(a3) + e3) >> 2),
-            (vhsum(b0) + f0, (vhsum(b1) + f1) >> 2, vhsum(b2) + f2, (vhsum(b3) + f3) >> 2))
+    return _finish(vnni, a0, a1, a2, a3, e0, e1, e2, e3), _finish(vnni, b0, b1, b2, b3, f0, f1, f2, f3)
 
 
 @_jit()
@@ -122,8 +156,11 @@ def _one_row_two_m(isa, p, r, q, m, width):
     """Code sums (c0, c1, c2, c3) of packed row r against activation rows m and m + 1."""
     k_dim = p.shape[1]
     blocks = k_dim // width
+    vnni = isa_vnni(isa)
     m3 = vsplat(isa, 3)
     m12 = vsplat(isa, 12)
+    m48 = vsplat(isa, 48)
+    m192 = vsplat(isa, 192)
     a0 = vzero(isa)
     a1 = vzero(isa)
     a2 = vzero(isa)
@@ -149,11 +186,15 @@ def _one_row_two_m(isa, p, r, q, m, width):
         for j in range(kb, end):
             off = j * width
             u = vload(isa, p, pr + off)
-            uh = vsrl16(u, 4)
             c0 = vand(u, m3)
             c1 = vand(u, m12)
-            c2 = vand(uh, m3)
-            c3 = vand(uh, m12)
+            if vnni:        # int32 sums: the upper codes masked in place (16 c2, 64 c3)
+                c2 = vand(u, m48)
+                c3 = vand(u, m192)
+            else:
+                uh = vsrl16(u, 4)
+                c2 = vand(uh, m3)
+                c3 = vand(uh, m12)
             x = vload(isa, q, qm + off)
             s0 = vdot(isa, s0, c0, x)
             s1 = vdot(isa, s1, c1, x)
@@ -176,8 +217,7 @@ def _one_row_two_m(isa, p, r, q, m, width):
     start = blocks * width
     e0, e1, e2, e3 = _tail4(p, r, q, m, start)
     f0, f1, f2, f3 = _tail4(p, r, q, m + 1, start)
-    return ((vhsum(a0) + e0, (vhsum(a1) + e1) >> 2, vhsum(a2) + e2, (vhsum(a3) + e3) >> 2),
-            (vhsum(b0) + f0, (vhsum(b1) + f1) >> 2, vhsum(b2) + f2, (vhsum(b3) + f3) >> 2))
+    return _finish(vnni, a0, a1, a2, a3, e0, e1, e2, e3), _finish(vnni, b0, b1, b2, b3, f0, f1, f2, f3)
 
 
 @_jit()
@@ -189,10 +229,11 @@ def _store4(out, m, n, code_stride, sums, s):
 
 
 @_jit()
-def rows_m1_claimed(isa, q, sumq, p, out, row_stride, code_stride, chunk, ctrl):
+def rows_m1_claimed(isa, q, sumq, p, out, row_stride, code_stride, chunk, ctrl, signal):
     """Two packed rows x one activation row per inner loop (any M; used for M = 1), in chunks of
     `chunk` row pairs claimed from ctrl[0] by whichever thread gets there first; ctrl[1]
     counts the finished ones (`kernels.pool`). Leaves an odd last packed row to the caller."""
+    atomic_add(signal, 0, 1)   # helpers spinning in kernels.pool start now
     width = isa_width(isa)
     pairs = p.shape[0] // 2
     chunks = (pairs + chunk - 1) // chunk
@@ -223,9 +264,10 @@ def rows_m1_shared(isa, q, sumq, p, out, row_stride, code_stride):
 
 
 @_jit()
-def rows_m2_claimed(isa, q, sumq, p, out, row_stride, code_stride, ctrl):
+def rows_m2_claimed(isa, q, sumq, p, out, row_stride, code_stride, ctrl, signal):
     """One packed row x two activation rows per inner loop, M even; tasks of ROWS_PER_TASK packed
     rows claimed from ctrl[0], counted done in ctrl[1] (`kernels.pool`)."""
+    atomic_add(signal, 0, 1)   # helpers spinning in kernels.pool start now
     width = isa_width(isa)
     rows = p.shape[0]
     tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
@@ -262,7 +304,7 @@ def bitlinear_one_row(isa, x, p, weight_scale, out, row_stride, code_stride):
     acc = np.empty((1, out.shape[1]), np.int32)
     rows = p.shape[0]
     rows_m1_claimed(isa, q, sumq, p, acc, row_stride, code_stride, max(rows // 2, 1),
-                    np.zeros(2, np.int64))
+                    np.zeros(2, np.int64), np.zeros(1, np.int64))
     if rows % 2:
         _one_packed_row(q, sumq, p, rows - 1, acc, row_stride, code_stride)
     _rescale_row(acc, s, weight_scale, out, 0)

@@ -9,15 +9,24 @@ helpers join when they wake, and the caller waits only for chunks a helper has s
 late helper finds nothing left and goes back to sleep. Worst case about the one-thread time,
 best case the many-thread time.
 
-    run_claimed(kernel, args, chunks)     kernel(*args, ctrl) on the caller and helpers
+    run_claimed(kernel, args, chunks)     kernel(*args, ctrl, signal) on the caller and helpers
 
 Helpers are `numba.get_num_threads() - 1` daemon threads, started on first use. Only one
 product uses them at a time; a second thread calling meanwhile runs its product alone. After
 a fork the child starts its own helpers.
+
+Waking a sleeping thread is slow where it matters most: on a virtual machine an idle vCPU
+halts, and the helper started 57 us into a 0.2 ms decode product (2560 -> 6912, measured on
+the 2-vCPU "rocketlake" host), when the caller had done a third of the work. So after each
+job a helper keeps watching for the next one for SPIN_S (outside the GIL: `pause` and
+`sched_yield`, so any other runnable thread on its core goes first), and only then sleeps.
+Back-to-back products (a decode step runs 210 of them) find it awake. TDPU_POOL_SPIN_US
+sets the window (0: sleep at once).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -25,7 +34,56 @@ import time
 import numba
 import numpy as np
 
+from kernels.simd import atomic_load, cpu_relax, cycle_counter, os_yield
+
 STALL_S = 5.0   # a helper that has not finished its chunk by then is given up on
+
+
+def _spin_window() -> float:
+    try:
+        return max(0.0, float(os.environ.get("TDPU_POOL_SPIN_US", "200"))) * 1e-6
+    except ValueError:
+        return 200e-6
+
+
+SPIN_S = _spin_window()
+
+
+@functools.cache
+def _spin_and_counter():
+    """The spin wait and the cycle counter, compiled (or loaded from numba's cache) on first use
+    by `kernels.bitlinear._jit`, which chose the cache directory."""
+    from kernels.bitlinear import _jit
+
+    @_jit()
+    def spin(signal, seen, cycles):
+        """Wait outside the GIL until signal[0] != seen (True) or `cycles` have passed (False)."""
+        start = cycle_counter()
+        while atomic_load(signal, 0) == seen:
+            if cycle_counter() - start > cycles:
+                return False
+            cpu_relax()
+            os_yield()
+        return True
+
+    @_jit()
+    def counter():
+        return cycle_counter()
+
+    return spin, counter
+
+
+def _cycles(seconds: float, counter) -> int:
+    """`seconds` in the cycle counter's units (the TSC on x86), measured over 5 ms."""
+    counter()
+    c0, t0 = counter(), time.perf_counter()
+    time.sleep(0.005)
+    c1, t1 = counter(), time.perf_counter()
+    return int(seconds * max((c1 - c0) / max(t1 - t0, 1e-9), 1e6))
+
+
+# Bumped by every claimed kernel as it starts (outside the GIL): the helpers watch it.
+_signal = np.zeros(1, np.int64)
 
 
 class _Helper(threading.Thread):
@@ -33,15 +91,30 @@ class _Helper(threading.Thread):
         super().__init__(name="tdpu-kernel-helper", daemon=True)
         self.wake = threading.Event()
         self.job = None
+        self.own_signal = np.zeros(1, np.int64)   # what the helper's own kernel calls bump
 
     def run(self) -> None:
+        cycles = 0
+        if SPIN_S > 0:
+            try:
+                spin, counter = _spin_and_counter()
+                spin(self.own_signal, 1, 0)
+                cycles = _cycles(SPIN_S, counter)
+            except Exception:  # no cycle counter or no compiler for it: sleep between jobs
+                cycles = 0
         while True:
-            self.wake.wait()
-            self.wake.clear()
+            seen = int(_signal[0])
             job, self.job = self.job, None
             if job is not None:
                 kernel, args = job
                 kernel(*args)
+                continue
+            # The caller sets `job` under the GIL, then its kernel bumps `_signal` once it has
+            # let go of the GIL: the helper takes the GIL uncontended and starts at once.
+            if cycles and spin(_signal, seen, cycles):
+                continue
+            self.wake.wait()
+            self.wake.clear()
 
 
 _lock = threading.Lock()
@@ -68,20 +141,21 @@ def _started(count: int) -> list[_Helper]:
 
 
 def run_claimed(kernel, args: tuple, chunks: int) -> None:
-    """Run `kernel(*args, ctrl)` until all `chunks` chunks are done (ctrl: int64 [claimed, done])."""
+    """Run `kernel(*args, ctrl, signal)` until all `chunks` chunks are done (ctrl: int64
+    [claimed, done]; signal: int64 [1], which the kernel bumps as it starts)."""
     ctrl = np.zeros(2, np.int64)
     if chunks < 2:
-        kernel(*args, ctrl)
+        kernel(*args, ctrl, np.zeros(1, np.int64))
         return
     threads = numba.get_num_threads()
     if threads < 2 or not _lock.acquire(blocking=False):
-        kernel(*args, ctrl)
+        kernel(*args, ctrl, np.zeros(1, np.int64))
         return
     try:
         for helper in _started(threads - 1):
-            helper.job = (kernel, args + (ctrl,))
+            helper.job = (kernel, args + (ctrl, helper.own_signal))
             helper.wake.set()
-        kernel(*args, ctrl)
+        kernel(*args, ctrl, _signal)
         deadline = None
         while ctrl[1] < chunks:         # only chunks a helper claimed and is still working on
             time.sleep(0)
@@ -89,7 +163,7 @@ def run_claimed(kernel, args: tuple, chunks: int) -> None:
                 deadline = time.monotonic() + STALL_S
             elif time.monotonic() > deadline:
                 # A helper stuck inside its chunk: redo the whole product alone (idempotent).
-                kernel(*args, np.zeros(2, np.int64))
+                kernel(*args, np.zeros(2, np.int64), np.zeros(1, np.int64))
                 return
     finally:
         _lock.release()

@@ -13,8 +13,8 @@ Paths (every one bit-identical to the reference, `kernels.bitlinear`):
     numba-avx512vnni   vpdpbusd, 512 bit
 
 Two regimes are chosen apart: decode (M = 1) and prefill (M >= 2). Under "auto" (the
-default) the first product measures every available path on a 2560 x 2560 weight (M = 1 and
-M = 32, interleaved, medians) and stores the winners in `tdpu-kernel-paths.json` in the numba
+default) the first product measures every available path (`bitlinear` whole: decode M = 1 on
+2560 -> 6912, prefill M = 32 on 2560 -> 2560; interleaved, medians) and stores the winners in `tdpu-kernel-paths.json` in the numba
 cache directory, keyed by the CPU name and features numba compiles for, the library
 versions and the kernels' source; later processes on the same machine read it.
 `$TDPU_KERNEL_PATH` (a path name, or "auto") or `set_path` override the measurement; asking
@@ -95,7 +95,7 @@ def set_path(name: str | None) -> None:
 def _source_digest() -> str:
     here = Path(__file__).resolve().parent
     h = hashlib.blake2b(digest_size=8)
-    for mod in ("bitlinear.py", "int8.py", "simd.py", "select.py"):
+    for mod in ("bitlinear.py", "int8.py", "simd.py", "select.py", "pool.py"):
         h.update((here / mod).read_bytes())
     return h.hexdigest()
 
@@ -144,8 +144,15 @@ def _write_cache(key: str, entry: dict) -> None:
         pass        # an unwritable cache only costs a re-measurement in the next process
 
 
-def measure(paths: list[str] | None = None, k: int = 2560, n: int = 2560,
-            rounds: int = 5) -> dict:
+# What the measurement runs: decode on the shape that holds most of a 2B4T layer's weight bytes
+# (the MLP's 2560 -> 6912: 4.4 MB packed, more than a core's L2 on every machine seen, so it
+# streams as a real decode step does), quantization and rescale included; prefill on
+# 2560 x 2560 at M = 32 (compute-bound there).
+DECODE_SHAPE = (2560, 6912)
+PREFILL_SHAPE = (2560, 2560)
+
+
+def measure(paths: list[str] | None = None, rounds: int = 5) -> dict:
     """Median seconds per product of each path, per regime: {"decode": {path: s}, "prefill": ...}."""
     import numpy as np
 
@@ -153,18 +160,19 @@ def measure(paths: list[str] | None = None, k: int = 2560, n: int = 2560,
 
     paths = paths or available_paths()
     rng = np.random.default_rng(0)
-    p = packing.pack(rng.integers(-1, 2, size=(n, k)).astype(np.int8), "tdpu")
     out = {}
-    for reg, m, reps in (("decode", 1, 20), ("prefill", 32, 3)):
-        q = rng.integers(-128, 128, size=(m, k)).astype(np.int8)
+    for reg, m, reps, (k, n) in (("decode", 1, 20, DECODE_SHAPE), ("prefill", 32, 3, PREFILL_SHAPE)):
+        p = packing.pack(rng.integers(-1, 2, size=(n, k)).astype(np.int8), "tdpu")
+        x = rng.standard_normal((m, k)).astype(np.float32)
         samples = {name: [] for name in paths}
         for name in paths:                      # compile (or load from cache) and warm up
-            bitlinear.ternary_matmul_int(q, p, "tdpu", path=name)
+            for _ in range(3):
+                bitlinear.bitlinear(x, p, 1.0, "tdpu", path=name)
         for _ in range(rounds):
             for name in paths:
                 for _ in range(reps):
                     t = time.perf_counter()
-                    bitlinear.ternary_matmul_int(q, p, "tdpu", path=name)
+                    bitlinear.bitlinear(x, p, 1.0, "tdpu", path=name)
                     samples[name].append(time.perf_counter() - t)
         out[reg] = {name: float(np.median(v)) for name, v in samples.items()}
     return out

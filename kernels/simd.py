@@ -21,10 +21,18 @@ under NUMBA_CPU_NAME / NUMBA_CPU_FEATURES is safe).
 
 from __future__ import annotations
 
+import platform
+
 from llvmlite import ir
 from numba.core import cgutils, types
-from numba.extending import (NativeValue, intrinsic, models, register_model, typeof_impl,
-                             unbox)
+from numba.extending import (
+    NativeValue,
+    intrinsic,
+    models,
+    register_model,
+    typeof_impl,
+    unbox,
+)
 
 
 class Isa:
@@ -230,6 +238,17 @@ def isa_width(typingctx, isa):
 
 
 @intrinsic
+def isa_vnni(typingctx, isa):
+    """True for a tag whose dot products sum in int32 (`vpdpbusd`), a compile-time constant:
+    a kernel branching on it keeps only the branch of its tag."""
+    vnni = isa.isa.vnni
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(ir.IntType(1), int(vnni))
+    return types.boolean(isa), codegen
+
+
+@intrinsic
 def atomic_add(typingctx, arr, index, value):
     """arr[index] += value atomically (sequentially consistent); returns the old value (int64 array)."""
     if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
@@ -241,3 +260,59 @@ def atomic_add(typingctx, arr, index, value):
         v = context.cast(builder, args[2], sig.args[2], types.int64)
         return builder.atomic_rmw("add", builder.gep(ary.data, [i]), v, "seq_cst")
     return types.int64(arr, index, value), codegen
+
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+@intrinsic
+def atomic_load(typingctx, arr, index):
+    """arr[index] read atomically (acquire), so a loop re-reads it (int64 array)."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, value=args[0])
+        i = context.cast(builder, args[1], sig.args[1], types.intp)
+        return builder.load_atomic(builder.gep(ary.data, [i]), "acquire", 8)
+    return types.int64(arr, index), codegen
+
+
+@intrinsic
+def cpu_relax(typingctx):
+    """The spin-wait hint (`pause` on x86; nothing elsewhere)."""
+    def codegen(context, builder, sig, args):
+        if _X86:
+            _call(builder, "llvm.x86.sse2.pause", ir.VoidType(), [])
+        return context.get_dummy_value()
+    return types.none(), codegen
+
+
+_LINUX_X86_64 = _X86 and platform.system() == "Linux" and platform.machine().lower() in ("x86_64", "amd64")
+if _LINUX_X86_64:
+    # numba's JIT parses no inline assembly until the native asm parser is registered.
+    from llvmlite import binding as _llvm
+
+    _llvm.initialize_native_asmparser()
+
+
+@intrinsic
+def os_yield(typingctx):
+    """Let another runnable thread have this core (`sched_yield`, as a raw system call on
+    Linux x86-64, so a numba function using it stays cacheable; nothing elsewhere)."""
+    def codegen(context, builder, sig, args):
+        if _LINUX_X86_64:
+            fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(64)])
+            asm = ir.InlineAsm(fnty, "syscall", "={rax},{rax},~{rcx},~{r11},~{memory}",
+                               side_effect=True)
+            builder.call(asm, [ir.Constant(ir.IntType(64), 24)])      # SYS_sched_yield
+        return context.get_dummy_value()
+    return types.none(), codegen
+
+
+@intrinsic
+def cycle_counter(typingctx):
+    """The CPU's cycle counter (`rdtsc` on x86), for a spin deadline (`kernels.pool`)."""
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.readcyclecounter", ir.IntType(64), [])
+    return types.int64(), codegen

@@ -177,7 +177,7 @@ ASM = textwrap.dedent("""
     sig = (simd.IsaType(sys.argv[1]), A(types.int8, 2), A(types.int32, 1), A(types.uint8, 2),
            A(types.int32, 2), types.int64, types.int64)
     for fn, extra in ((int8.rows_m1_claimed, (types.int64,)), (int8.rows_m2_claimed, ())):
-        fn.compile(sig + extra + (A(types.int64, 1),))
+        fn.compile(sig + extra + (A(types.int64, 1), A(types.int64, 1)))
         asm = "\\n".join(fn.inspect_asm().values())
         print(fn.__name__, *(len(re.findall(op, asm)) for op in ("vpmaddubsw", "vpdpbusd", "zmm")))
 """)

@@ -11,7 +11,8 @@ from kernels.simd import atomic_add
 
 
 @_jit()
-def _mark(hits, ctrl):
+def _mark(hits, ctrl, signal):
+    atomic_add(signal, 0, 1)
     while True:
         c = atomic_add(ctrl, 0, 1)
         if c >= hits.shape[0]:

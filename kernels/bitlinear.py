@@ -419,11 +419,16 @@ def _int8():
 
 
 def _cores(path: str):
-    """(isa tag or None, kernel for one activation row at a time, kernel for pairs of rows)."""
+    """(leading kernel arguments (the isa tag), kernel for one activation row at a time, kernel
+    for pairs of rows); the same kernel twice takes any number of rows in one call."""
     cores = _core_cache.get(path)
     if cores is None:
         if path == select.REFERENCE:
             cores = (), _ternary_rows1, _ternary_rows2
+        elif path == select.AMX:
+            from kernels import amx
+
+            cores = (), amx.rows_shared, amx.rows_shared     # any M in one call
         else:
             from kernels import int8, simd
 
@@ -445,6 +450,9 @@ def _matmul_into(q: np.ndarray, sumq: np.ndarray, p: np.ndarray, layout: str,
         select.check_path(path)
         _known_paths.add(path)
     lead, rows1, rows2 = _cores(path)
+    if rows1 is rows2:
+        _launch(rows1, *lead, q, sumq, p, out, row_stride, code_stride)
+        return out
     even = m_rows - m_rows % 2
     if even:
         _launch(rows2, *lead, q[:even], sumq[:even], p, out[:even], row_stride, code_stride)
@@ -522,7 +530,7 @@ def bitlinear(x: np.ndarray, p: np.ndarray, weight_scale, layout: str, path: str
     x2 = x.reshape(-1, k_dim)
     if x2.shape[0] == 1 and p.shape[0]:
         path = path or select.chosen_path(1, k_dim, 4 * p.shape[0])
-        if path != select.REFERENCE and p.nbytes < _SMALL_BYTES:
+        if path in select.VECTOR_PATHS and p.nbytes < _SMALL_BYTES:
             if path not in _known_paths:
                 select.check_path(path)
                 _known_paths.add(path)

@@ -11,13 +11,14 @@ Per vector of packed bytes b (W consecutive k of one packed row, four output row
     u0 = b & 0x03          = c0          u2 = (b >> 4) & 0x03 = c2
     u1 = b & 0x0C          = c1 << 2     u3 = (b >> 4) & 0x0C = c3 << 2
 
-(one 16-bit shift for the pair u2, u3; its bleed from the next byte is masked off). Every
+(AVX2: one 16-bit shift for the pair u2, u3; its bleed from the next byte is masked off). Every
 u <= 8, so one `vpmaddubsw` pair sum is within 2 * 8 * 128 = 2048 in magnitude and GROUP = 16
 of them stay inside int16 (-128 * 8 * 2 * 16 = -32768, 127 * 8 * 2 * 16 = 32512): no
 saturation, no wrap. After each group the int16 sums are widened into int32 (`vpmaddwd`
-with ones); VNNI sums in int32 directly. At the end code i's sum is shifted right by 0 or 2
-(exact: every term is a multiple of 4) and sum_k q_k subtracted (w = c - 1). The K % W
-tail runs in scalar code on the same decomposition.
+with ones). VNNI sums in int32 directly, so there the upper codes are masked in place, no
+shift: u2 = b & 0x30 = c2 << 4, u3 = b & 0xC0 = c3 << 6 (<= 128). At the end code i's sum is
+shifted right by its scale (exact: every term is a multiple of it, `_finish`) and sum_k q_k
+subtracted (w = c - 1). The K % W tail runs in scalar code on the first decomposition.
 
 Blocking: M = 1 (and an odd M's last row) takes two packed rows per step, so each
 activation vector feeds eight dot products; M >= 2 takes one packed row x two activation

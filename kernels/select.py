@@ -11,6 +11,7 @@ Paths (every one bit-identical to the reference, `kernels.bitlinear`):
     numba-avx2         vpmaddubsw 8-bit pairs (`kernels.int8`)
     numba-avxvnni      vpdpbusd, 256 bit (AVX-VNNI, or AVX-512 VNNI with VL)
     numba-avx512vnni   vpdpbusd, 512 bit
+    numba-amx          tdpbusd on AMX-INT8 tiles (`kernels.amx`), where the OS grants them
 
 Two regimes are chosen apart: decode (M = 1) and prefill (M >= 2). Under "auto" (the
 default) the first product measures every available path (`bitlinear` whole: decode M = 1 on
@@ -31,7 +32,9 @@ import time
 from pathlib import Path
 
 REFERENCE = "numba-int16"
-PATHS = (REFERENCE, "numba-avx2", "numba-avxvnni", "numba-avx512vnni")
+VECTOR_PATHS = ("numba-avx2", "numba-avxvnni", "numba-avx512vnni")
+AMX = "numba-amx"
+PATHS = (REFERENCE, *VECTOR_PATHS, AMX)
 ENV = "TDPU_KERNEL_PATH"
 CACHE_NAME = "tdpu-kernel-paths.json"
 REGIMES = ("decode", "prefill")
@@ -62,7 +65,14 @@ def machine() -> dict:
 def available_paths() -> list[str]:
     from kernels import simd
 
-    return [REFERENCE] + [f"numba-{isa.name}" for isa in simd.available(set(machine()["features"]))]
+    features = set(machine()["features"])
+    paths = [REFERENCE] + [f"numba-{isa.name}" for isa in simd.available(features)]
+    if {"amx-int8", "amx-tile"} <= features:
+        from kernels import amx
+
+        if amx.enable():        # the OS grants the tile state (Linux 5.16+), else SIGILL
+            paths.append(AMX)
+    return paths
 
 
 def _check(name: str, where: str) -> str:
@@ -95,7 +105,7 @@ def set_path(name: str | None) -> None:
 def _source_digest() -> str:
     here = Path(__file__).resolve().parent
     h = hashlib.blake2b(digest_size=8)
-    for mod in ("bitlinear.py", "int8.py", "simd.py", "select.py", "pool.py"):
+    for mod in ("bitlinear.py", "int8.py", "simd.py", "select.py", "pool.py", "amx.py"):
         h.update((here / mod).read_bytes())
     return h.hexdigest()
 

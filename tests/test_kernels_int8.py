@@ -208,6 +208,44 @@ def test_each_path_compiles_to_its_8_bit_dot_product(tmp_path, isa, cpu, feature
             assert int(dpbusd) == 0
 
 
+AMX_ASM = textwrap.dedent("""
+    import re
+    from numba import types
+    from kernels import amx
+    A = lambda dt, nd: types.Array(dt, nd, "C")
+    amx.rows_claimed.compile((A(types.uint8, 1), A(types.int8, 3), A(types.int32, 1), A(types.uint8, 2),
+                              A(types.int32, 2), types.int64, types.int64, A(types.int64, 1),
+                              A(types.int64, 1)))
+    asm = "\\n".join(amx.rows_claimed.inspect_asm().values())
+    print(*(len(re.findall(op, asm)) for op in ("tdpbusd", "tileloadd", "ldtilecfg", "tilerelease")))
+""")
+
+
+def test_the_amx_path_compiles_to_tile_dot_products(tmp_path):
+    """Compiled for a Sapphire Rapids CPU and inspected, never run (this machine may lack AMX)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    env.update({"PYTHONPATH": str(REPO), "NUMBA_CACHE_DIR": str(tmp_path / "numba"),
+                "NUMBA_CPU_NAME": "sapphirerapids",
+                "NUMBA_CPU_FEATURES": "+avx2,+fma,+bmi2,+avx512f,+avx512bw,+avx512vl,+avx512dq,"
+                                      "+avx512vnni,+amx-tile,+amx-int8,+amx-bf16"})
+    proc = subprocess.run([sys.executable, "-c", AMX_ASM], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dots, loads, configs, releases = map(int, proc.stdout.split())
+    assert dots >= 4 and loads >= 5 and configs >= 1 and releases >= 1, proc.stdout
+
+
+def test_the_amx_path_is_exact_at_the_extremes_and_odd_sizes():
+    """All -128 against all +1 / all -1 codes, M, K and packed rows off the tile grid."""
+    if select.AMX not in PATHS:
+        pytest.skip("this CPU or OS offers no AMX tiles (the codegen test above still ran)")
+    for m, k, n in ((1, 1, 4), (15, 63, 60), (16, 64, 64), (17, 65, 68), (33, 2560, 6912 // 8)):
+        for value in (-128, 127):
+            q = np.full((m, k), value, np.int8)
+            for wv in (-1, 1):
+                check_exact(q, np.full((n, k), wv, np.int8), "tdpu", select.AMX)
+
+
 def test_two_threads_sharing_the_helpers_get_exact_results():
     """Products big enough for the helper threads (kernels.pool), from two callers at once."""
     from concurrent.futures import ThreadPoolExecutor

@@ -245,6 +245,9 @@ def rows_claimed(cfg, qv, sumq, p, out, row_stride, code_stride, ctrl, signal):
 
 def rows_shared(q, sumq, p, out, row_stride, code_stride):
     """The whole product (any M) on the caller and `kernels.pool`'s helpers."""
+    if not enable():
+        raise RuntimeError("the OS did not grant this process the AMX tile state "
+                           "(arch_prctl ARCH_REQ_XCOMP_PERM); use another kernel path")
     k_pad = -(-p.shape[1] // STEP) * STEP
     qv = _activation_tiles(q, k_pad)
     groups = -(-p.shape[0] // ROWS)

@@ -130,6 +130,34 @@ def test_prepacked_weights_leave_the_graph_and_are_released_with_the_session(rng
     assert kort.cache_info()["entries"] == start
 
 
+def test_a_constant_scale_binds_the_node_to_x_and_a_key_and_a_fed_scale_stays_an_input(rng):
+    """BitLinearBound(X, key): no attributes, no scale input (the bridge's per-call work); a scale
+    computed at run time keeps the three-input BitLinearPrepacked. Both exact."""
+    from kernels.ort.prepack import _rewrite
+    from kernels.ort.registry import _bound, _release
+
+    w = ternary(rng, 36, 70)
+    x = (rng.standard_normal((2, 3, 70)) * 4).astype(np.float32)
+    model = bitlinear_model(w)
+    keys = _rewrite(model, None)
+    try:
+        (node,) = model.graph.node
+        assert (node.op_type, len(node.input), len(node.attribute)) == ("BitLinearBound", 2, 0)
+        assert _bound[keys[0]].name == NODE and _bound[keys[0]].scale == np.float32(0.75)
+        assert "model.layers.0.mlp.up_proj.weight_scale" not in {t.name for t in model.graph.initializer}
+    finally:
+        _release(keys)
+    assert not set(keys) & set(_bound)
+    fed = bitlinear_model(w)
+    scale = fed.graph.initializer.pop()            # the scale becomes a graph input
+    fed.graph.input.append(helper.make_tensor_value_info(scale.name, TensorProto.FLOAT, [1]))
+    session = kort.create_session(fed)
+    (y,) = session.run(None, {"X": x, scale.name: np.array([0.75], np.float32)})
+    np.testing.assert_array_equal(y, bitlinear(x, packing.pack(w, "tdpu"), np.float32(0.75), "tdpu"))
+    (y2,) = session.run(None, {"X": x, scale.name: np.array([0.5], np.float32)})
+    np.testing.assert_array_equal(y2, bitlinear(x, packing.pack(w, "tdpu"), np.float32(0.5), "tdpu"))
+
+
 def test_float_weight_is_rejected_naming_the_node(rng):
     w = ternary(rng, 8, 16)
     model = bitlinear_model(w, packed=packing.pack(w, "tdpu").astype(np.float32))
@@ -192,7 +220,7 @@ def test_registration_is_idempotent(rng):
     kort.session_options()
     types = [od.op_type for od in _ocos.Opdef._odlist.values() if od.op_type.startswith("ai.tdpu::")]
     # LinearBF16 itself is not registered (it runs only as LinearBF16Prepacked)
-    assert sorted(types) == ["ai.tdpu::BitLinear", "ai.tdpu::BitLinearPrepacked",
+    assert sorted(types) == ["ai.tdpu::BitLinear", "ai.tdpu::BitLinearBound", "ai.tdpu::BitLinearPrepacked",
                              "ai.tdpu::LinearBF16Prepacked"]
     w = ternary(rng, 8, 16)
     x = rng.standard_normal((1, 16)).astype(np.float32)

@@ -11,14 +11,17 @@ fresh NumPy array on every call, so a plain session would copy each packed weigh
     model file (self-contained)              in-memory graph given to ONNX Runtime
     --------------------------------         --------------------------------------------------
     X ----------------\                      X -----------------\
-    W (uint8 init.) ---> BitLinear    ==>    key (int64 [1]) ----> BitLinearPrepacked ---> Y
-    weight_scale -----/                      weight_scale ------/    (+ attribute node_name)
+    W (uint8 init.) ---> BitLinear    ==>    key (int64 [1]) ----> BitLinearBound ---> Y
+    weight_scale -----/                      (W, scale, shape, layout, name under the key)
 
 `create_session` loads the model, checks every BitLinear node (dtypes, shapes, attributes,
 reserved codes; errors name the node), moves each W initializer into a process-wide
 registry of packed weights (keyed by a small integer; identical weights share one entry,
-found by a content digest), and rewrites the node into `ai.tdpu::BitLinearPrepacked`,
-whose second input is the key. The file on disk is not touched and still carries W.
+found by a content digest), and rewrites the node into `ai.tdpu::BitLinearBound(X, key)`,
+the key naming the node's weight entry, its constant weight_scale, shape, layout and name
+(no attributes, no third input: each costs the bridge work on every call). A node whose
+weight_scale is computed at run time becomes `ai.tdpu::BitLinearPrepacked(X, key,
+weight_scale)` with its attributes and a `node_name`. The file on disk is not touched and still carries W.
 Registry entries are reference-counted by the sessions that use them and dropped when
 the last such session is garbage-collected.
 
@@ -51,6 +54,7 @@ calling this module again does not register them twice.
 from kernels.ort.ops import (
                              BF16_OP_TYPE,
                              BF16_PREPACKED_OP_TYPE,
+                             BOUND_OP_TYPE,
                              DOMAIN,
                              KEY_SUFFIX,
                              OP_TYPE,
@@ -64,6 +68,7 @@ from kernels.ort.session import BitLinearSession, create_session, session_option
 __all__ = [
                              "BF16_OP_TYPE",
                              "BF16_PREPACKED_OP_TYPE",
+                             "BOUND_OP_TYPE",
                              "DOMAIN",
                              "KEY_SUFFIX",
                              "OP_TYPE",

@@ -14,11 +14,12 @@ import numpy as np
 from kernels import packing
 from kernels.bf16 import linear_bf16
 from kernels.bitlinear import bitlinear
-from kernels.ort.registry import _entries
+from kernels.ort.registry import _bound, _entries
 
 DOMAIN = "ai.tdpu"
 OP_TYPE = "BitLinear"
 PREPACKED_OP_TYPE = "BitLinearPrepacked"
+BOUND_OP_TYPE = "BitLinearBound"
 BF16_OP_TYPE = "LinearBF16"
 BF16_PREPACKED_OP_TYPE = "LinearBF16Prepacked"
 KEY_SUFFIX = "/tdpu_weight_key"
@@ -94,6 +95,21 @@ def _prepacked_op(x, key, weight_scale, in_features, out_features, layout, node_
         return _failed(where, exc, x, out_features)
 
 
+def _bound_op(x, key):
+    node = _bound.get(int(key.reshape(-1)[0])) if key.size == 1 else None
+    try:
+        if node is None:
+            raise BitLinearError(f"no bound BitLinear node under key {key.tolist()}; graphs holding "
+                                 f"{BOUND_OP_TYPE} must run in a session made by "
+                                 "kernels.ort.create_session in this process")
+        if x.ndim == 0 or x.shape[-1] != node.in_features:
+            _check_x(f"BitLinear node {node.name!r}", x, node.in_features)
+        return bitlinear(x, node.packed, node.scale, node.layout)
+    except Exception as exc:
+        where = f"BitLinear node {node.name!r}" if node is not None else "BitLinear node"
+        return _failed(where, exc, x, node.out_features if node is not None else 0)
+
+
 def _prepacked_bf16_op(x, key, in_features, out_features, node_name):
     where = f"LinearBF16 node {node_name!r}"
     try:
@@ -129,6 +145,9 @@ def _register() -> None:
             onnx_op(op_type=f"{DOMAIN}::{PREPACKED_OP_TYPE}",
                     inputs=[dt.dt_float, dt.dt_int64, dt.dt_float], outputs=[dt.dt_float],
                     attrs={**attrs, "node_name": dt.dt_string})(_prepacked_op)
+        if f"{DOMAIN}::{BOUND_OP_TYPE}" not in known:
+            onnx_op(op_type=f"{DOMAIN}::{BOUND_OP_TYPE}",
+                    inputs=[dt.dt_float, dt.dt_int64], outputs=[dt.dt_float])(_bound_op)
         bf16_attrs = {"in_features": dt.dt_int64, "out_features": dt.dt_int64}
         # LinearBF16 itself is not registered: the bridge aborts the process on a bfloat16
         # input. It runs only as LinearBF16Prepacked, its W moved out by create_session.

@@ -1,5 +1,7 @@
 """The graph rewrite of `create_session`: check every BitLinear / LinearBF16 node and move its
-W into the registry, the node becoming `*Prepacked(X, key, ...)`.
+W into the registry, the node becoming `BitLinearBound(X, key)` (a constant weight_scale: the
+node's whole description under its key), `BitLinearPrepacked(X, key, weight_scale)` (a scale fed
+at run time) or `LinearBF16Prepacked(X, key)`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from kernels import packing
 from kernels.bitlinear import check_packed
 from kernels.ort.ops import (
     BF16_OP_TYPE,
+    BOUND_OP_TYPE,
     BF16_PREPACKED_OP_TYPE,
     DOMAIN,
     KEY_SUFFIX,
@@ -19,7 +22,7 @@ from kernels.ort.ops import (
     PREPACKED_OP_TYPE,
     BitLinearError,
 )
-from kernels.ort.registry import _acquire, _entries, _release
+from kernels.ort.registry import _acquire, _bind, _entries, _release
 
 _DTYPE_NAMES = {v: k for k, v in TensorProto.DataType.items()}
 
@@ -83,6 +86,25 @@ def _use_key(graph: onnx.GraphProto, node: onnx.NodeProto, index: int, w_name: s
     node.op_type = op_type
     node.input[1] = key_name
     node.attribute.append(onnx.helper.make_attribute("node_name", node.name or f"#{index}"))
+
+
+def _constant_scale(init: onnx.TensorProto | None, base_dir: str | None) -> float | None:
+    """The value of a one-element float weight_scale initializer, else None (fed per call)."""
+    if init is None or init.data_type != TensorProto.FLOAT:
+        return None
+    value = numpy_helper.to_array(init, base_dir or "")
+    return float(value.reshape(-1)[0]) if value.size == 1 else None
+
+
+def _bind_node(graph: onnx.GraphProto, node: onnx.NodeProto, index: int, w_name: str, key: int) -> None:
+    """`node` becomes `BitLinearBound(X, key)`: everything else lives under `key` in the registry."""
+    key_name = f"{w_name}{KEY_SUFFIX}/{index}"
+    graph.initializer.append(numpy_helper.from_array(np.array([key], np.int64), key_name))
+    x_name = node.input[0]
+    del node.input[:]
+    node.input.extend([x_name, key_name])
+    del node.attribute[:]
+    node.op_type = BOUND_OP_TYPE
 
 
 def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
@@ -163,8 +185,17 @@ def _rewrite(model: onnx.ModelProto, base_dir: str | None,
             except packing.PackingError as exc:
                 raise BitLinearError(str(exc)) from exc
             key = _acquire(w)
-            keys.append(key)
-            _use_key(graph, node, index, w_name, key, PREPACKED_OP_TYPE)
+            scale = _constant_scale(inits.get(s_name), base_dir)
+            if scale is None:
+                keys.append(key)
+                _use_key(graph, node, index, w_name, key, PREPACKED_OP_TYPE)
+            else:
+                key = _bind(key, scale, k, n, layout, node.name or f"#{index}")
+                keys.append(key)
+                _bind_node(graph, node, index, w_name, key)
+                uses[s_name] -= 1
+                if uses[s_name] == 0:
+                    drop.add(s_name)
             uses[w_name] -= 1
             if uses[w_name] == 0:
                 drop.add(w_name)

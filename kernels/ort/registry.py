@@ -3,6 +3,12 @@
 `create_session` moves each W here; a prepacked node carries only the key, so the weight
 never crosses the Python bridge's per-call input copy. Entries are reference-counted by the
 sessions that hold them.
+
+A BitLinear node whose weight_scale is a constant is bound whole: its own key names the weight
+entry, the scale, the shape, the layout and the node's name (`_bind`), so the node crosses
+the bridge with X and that key alone — no attributes (the bridge builds a dict of strings for
+them on every call) and no third input (measured on the 2-vCPU rocketlake VM at 2560 -> 6912,
+M = 1: 0.28 ms a call against 0.34 ms with three inputs and four attributes).
 """
 
 from __future__ import annotations
@@ -21,8 +27,21 @@ class _Entry:
     refs: int = 0
 
 
+@dataclass
+class _Bound:
+    """One BitLinear node bound to its weight entry (`weight_key`, whose array is `packed`)."""
+    weight_key: int
+    packed: np.ndarray
+    scale: np.float32
+    in_features: int
+    out_features: int
+    layout: str
+    name: str
+
+
 _lock = threading.RLock()
 _entries: dict[int, _Entry] = {}
+_bound: dict[int, _Bound] = {}
 _by_digest: dict[str, int] = {}
 _next_key = 1
 
@@ -44,9 +63,24 @@ def _acquire(packed: np.ndarray) -> int:
         return key
 
 
+def _bind(weight_key: int, scale: float, in_features: int, out_features: int, layout: str,
+          name: str) -> int:
+    """A key for one node on the weight entry `weight_key` (whose reference it takes over)."""
+    global _next_key
+    with _lock:
+        key = _next_key
+        _next_key += 1
+        _bound[key] = _Bound(weight_key, _entries[weight_key].packed, np.float32(scale),
+                             int(in_features), int(out_features), layout, name)
+        return key
+
+
 def _release(keys: list[int]) -> None:
     with _lock:
         for key in keys:
+            node = _bound.pop(key, None)
+            if node is not None:
+                key = node.weight_key
             entry = _entries.get(key)
             if entry is None:
                 continue

@@ -512,6 +512,38 @@ def ternary_matmul_int(q: np.ndarray, p: np.ndarray, layout: str, path: str | No
     return _matmul_into(q, sumq, p, layout, path)
 
 
+PATIENCE_S = 0.05    # a helper waits this long for the caller's quantized row, then takes nothing
+
+
+def _one_row_shared(x2: np.ndarray, p: np.ndarray, ws: np.float32, layout: str, path: str) -> np.ndarray:
+    """bitlinear of one row on a vector path in one kernel call, the core shared with the pool's
+    helpers (`kernels.int8.bitlinear_one_row_shared`)."""
+    int8 = _int8()
+    if path not in _known_paths:
+        select.check_path(path)
+        _known_paths.add(path)
+    (isa,), _, _ = _cores(path)
+    rows = p.shape[0]
+    row_stride, code_stride = _strides(layout, rows)
+    chunk = max(1, -(-(rows // 2) // int8.CHUNKS))
+    k_dim = p.shape[1]
+    q = np.empty((1, k_dim), np.int8)
+    s = np.empty((1, 1), np.float32)
+    sumq = np.empty(1, np.int32)
+    acc = np.empty((1, 4 * rows), np.int32)
+    y = np.empty((1, 4 * rows), np.float32)
+    stall = pool.cycles(pool.STALL_S)
+    args = (isa, q, sumq, p, acc, row_stride, code_stride, chunk)
+    with pool.posted(int8.rows_m1_gated, args + (pool.cycles(PATIENCE_S),)) as ctrl:
+        if ctrl is None:
+            ctrl, signal = np.zeros(3, np.int64), np.zeros(1, np.int64)
+        else:
+            signal = pool.SIGNAL
+        int8.bitlinear_one_row_shared(isa, x2, p, ws, y, row_stride, code_stride, chunk,
+                                      q, s, sumq, acc, ctrl, signal, stall)
+    return y
+
+
 def bitlinear(x: np.ndarray, p: np.ndarray, weight_scale, layout: str, path: str | None = None
               ) -> np.ndarray:
     """float32 [..., K] -> float32 [..., N]: y = (q @ W.T) / s * weight_scale (docs/spec.md §4).
@@ -538,6 +570,9 @@ def bitlinear(x: np.ndarray, p: np.ndarray, weight_scale, layout: str, path: str
             y = np.empty((1, 4 * p.shape[0]), np.float32)
             _int8().bitlinear_one_row(*lead, x2, p, np.float32(ws.reshape(())), y,
                                       *_strides(layout, p.shape[0]))
+            return y.reshape(x.shape[:-1] + (y.shape[1],))
+        if path in select.VECTOR_PATHS:
+            y = _one_row_shared(x2, p, np.float32(ws.reshape(())), layout, path)
             return y.reshape(x.shape[:-1] + (y.shape[1],))
     q, s, sumq = _quantize_2d(x2)
     acc = _matmul_into(q, sumq, p, layout, path)

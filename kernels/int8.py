@@ -34,6 +34,9 @@ from kernels import pool
 from kernels.bitlinear import _jit, _one_packed_row, _quantize_row, _rescale_row
 from kernels.simd import (
     atomic_add,
+    atomic_load,
+    cpu_relax,
+    cycle_counter,
     isa_vnni,
     isa_width,
     vand,
@@ -230,11 +233,9 @@ def _store4(out, m, n, code_stride, sums, s):
 
 
 @_jit()
-def rows_m1_claimed(isa, q, sumq, p, out, row_stride, code_stride, chunk, ctrl, signal):
-    """Two packed rows x one activation row per inner loop (any M; used for M = 1), in chunks of
-    `chunk` row pairs claimed from ctrl[0] by whichever thread gets there first; ctrl[1]
-    counts the finished ones (`kernels.pool`). Leaves an odd last packed row to the caller."""
-    atomic_add(signal, 0, 1)   # helpers spinning in kernels.pool start now
+def _claim_m1(isa, q, sumq, p, out, row_stride, code_stride, chunk, ctrl):
+    """Claim chunks of `chunk` packed-row pairs from ctrl[0] until none is left, count each done
+    in ctrl[1]; two packed rows x one activation row per inner loop."""
     width = isa_width(isa)
     pairs = p.shape[0] // 2
     chunks = (pairs + chunk - 1) // chunk
@@ -249,6 +250,52 @@ def rows_m1_claimed(isa, q, sumq, p, out, row_stride, code_stride, chunk, ctrl, 
                 _store4(out, m, r * row_stride, code_stride, first, sumq[m])
                 _store4(out, m, (r + 1) * row_stride, code_stride, second, sumq[m])
         atomic_add(ctrl, 1, 1)
+
+
+@_jit()
+def rows_m1_claimed(isa, q, sumq, p, out, row_stride, code_stride, chunk, ctrl, signal):
+    """Two packed rows x one activation row per inner loop (any M; used for M = 1), in chunks of
+    `chunk` row pairs claimed from ctrl[0] by whichever thread gets there first; ctrl[1]
+    counts the finished ones (`kernels.pool`). Leaves an odd last packed row to the caller."""
+    atomic_add(signal, 0, 1)   # helpers spinning in kernels.pool start now
+    _claim_m1(isa, q, sumq, p, out, row_stride, code_stride, chunk, ctrl)
+
+
+@_jit()
+def rows_m1_gated(isa, q, sumq, p, out, row_stride, code_stride, chunk, patience, ctrl, signal):
+    """A helper's part of `bitlinear_one_row_shared`: wait until the caller has quantized the row
+    (ctrl[2] set; up to `patience` cycles, then take nothing), then claim chunks."""
+    start = cycle_counter()
+    while atomic_load(ctrl, 2) == 0:
+        if cycle_counter() - start > patience:
+            return
+        cpu_relax()
+    _claim_m1(isa, q, sumq, p, out, row_stride, code_stride, chunk, ctrl)
+
+
+@_jit()
+def bitlinear_one_row_shared(isa, x, p, weight_scale, out, row_stride, code_stride, chunk,
+                             q, s, sumq, acc, ctrl, signal, stall):
+    """quantize -> core -> rescale of one activation row in one call, the core shared with the
+    helpers that `rows_m1_gated` runs on (posted by the caller): no Python between the steps.
+    A helper still inside a chunk after `stall` cycles is given up on: the caller then redoes
+    the whole core alone (idempotent)."""
+    _quantize_row(x, 0, q, s, sumq)
+    atomic_add(ctrl, 2, 1)     # the row is ready for the helpers
+    atomic_add(signal, 0, 1)   # helpers spinning in kernels.pool start now
+    _claim_m1(isa, q, sumq, p, acc, row_stride, code_stride, chunk, ctrl)
+    pairs = p.shape[0] // 2
+    chunks = (pairs + chunk - 1) // chunk
+    start = cycle_counter()
+    while atomic_load(ctrl, 1) < chunks:
+        if cycle_counter() - start > stall:
+            _claim_m1(isa, q, sumq, p, acc, row_stride, code_stride, chunk, np.zeros(3, np.int64))
+            break
+        cpu_relax()
+    rows = p.shape[0]
+    if rows % 2:
+        _one_packed_row(q, sumq, p, rows - 1, acc, row_stride, code_stride)
+    _rescale_row(acc, s, weight_scale, out, 0)
 
 
 def rows_m1_shared(isa, q, sumq, p, out, row_stride, code_stride):

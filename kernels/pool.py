@@ -26,6 +26,7 @@ sets the window (0: sleep at once).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -84,6 +85,7 @@ def _cycles(seconds: float, counter) -> int:
 
 # Bumped by every claimed kernel as it starts (outside the GIL): the helpers watch it.
 _signal = np.zeros(1, np.int64)
+SIGNAL = _signal
 
 
 class _Helper(threading.Thread):
@@ -138,6 +140,32 @@ def _started(count: int) -> list[_Helper]:
         helper.start()
         _helpers.append(helper)
     return _helpers[:count]
+
+
+@functools.cache
+def cycles(seconds: float) -> int:
+    """`seconds` in cycle-counter units (for deadlines inside kernels: `kernels.simd.cycle_counter`)."""
+    return _cycles(seconds, _spin_and_counter()[1])
+
+
+@contextlib.contextmanager
+def posted(kernel, args: tuple):
+    """Hand `kernel(*args, ctrl, signal)` to the helpers while the block runs (ctrl: int64
+    [claimed, done, ready], yielded); None when they are busy with another product or there
+    are none, and the caller then does all the work. The block's own kernel must bump
+    `pool.SIGNAL` once it has let go of the GIL and wait for every chunk before it returns."""
+    threads = numba.get_num_threads()
+    if threads < 2 or not _lock.acquire(blocking=False):
+        yield None
+        return
+    try:
+        ctrl = np.zeros(3, np.int64)
+        for helper in _started(threads - 1):
+            helper.job = (kernel, args + (ctrl, helper.own_signal))
+            helper.wake.set()
+        yield ctrl
+    finally:
+        _lock.release()
 
 
 def run_claimed(kernel, args: tuple, chunks: int) -> None:

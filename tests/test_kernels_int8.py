@@ -102,6 +102,27 @@ def test_bitlinear_is_bit_identical_on_every_path(path, layout):
                                       bitlinear(x, p, 0.031, layout, path=select.REFERENCE))
 
 
+@pytest.mark.parametrize("path", [p for p in FAST if p in select.VECTOR_PATHS])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_one_row_on_a_large_weight_is_one_shared_kernel_call_and_bit_identical(path, layout):
+    """M = 1 on weights over 1 MB: quantize, the core shared with the pool's helpers and the
+    rescale run in one kernel call (`bitlinear_one_row_shared`); odd packed rows, two callers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    w = ternary(rng, 1644, 2560)                    # 411 packed rows: 1.05 MB, odd
+    p = packing.pack(w, layout)
+    xs = [(rng.standard_normal(2560) * (1 + i)).astype(np.float32) for i in range(6)]
+    want = [bitlinear(x, p, 0.031, layout, path=select.REFERENCE) for x in xs]
+    for x, ref in zip(xs, want):
+        np.testing.assert_array_equal(bitlinear(x, p, 0.031, layout, path=path), ref)
+        np.testing.assert_array_equal(bitlinear(x[None, None], p, 0.031, layout, path=path)[0, 0], ref)
+    with ThreadPoolExecutor(max_workers=3) as ex:
+        got = list(ex.map(lambda x: bitlinear(x[None], p, 0.031, layout, path=path)[0], xs * 4))
+    for y, ref in zip(got, want * 4):
+        np.testing.assert_array_equal(y, ref)
+
+
 def test_a_path_this_cpu_lacks_or_an_unknown_one_is_refused():
     missing = [p for p in select.PATHS if p not in PATHS]
     q = np.zeros((1, 8), np.int8)

@@ -74,13 +74,20 @@ def _spin_and_counter():
     return spin, counter
 
 
-def _cycles(seconds: float, counter) -> int:
-    """`seconds` in the cycle counter's units (the TSC on x86), measured over 5 ms."""
+@functools.cache
+def _cycles_per_second() -> float:
+    """The cycle counter's rate (the TSC on x86), measured once over 5 ms of wall time."""
+    counter = _spin_and_counter()[1]
     counter()
     c0, t0 = counter(), time.perf_counter()
     time.sleep(0.005)
     c1, t1 = counter(), time.perf_counter()
-    return int(seconds * max((c1 - c0) / max(t1 - t0, 1e-9), 1e6))
+    return max((c1 - c0) / max(t1 - t0, 1e-9), 1e6)
+
+
+def cycles(seconds: float) -> int:
+    """`seconds` in cycle-counter units (deadlines inside kernels: `kernels.simd.cycle_counter`)."""
+    return int(seconds * _cycles_per_second())
 
 
 # Bumped by every claimed kernel as it starts (outside the GIL): the helpers watch it.
@@ -96,14 +103,14 @@ class _Helper(threading.Thread):
         self.own_signal = np.zeros(1, np.int64)   # what the helper's own kernel calls bump
 
     def run(self) -> None:
-        cycles = 0
+        window = 0          # cycles a helper keeps watching after a job
         if SPIN_S > 0:
             try:
-                spin, counter = _spin_and_counter()
+                spin = _spin_and_counter()[0]
                 spin(self.own_signal, 1, 0)
-                cycles = _cycles(SPIN_S, counter)
+                window = int(SPIN_S * _cycles_per_second())
             except Exception:  # no cycle counter or no compiler for it: sleep between jobs
-                cycles = 0
+                window = 0
         while True:
             seen = int(_signal[0])
             job, self.job = self.job, None
@@ -113,7 +120,7 @@ class _Helper(threading.Thread):
                 continue
             # The caller sets `job` under the GIL, then its kernel bumps `_signal` once it has
             # let go of the GIL: the helper takes the GIL uncontended and starts at once.
-            if cycles and spin(_signal, seen, cycles):
+            if window and spin(_signal, seen, window):
                 continue
             self.wake.wait()
             self.wake.clear()
@@ -140,12 +147,6 @@ def _started(count: int) -> list[_Helper]:
         helper.start()
         _helpers.append(helper)
     return _helpers[:count]
-
-
-@functools.cache
-def cycles(seconds: float) -> int:
-    """`seconds` in cycle-counter units (for deadlines inside kernels: `kernels.simd.cycle_counter`)."""
-    return _cycles(seconds, _spin_and_counter()[1])
 
 
 @contextlib.contextmanager

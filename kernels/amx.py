@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import platform
 import sys
 
 import numpy as np
@@ -41,7 +42,7 @@ from numba.extending import intrinsic
 
 from kernels import pool
 from kernels.bitlinear import _jit
-from kernels.simd import atomic_add
+from kernels.simd import announce, atomic_add
 
 ROWS = 16        # tile rows: packed rows per group, activation rows per block
 STEP = 64        # bytes of K per tile row
@@ -55,11 +56,14 @@ _SYS_ARCH_PRCTL = 158     # x86-64
 @functools.cache
 def enable() -> bool:
     """Ask the OS for this process's AMX tile state (once); True when granted."""
-    if not sys.platform.startswith("linux"):
+    # The system call number is arch_prctl's on x86-64 Linux only.
+    if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
+        libc.syscall.restype = ctypes.c_long
+        return libc.syscall(ctypes.c_long(_SYS_ARCH_PRCTL), ctypes.c_long(_ARCH_REQ_XCOMP_PERM),
+                            ctypes.c_long(_XFEATURE_XTILEDATA)) == 0
     except (OSError, AttributeError):
         return False
 
@@ -195,7 +199,7 @@ def _unpack_group(p, r0, u):
 @_jit()
 def rows_claimed(cfg, qv, sumq, p, out, row_stride, code_stride, ctrl, signal):
     """Groups of 16 packed rows x every activation block, claimed from ctrl[0] (`kernels.pool`)."""
-    atomic_add(signal, 0, 1)   # helpers spinning in kernels.pool start now
+    announce(signal)
     m_rows = out.shape[0]
     blocks = qv.shape[0]
     k_pad = qv.shape[1] * 4

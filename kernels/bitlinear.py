@@ -31,13 +31,14 @@ bit-identical to ONNX Runtime running that graph.
 Packed weights are validated (reserved code 3) once per array object; a later in-place
 change of the same array is not re-checked, so treat packed weights as read-only.
 
-The numba cache goes to $NUMBA_CACHE_DIR when set, else ~/.cache/tdpu/numba, else a
-per-user directory under the system temp dir; when nothing is writable the kernels compile
-without a cache.
+The numba cache goes to $NUMBA_CACHE_DIR when set, else ~/.cache/tdpu/numba/<digest of the
+kernel sources>, else a per-user directory under the system temp dir; when nothing is
+writable the kernels compile without a cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import threading
@@ -62,10 +63,23 @@ def _writable_dir(path: Path) -> bool:
         return False
 
 
+def _sources_digest() -> str:
+    """A digest of every kernel source file. numba checks only the file that defines a cached
+    function, and the kernels call across files (int8 -> bitlinear, amx/pool -> simd): an edit
+    in one would leave another's cached machine code stale. So each version of the sources
+    gets its own cache directory."""
+    h = hashlib.blake2b(digest_size=6)
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def _choose_cache_dir() -> str | None:
     user = os.getuid() if hasattr(os, "getuid") else "user"
-    candidates = [Path.home() / ".cache" / "tdpu" / "numba",
-                  Path(tempfile.gettempdir()) / f"tdpu-numba-{user}"]
+    digest = _sources_digest()
+    candidates = [Path.home() / ".cache" / "tdpu" / "numba" / digest,
+                  Path(tempfile.gettempdir()) / f"tdpu-numba-{user}" / digest]
     for path in candidates:
         if _writable_dir(path):
             return str(path)
@@ -90,7 +104,7 @@ import numba  # noqa: E402  (the cache directory must be chosen before numba rea
 from numba import njit, prange  # noqa: E402
 
 from kernels import pool  # noqa: E402
-from kernels.simd import atomic_add  # noqa: E402
+from kernels.simd import announce, atomic_add  # noqa: E402
 
 if not numba.config.CACHE_DIR and os.environ.get("NUMBA_CACHE_DIR"):
     # numba was imported before us: its config did not see the variable.
@@ -136,7 +150,7 @@ def _quantize_row(x, m, q, s, sumq):
 
 @_jit()
 def _quantize_claimed(x, q, s, sumq, chunk, ctrl, signal):
-    atomic_add(signal, 0, 1)   # helpers spinning in kernels.pool start now
+    announce(signal)
     # Rows in chunks claimed by the caller and kernels.pool's helpers (no fork-join).
     rows = x.shape[0]
     while True:
@@ -309,7 +323,7 @@ def _rescale_row(acc, s, weight_scale, out, m):
 
 @_jit()
 def _rescale_claimed(acc, s, weight_scale, out, chunk, ctrl, signal):
-    atomic_add(signal, 0, 1)   # helpers spinning in kernels.pool start now
+    announce(signal)
     rows = acc.shape[0]
     while True:
         c = atomic_add(ctrl, 0, 1)

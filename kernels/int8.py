@@ -33,12 +33,14 @@ import numpy as np
 from kernels import pool
 from kernels.bitlinear import _jit, _one_packed_row, _quantize_row, _rescale_row
 from kernels.simd import (
+    announce,
     atomic_add,
     atomic_load,
     cpu_relax,
     cycle_counter,
     isa_vnni,
     isa_width,
+    os_yield,
     vand,
     vdot,
     vflush,
@@ -257,19 +259,21 @@ def rows_m1_claimed(isa, q, sumq, p, out, row_stride, code_stride, chunk, ctrl, 
     """Two packed rows x one activation row per inner loop (any M; used for M = 1), in chunks of
     `chunk` row pairs claimed from ctrl[0] by whichever thread gets there first; ctrl[1]
     counts the finished ones (`kernels.pool`). Leaves an odd last packed row to the caller."""
-    atomic_add(signal, 0, 1)   # helpers spinning in kernels.pool start now
+    announce(signal)
     _claim_m1(isa, q, sumq, p, out, row_stride, code_stride, chunk, ctrl)
 
 
 @_jit()
 def rows_m1_gated(isa, q, sumq, p, out, row_stride, code_stride, chunk, patience, ctrl, signal):
     """A helper's part of `bitlinear_one_row_shared`: wait until the caller has quantized the row
-    (ctrl[2] set; up to `patience` cycles, then take nothing), then claim chunks."""
+    (ctrl[2] set; up to `patience` cycles, then take nothing), then claim chunks. (`signal`:
+    the helper's private counter, unused: the caller announces the job.)"""
     start = cycle_counter()
     while atomic_load(ctrl, 2) == 0:
         if cycle_counter() - start > patience:
             return
         cpu_relax()
+        os_yield()
     _claim_m1(isa, q, sumq, p, out, row_stride, code_stride, chunk, ctrl)
 
 
@@ -282,7 +286,7 @@ def bitlinear_one_row_shared(isa, x, p, weight_scale, out, row_stride, code_stri
     the whole core alone (idempotent)."""
     _quantize_row(x, 0, q, s, sumq)
     atomic_add(ctrl, 2, 1)     # the row is ready for the helpers
-    atomic_add(signal, 0, 1)   # helpers spinning in kernels.pool start now
+    announce(signal)
     _claim_m1(isa, q, sumq, p, acc, row_stride, code_stride, chunk, ctrl)
     pairs = p.shape[0] // 2
     chunks = (pairs + chunk - 1) // chunk
@@ -292,6 +296,7 @@ def bitlinear_one_row_shared(isa, x, p, weight_scale, out, row_stride, code_stri
             _claim_m1(isa, q, sumq, p, acc, row_stride, code_stride, chunk, np.zeros(3, np.int64))
             break
         cpu_relax()
+        os_yield()          # a preempted helper's core may be this one
     rows = p.shape[0]
     if rows % 2:
         _one_packed_row(q, sumq, p, rows - 1, acc, row_stride, code_stride)
@@ -315,7 +320,7 @@ def rows_m1_shared(isa, q, sumq, p, out, row_stride, code_stride):
 def rows_m2_claimed(isa, q, sumq, p, out, row_stride, code_stride, ctrl, signal):
     """One packed row x two activation rows per inner loop, M even; tasks of ROWS_PER_TASK packed
     rows claimed from ctrl[0], counted done in ctrl[1] (`kernels.pool`)."""
-    atomic_add(signal, 0, 1)   # helpers spinning in kernels.pool start now
+    announce(signal)
     width = isa_width(isa)
     rows = p.shape[0]
     tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK

@@ -6,14 +6,19 @@ made a 0.2 ms decode product take 1-16 ms (2560 -> 6912, M = 1, one busy process
 Here the work is cut into chunks that threads claim from a shared counter (an atomic add in
 the numba kernel, `kernels.int8.rows_m1_claimed`): the caller starts claiming at once, the
 helpers join when they wake, and the caller waits only for chunks a helper has started. A
-late helper finds nothing left and goes back to sleep. Worst case about the one-thread time,
-best case the many-thread time.
+late helper finds nothing left. Worst case about the one-thread time, best case the
+many-thread time.
 
     run_claimed(kernel, args, chunks)     kernel(*args, ctrl, signal) on the caller and helpers
+    with posted(kernel, args) as ctrl:    helpers run kernel(*args, ctrl, own_signal) while the
+        caller_kernel(..., ctrl, SIGNAL)  caller's own kernel runs (and waits for their chunks)
 
-Helpers are `numba.get_num_threads() - 1` daemon threads, started on first use. Only one
-product uses them at a time; a second thread calling meanwhile runs its product alone. After
-a fork the child starts its own helpers.
+Every such kernel starts with `simd.announce(signal)`: the caller's copy gets `SIGNAL`, which
+the helpers watch; a helper's copy gets its private counter.
+
+Helpers are `numba.get_num_threads() - 1` daemon threads (at most MAX_HELPERS), started on
+first use. Only one product uses them at a time; a second thread calling meanwhile runs its
+product alone. After a fork the child starts its own helpers.
 
 Waking a sleeping thread is slow where it matters most: on a virtual machine an idle vCPU
 halts, and the helper started 57 us into a 0.2 ms decode product (2560 -> 6912, measured on
@@ -21,7 +26,8 @@ the 2-vCPU "rocketlake" host), when the caller had done a third of the work. So 
 job a helper keeps watching for the next one for SPIN_S (outside the GIL: `pause` and
 `sched_yield`, so any other runnable thread on its core goes first), and only then sleeps.
 Back-to-back products (a decode step runs 210 of them) find it awake. TDPU_POOL_SPIN_US
-sets the window (0: sleep at once).
+sets the window (0: sleep at once). Only on x86, where the cycle counter is the TSC: elsewhere
+LLVM may read a counter register user code may not (SIGILL) or none at all.
 """
 
 from __future__ import annotations
@@ -35,12 +41,15 @@ import time
 import numba
 import numpy as np
 
-from kernels.simd import atomic_load, cpu_relax, cycle_counter, os_yield
+from kernels.simd import X86, atomic_load, cpu_relax, cycle_counter, os_yield
 
 STALL_S = 5.0   # a helper that has not finished its chunk by then is given up on
+MAX_HELPERS = 15    # more would queue for the GIL on every product for a few dozen chunks
 
 
 def _spin_window() -> float:
+    if not X86:         # no cycle counter known to be readable there: helpers sleep between jobs
+        return 0.0
     try:
         return max(0.0, float(os.environ.get("TDPU_POOL_SPIN_US", "200"))) * 1e-6
     except ValueError:
@@ -82,7 +91,10 @@ def _cycles_per_second() -> float:
     c0, t0 = counter(), time.perf_counter()
     time.sleep(0.005)
     c1, t1 = counter(), time.perf_counter()
-    return max((c1 - c0) / max(t1 - t0, 1e-9), 1e6)
+    rate = (c1 - c0) / max(t1 - t0, 1e-9)
+    if rate < 1e6:
+        raise RuntimeError(f"the cycle counter does not advance ({c1 - c0} in {t1 - t0:.4f} s)")
+    return rate
 
 
 def cycles(seconds: float) -> int:
@@ -91,16 +103,27 @@ def cycles(seconds: float) -> int:
 
 
 # Bumped by every claimed kernel as it starts (outside the GIL): the helpers watch it.
-_signal = np.zeros(1, np.int64)
-SIGNAL = _signal
+SIGNAL = np.zeros(1, np.int64)
+_signal = SIGNAL
 
 
 class _Helper(threading.Thread):
     def __init__(self):
         super().__init__(name="tdpu-kernel-helper", daemon=True)
         self.wake = threading.Event()
-        self.job = None
+        self._job = None
+        self._job_lock = threading.Lock()
         self.own_signal = np.zeros(1, np.int64)   # what the helper's own kernel calls bump
+
+    def give(self, job) -> None:
+        with self._job_lock:
+            self._job = job
+        self.wake.set()
+
+    def _take(self):
+        with self._job_lock:
+            job, self._job = self._job, None
+        return job
 
     def run(self) -> None:
         window = 0          # cycles a helper keeps watching after a job
@@ -109,19 +132,25 @@ class _Helper(threading.Thread):
                 spin = _spin_and_counter()[0]
                 spin(self.own_signal, 1, 0)
                 window = int(SPIN_S * _cycles_per_second())
-            except Exception:  # no cycle counter or no compiler for it: sleep between jobs
+            except Exception:  # noqa: BLE001  (no usable cycle counter or compiler: sleep between jobs)
                 window = 0
+        worked = False
         while True:
             seen = int(_signal[0])
-            job, self.job = self.job, None
+            job = self._take()
             if job is not None:
+                self.wake.clear()
                 kernel, args = job
                 kernel(*args)
+                worked = True
                 continue
-            # The caller sets `job` under the GIL, then its kernel bumps `_signal` once it has
-            # let go of the GIL: the helper takes the GIL uncontended and starts at once.
-            if window and spin(_signal, seen, window):
+            # Only right after a job: a helper the caller did not use (fewer threads asked for
+            # than helpers started) goes to sleep instead of waking on every product. The caller
+            # sets the job under the GIL, then its kernel bumps `_signal` once it has let go of
+            # the GIL: the helper takes the GIL uncontended and starts at once.
+            if worked and window and spin(_signal, seen, window):
                 continue
+            worked = False
             self.wake.wait()
             self.wake.clear()
 
@@ -149,6 +178,22 @@ def _started(count: int) -> list[_Helper]:
     return _helpers[:count]
 
 
+def _done(ctrl) -> int:
+    """ctrl[1] read with acquire ordering (after it, the helpers' writes to the output are seen,
+    also where the hardware does not order plain loads: ARM)."""
+    return _loaders()(ctrl, 1)
+
+
+@functools.cache
+def _loaders():
+    from kernels.bitlinear import _jit
+
+    @_jit()
+    def load(ctrl, i):
+        return atomic_load(ctrl, i)
+    return load
+
+
 @contextlib.contextmanager
 def posted(kernel, args: tuple):
     """Hand `kernel(*args, ctrl, signal)` to the helpers while the block runs (ctrl: int64
@@ -161,9 +206,8 @@ def posted(kernel, args: tuple):
         return
     try:
         ctrl = np.zeros(3, np.int64)
-        for helper in _started(threads - 1):
-            helper.job = (kernel, args + (ctrl, helper.own_signal))
-            helper.wake.set()
+        for helper in _started(min(threads, MAX_HELPERS + 1) - 1):
+            helper.give((kernel, args + (ctrl, helper.own_signal)))
         yield ctrl
     finally:
         _lock.release()
@@ -181,12 +225,11 @@ def run_claimed(kernel, args: tuple, chunks: int) -> None:
         kernel(*args, ctrl, np.zeros(1, np.int64))
         return
     try:
-        for helper in _started(threads - 1):
-            helper.job = (kernel, args + (ctrl, helper.own_signal))
-            helper.wake.set()
+        for helper in _started(min(threads, MAX_HELPERS + 1) - 1):
+            helper.give((kernel, args + (ctrl, helper.own_signal)))
         kernel(*args, ctrl, _signal)
         deadline = None
-        while ctrl[1] < chunks:         # only chunks a helper claimed and is still working on
+        while _done(ctrl) < chunks:     # only chunks a helper claimed and is still working on
             time.sleep(0)
             if deadline is None:
                 deadline = time.monotonic() + STALL_S

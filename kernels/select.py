@@ -112,7 +112,8 @@ def _source_digest() -> str:
 
 def machine_key() -> str:
     info = machine()
-    text = json.dumps([info, _source_digest()], sort_keys=True)
+    # The paths offered too: the same CPU without the OS's AMX grant is another machine here.
+    text = json.dumps([info, _source_digest(), available_paths()], sort_keys=True)
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 

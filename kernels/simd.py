@@ -263,6 +263,22 @@ def atomic_add(typingctx, arr, index, value):
 
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+X86 = _X86      # where `cycle_counter` is the TSC (elsewhere LLVM may read a trapping register)
+
+
+@intrinsic
+def announce(typingctx, signal):
+    """signal[0] += 1, atomically: the first statement of every kernel run through
+    `kernels.pool` (the helpers watching `pool.SIGNAL` start on it; a helper's own copy of
+    the kernel gets a private counter)."""
+    if not (isinstance(signal, types.Array) and signal.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, value=args[0])
+        builder.atomic_rmw("add", ary.data, ir.Constant(ir.IntType(64), 1), "seq_cst")
+        return context.get_dummy_value()
+    return types.none(signal), codegen
 
 
 @intrinsic

@@ -3,6 +3,7 @@ the per-machine choice of path (kernels/select.py)."""
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,9 @@ REPO = Path(__file__).resolve().parent.parent
 LAYOUTS = ("tdpu", "hf")
 PATHS = select.available_paths()            # every path this CPU can run, each tested explicitly
 FAST = [p for p in PATHS if p != select.REFERENCE]
+# numba's LLVM targets the host's architecture only: x86 code is not compiled elsewhere.
+X86_ONLY = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                              reason="compiles x86 code, which this host's LLVM does not target")
 
 
 def ternary(rng, n, k):
@@ -200,7 +204,7 @@ ASM = textwrap.dedent("""
     for fn, extra in ((int8.rows_m1_claimed, (types.int64,)), (int8.rows_m2_claimed, ())):
         fn.compile(sig + extra + (A(types.int64, 1), A(types.int64, 1)))
         asm = "\\n".join(fn.inspect_asm().values())
-        print(fn.__name__, *(len(re.findall(op, asm)) for op in ("vpmaddubsw", "vpdpbusd", "zmm")))
+        print(fn.__name__, *(len(re.findall(op, asm)) for op in ("vpmaddubsw", "vpdpbusd", "zmm", "vpsrlw")))
 """)
 
 
@@ -211,6 +215,7 @@ ASM = textwrap.dedent("""
     ("avx512vnni", "icelake-server", "+avx2,+fma,+bmi2,+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vnni",
      "vpdpbusd", True),
 ])
+@X86_ONLY
 def test_each_path_compiles_to_its_8_bit_dot_product(tmp_path, isa, cpu, features, instruction, zmm):
     """Only compiled and inspected (never run) for CPUs this machine may not be."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
@@ -221,12 +226,14 @@ def test_each_path_compiles_to_its_8_bit_dot_product(tmp_path, isa, cpu, feature
                           timeout=600, cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for line in proc.stdout.splitlines():
-        name, maddubs, dpbusd, zmms = line.split()
+        name, maddubs, dpbusd, zmms, shifts = line.split()
         count = int(maddubs if instruction == "vpmaddubsw" else dpbusd)
         assert count >= 8, f"{name} for {isa}: {instruction} x {count}"
         assert (int(zmms) > 0) == zmm, line
         if instruction == "vpmaddubsw":
-            assert int(dpbusd) == 0
+            assert int(dpbusd) == 0 and int(shifts) > 0     # AVX2 shifts the high codes down
+        else:
+            assert int(shifts) == 0, line                     # VNNI masks them in place
 
 
 AMX_ASM = textwrap.dedent("""
@@ -242,6 +249,7 @@ AMX_ASM = textwrap.dedent("""
 """)
 
 
+@X86_ONLY
 def test_the_amx_path_compiles_to_tile_dot_products(tmp_path):
     """Compiled for a Sapphire Rapids CPU and inspected, never run (this machine may lack AMX)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
@@ -267,7 +275,8 @@ def test_the_amx_path_is_exact_at_the_extremes_and_odd_sizes():
                 check_exact(q, np.full((n, k), wv, np.int8), "tdpu", select.AMX)
 
 
-def test_two_threads_sharing_the_helpers_get_exact_results():
+@pytest.mark.parametrize("path", FAST or [select.REFERENCE])
+def test_two_threads_sharing_the_helpers_get_exact_results(path):
     """Products big enough for the helper threads (kernels.pool), from two callers at once."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -276,7 +285,49 @@ def test_two_threads_sharing_the_helpers_get_exact_results():
     p = packing.pack(w, "hf")
     inputs = [rng.integers(-128, 128, size=(1 + i % 4, 2560)).astype(np.int8) for i in range(12)]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda q: ternary_matmul_int(q, p, "hf", path=FAST[-1] if FAST else None),
-                                inputs))
+        results = list(pool.map(lambda q: ternary_matmul_int(q, p, "hf", path=path), inputs))
     for q, out in zip(inputs, results):
         np.testing.assert_array_equal(out, int_reference(q, w))
+
+
+VECTOR = [p for p in FAST if p in select.VECTOR_PATHS]
+
+
+@pytest.mark.parametrize("path", VECTOR)
+def test_a_stuck_helper_is_given_up_on_and_the_caller_redoes_the_core_alone(path):
+    """bitlinear_one_row_shared with a chunk claimed that no one will finish (a helper preempted
+    for good): after `stall` cycles the caller redoes the whole core; the result is exact."""
+    from kernels import int8, pool, simd
+    from kernels.bitlinear import _strides
+
+    rng = np.random.default_rng(3)
+    w = ternary(rng, 1644, 2560)
+    for layout in LAYOUTS:
+        p = packing.pack(w, layout)
+        x = rng.standard_normal((1, 2560)).astype(np.float32)
+        y = np.empty((1, 1644), np.float32)
+        acc = np.empty((1, 1644), np.int32)
+        ctrl = np.zeros(3, np.int64)
+        ctrl[0] = 1                                      # chunk 0: claimed, never done
+        int8.bitlinear_one_row_shared(simd.ISAS[path.removeprefix("numba-")], x, p, np.float32(0.031), y,
+                                      *_strides(layout, p.shape[0]), 4, np.empty((1, 2560), np.int8),
+                                      np.empty((1, 1), np.float32), np.empty(1, np.int32), acc, ctrl,
+                                      np.zeros(1, np.int64), pool.cycles(0.01))
+        np.testing.assert_array_equal(y, bitlinear(x, p, 0.031, layout, path=select.REFERENCE))
+
+
+@pytest.mark.parametrize("path", VECTOR)
+def test_a_helper_whose_caller_never_quantizes_gives_up_and_writes_nothing(path):
+    from kernels import int8, pool, simd
+
+    p = packing.pack(np.ones((64, 256), np.int8), "tdpu")
+    q = np.ones((1, 256), np.int8)
+    out = np.full((1, 64), -7, np.int32)
+    ctrl = np.zeros(3, np.int64)                         # ctrl[2] (ready) never set
+    int8.rows_m1_gated(simd.ISAS[path.removeprefix("numba-")], q, q.sum(1, dtype=np.int32), p, out, 4, 1, 2,
+                       pool.cycles(0.02), ctrl, np.zeros(1, np.int64))
+    assert ctrl[0] == 0 and (out == -7).all()
+    ctrl[2] = 1                                          # ready: it claims and computes everything
+    int8.rows_m1_gated(simd.ISAS[path.removeprefix("numba-")], q, q.sum(1, dtype=np.int32), p, out, 4, 1, 2,
+                       pool.cycles(0.02), ctrl, np.zeros(1, np.int64))
+    np.testing.assert_array_equal(out, int_reference(q, np.ones((64, 256), np.int8)))

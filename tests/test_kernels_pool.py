@@ -7,12 +7,12 @@ import numpy as np
 
 from kernels import pool
 from kernels.bitlinear import _jit
-from kernels.simd import atomic_add
+from kernels.simd import announce, atomic_add
 
 
 @_jit()
 def _mark(hits, ctrl, signal):
-    atomic_add(signal, 0, 1)
+    announce(signal)
     while True:
         c = atomic_add(ctrl, 0, 1)
         if c >= hits.shape[0]:

@@ -14,8 +14,8 @@ from kernels import packing
 from kernels.bitlinear import check_packed
 from kernels.ort.ops import (
     BF16_OP_TYPE,
-    BOUND_OP_TYPE,
     BF16_PREPACKED_OP_TYPE,
+    BOUND_OP_TYPE,
     DOMAIN,
     KEY_SUFFIX,
     OP_TYPE,
@@ -88,11 +88,15 @@ def _use_key(graph: onnx.GraphProto, node: onnx.NodeProto, index: int, w_name: s
     node.attribute.append(onnx.helper.make_attribute("node_name", node.name or f"#{index}"))
 
 
-def _constant_scale(init: onnx.TensorProto | None, base_dir: str | None) -> float | None:
-    """The value of a one-element float weight_scale initializer, else None (fed per call)."""
+def _constant_scale(init: onnx.TensorProto | None, base_dir: str | None, where: str) -> float | None:
+    """The value of a one-element float weight_scale initializer, else None (fed per call).
+    An initializer also listed as a graph input is a default the caller may feed: not constant."""
     if init is None or init.data_type != TensorProto.FLOAT:
         return None
-    value = numpy_helper.to_array(init, base_dir or "")
+    try:
+        value = numpy_helper.to_array(init, base_dir or "")
+    except Exception as exc:  # noqa: BLE001  (external data missing or unreadable: any error)
+        raise BitLinearError(f"{where}: weight_scale {init.name!r} cannot be read: {exc}") from None
     return float(value.reshape(-1)[0]) if value.size == 1 else None
 
 
@@ -137,6 +141,7 @@ def _rewrite(model: onnx.ModelProto, base_dir: str | None,
     for out in graph.output:
         uses[out.name] = uses.get(out.name, 0) + 1
     last_dims = _static_last_dims(graph)
+    graph_inputs = {v.name for v in graph.input}
     keys: list[int] = []
     drop: set[str] = set()
     try:
@@ -184,8 +189,8 @@ def _rewrite(model: onnx.ModelProto, base_dir: str | None,
                 check_packed(w, layout, f"{where}: W {w_name!r}")
             except packing.PackingError as exc:
                 raise BitLinearError(str(exc)) from exc
+            scale = None if s_name in graph_inputs else _constant_scale(inits.get(s_name), base_dir, where)
             key = _acquire(w)
-            scale = _constant_scale(inits.get(s_name), base_dir)
             if scale is None:
                 keys.append(key)
                 _use_key(graph, node, index, w_name, key, PREPACKED_OP_TYPE)

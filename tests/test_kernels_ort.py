@@ -302,3 +302,37 @@ print("clean")
 """, encoding="utf-8")
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "clean", out.stderr[-2000:]
+
+
+def test_an_unreadable_scale_names_the_node_and_takes_no_registry_entry(tmp_path, rng):
+    w = ternary(rng, 8, 16)
+    model = bitlinear_model(w)
+    scale = next(t for t in model.graph.initializer if t.name.endswith("weight_scale"))
+    onnx.external_data_helper.set_external_data(scale, location="missing.data", offset=0, length=4)
+    scale.ClearField("raw_data")
+    scale.ClearField("float_data")
+    scale.data_location = TensorProto.EXTERNAL
+    gc.collect()
+    before = kort.cache_info()
+    with pytest.raises(kort.BitLinearError, match=f"BitLinear node '{NODE}': weight_scale"):
+        kort._rewrite(model, str(tmp_path))
+    assert kort.cache_info() == before
+
+
+def test_a_scale_also_listed_as_a_graph_input_can_still_be_fed(rng):
+    w = ternary(rng, 8, 16)
+    model = bitlinear_model(w)
+    name = "model.layers.0.mlp.up_proj.weight_scale"
+    model.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]))
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    keys = kort._rewrite(rewritten, None)
+    kort._release(keys)
+    assert [n.op_type for n in rewritten.graph.node] == ["BitLinearPrepacked"]
+    session = kort.create_session(model)
+    x = rng.standard_normal((1, 1, 16)).astype(np.float32)
+    p = packing.pack(w, "tdpu")
+    (y,) = session.run(None, {"X": x})
+    np.testing.assert_array_equal(y, bitlinear(x, p, np.float32(0.75), "tdpu"))   # the default
+    (y,) = session.run(None, {"X": x, name: np.array([0.25], np.float32)})
+    np.testing.assert_array_equal(y, bitlinear(x, p, np.float32(0.25), "tdpu"))   # fed

@@ -24,7 +24,7 @@ LAYOUTS = ("tdpu", "hf")
 # (exact, half the bytes) behind ai.tdpu::LinearBF16.
 LM_HEAD_MODES = ("float", "bf16")
 # The BitLinear integer core's paths (`kernels.select.PATHS`; "auto": measured once per machine).
-KERNEL_PATHS = ("auto", "numba-int16", "numba-avx2", "numba-avxvnni", "numba-avx512vnni")
+KERNEL_PATHS = ("auto", "numba-int16", "numba-avx2", "numba-avxvnni", "numba-avx512vnni", "numba-amx")
 
 
 @dataclass

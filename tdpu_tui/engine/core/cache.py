@@ -25,7 +25,16 @@ from typing import Any, TypeVar
 
 import psutil
 
+from tdpu_tui.engine.osutil.platform import release_free_memory
+
 T = TypeVar("T")
+
+
+def free_memory() -> None:
+    """Collect what is no longer referenced and hand the freed memory back to the system (glibc
+    keeps gigabytes of a dropped reference or session resident otherwise)."""
+    gc.collect()
+    release_free_memory()
 
 
 def file_key(path: str | Path) -> tuple[str, int, int]:
@@ -88,7 +97,7 @@ class RunCache:
             gone = [k for k in self._entries if kind is None or k[0] == kind]
             freed = sum(self._entries.pop(k).nbytes for k in gone)
         if gone:
-            gc.collect()
+            free_memory()
         return freed
 
     def held_bytes(self) -> int:
@@ -111,7 +120,7 @@ class RunCache:
                     return
                 victim = max(big, key=lambda k: self._entries[k].nbytes)
                 del self._entries[victim]
-                gc.collect()
+                free_memory()
 
     def clear(self) -> None:
         self.drop()

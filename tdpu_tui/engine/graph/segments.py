@@ -11,9 +11,12 @@ points just after a residual addition, where only the hidden state (and the tens
 shares) crosses; no chain of operators ONNX Runtime fuses (MatMul → Mul by a scalar into
 FusedMatMul, a MatMul's transposed input) spans such a cut, so every segment computes exactly
 what the whole graph's session does and the results are the same bit for bit. Among those
-points the cuts are placed so that the segments' weight bytes are balanced and each stays
-within the budget; only when no such cut keeps a segment within it are cuts with more crossing
-tensors considered. A single initializer larger than the budget makes a segment larger than it.
+points the cuts are placed so that the segments' weight bytes are balanced and each one's load
+stays within the budget; only when no such cut keeps a segment within it are cuts with more
+crossing tensors considered. A segment's load is its weights plus a second copy of the largest
+(ONNX Runtime packs a MatMul's weight into a new buffer before it frees the original: loading
+the 2B4T lm_head, 1.2 GiB, takes 2.4 GiB for a moment), so one initializer larger than half the
+budget makes a segment of its own, larger than the budget.
 
 Initializers read by several segments (the tied embedding and lm_head of the reference
 profile) are loaded by each of them; Constant nodes are copied into every segment that reads
@@ -90,6 +93,7 @@ class Segment:
     start: int
     stop: int
     nbytes: int                      # bytes of the initializers it loads
+    load_bytes: int                  # memory loading them takes: nbytes + the largest again
     initializers: list[str]
     inputs: list[str]                # from the graph's inputs or earlier segments
     outputs: list[str]               # for later segments or the caller
@@ -170,12 +174,14 @@ class SegmentPlan:
         bounds, a = [0], 0
         while a < n:
             seen: set[str] = set()
-            total, best = 0, None
+            weights, largest, best = 0, 0, None
             for j in range(a, n):
                 for name in init_reads[j]:
                     if name not in seen:
                         seen.add(name)
-                        total += size[name]
+                        weights += size[name]
+                        largest = max(largest, size[name])
+                total = weights + largest
                 pos = j + 1
                 if pos == n:
                     if total <= cap or best is None:
@@ -207,11 +213,17 @@ class SegmentPlan:
     def _seg_bytes(self, a: int, b: int, init_reads, size) -> int:
         return sum(size[name] for name in {r for j in range(a, b) for r in init_reads[j]})
 
+    def _seg_cost(self, a: int, b: int, init_reads, size) -> int:
+        """What loading nodes a…b-1 takes: their weights, and a second copy of the largest
+        (ONNX Runtime packs a MatMul's weight into a copy before it frees the original)."""
+        names = {r for j in range(a, b) for r in init_reads[j]}
+        return sum(size[name] for name in names) + max((size[name] for name in names), default=0)
+
     def _cut(self) -> list[int]:
         n = len(self.nodes)
         init_reads = self._init_reads()
         size = {name: tensor_nbytes(t) for name, t in self.inits.items()}
-        if n <= 1 or self._seg_bytes(0, n, init_reads, size) <= self.budget:
+        if n <= 1 or self._seg_cost(0, n, init_reads, size) <= self.budget:
             return [0, n]
         crossing = self.crossing()
         levels = sorted({crossing[p] for p in range(1, n)})
@@ -219,7 +231,7 @@ class SegmentPlan:
         for level in [*levels[1:], None]:
             bounds = self._merge_weightless(self._balanced(cands, init_reads, size), init_reads, size)
             over = [(a, b) for a, b in itertools.pairwise(bounds)
-                    if self._seg_bytes(a, b, init_reads, size) > self.budget]
+                    if self._seg_cost(a, b, init_reads, size) > self.budget]
             if not over or level is None:
                 return bounds
             # Within a segment no clean cut keeps within the budget, allow the next cleanest
@@ -264,8 +276,9 @@ class SegmentPlan:
             inputs += [r for r in inits if r in self.graph_inputs]   # an input with a default
             outputs = [o for j in range(a, b) for o in self.nodes[j].output
                        if o and (o in wanted or (o in later and not _is_constant(self.nodes[j])))]
-            nbytes = sum(tensor_nbytes(self.inits[r]) for r in inits)
-            segs.append(Segment(k, a, b, nbytes, inits, inputs, list(dict.fromkeys(outputs)), constants))
+            sizes = [tensor_nbytes(self.inits[r]) for r in inits]
+            segs.append(Segment(k, a, b, sum(sizes), sum(sizes) + max(sizes, default=0), inits, inputs,
+                                list(dict.fromkeys(outputs)), constants))
         return segs
 
     def segment_model(self, seg: Segment, values: dict[str, np.ndarray], outputs: Sequence[str]
@@ -303,7 +316,8 @@ class SegmentPlan:
 
 
 def plan(model: onnx.ModelProto, budget: int, outputs: Sequence[str] | None = None) -> SegmentPlan:
-    """`model` (loaded without its external data) cut into segments of at most `budget` bytes
-    of weights each, computing `outputs` (default: the graph's outputs)."""
+    """`model` (loaded without its external data) cut into segments whose loads (weights plus
+    the largest again) take at most `budget` bytes each, computing `outputs` (default: the
+    graph's outputs)."""
     names = list(outputs) if outputs is not None else [o.name for o in model.graph.output]
     return SegmentPlan(model, budget, names)

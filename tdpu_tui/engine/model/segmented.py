@@ -9,7 +9,6 @@ Only the tensors crossing a boundary, and the outputs asked for, stay in memory 
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from tdpu_tui.engine.core.cache import free_memory
 from tdpu_tui.engine.graph.segments import Segment, SegmentPlan, data_bytes, plan
 
 
@@ -38,11 +38,13 @@ class SegmentedSession:
     """`run(output_names, feed)` over a graph loaded one segment at a time.
 
     `model`: a graph's path, or a ModelProto loaded without its external data together with
-    `external_dir`, the folder that data is read from. `budget`: weight bytes per segment.
+    `external_dir`, the folder that data is read from. `budget`: bytes loading one segment may
+    take (its weights and the largest of them again, `graph.segments`).
     `extra_outputs`: tensors to return besides the graph's outputs (like extra graph outputs on
     an in-memory copy). `factory(model_bytes, external_dir)` makes each segment's session
-    (default `compare.ort_session`); `make_room(nbytes)` is called before each segment is
-    loaded (the run cache's, so what it holds and the segment fit together).
+    (default `compare.ort_session`); `make_room(nbytes)` is called with what loading a segment
+    takes (`Segment.load_bytes`) before it is loaded: the run cache's, so that what it holds
+    and the segment fit within its budget together.
     """
 
     def __init__(self, model: str | Path | onnx.ModelProto, external_dir: str | Path | None = None, *,
@@ -80,8 +82,8 @@ class SegmentedSession:
         """The session of `seg` computing `outputs`, typed for `values` (what it will be fed)."""
         from tdpu_tui.engine.model.compare import ort_session
 
-        if self._make_room is not None and seg.nbytes:
-            self._make_room(seg.nbytes)
+        if self._make_room is not None and seg.load_bytes:
+            self._make_room(seg.load_bytes)
         model = self.plan.segment_model(seg, values, outputs)
         factory = self._factory or ort_session
         return factory(model.SerializeToString(), self.external_dir)
@@ -121,7 +123,7 @@ class SegmentedSession:
                     visit(seg, session, seg_feed, outs)
             finally:
                 del session
-                gc.collect()
+                free_memory()
             values.update(zip(outs, result, strict=True))
             del result, seg_feed
             for name in [n for n in values if n not in want and n not in needed_after[k]]:

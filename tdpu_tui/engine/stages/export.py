@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from tdpu_tui.engine.core.cache import free_memory
 from tdpu_tui.engine.core.config import Config
 from tdpu_tui.engine.core.errors import StageFailed, UsageError
 from tdpu_tui.engine.core.manifests import ExportMeta
@@ -184,6 +185,7 @@ class ExportStage(Stage):
                         f"{human_bytes(max(g.nbytes for g in segments))} of weights each, one loaded at "
                         f"a time ({human_bytes(session.nbytes)} in all)")
             del session              # not held (too large for the cache): freed before the reference
+            free_memory()
             verdict = versus_reference(ckpt, inputs, got, quantize=profile == "reference",
                                        cache=ctx.cache)
             m = verdict.metrics

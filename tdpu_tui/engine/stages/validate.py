@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import functools
-import gc
 import os
 import tempfile
 from dataclasses import asdict
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from tdpu_tui.engine.core.cache import free_memory
 from tdpu_tui.engine.core.errors import StageFailed, UsageError
 from tdpu_tui.engine.core.manifests import ExportMeta, ReplaceReport
 from tdpu_tui.engine.core.stage import Stage, StageContext
@@ -363,7 +363,7 @@ class Validation:
             done += 1
             step_ms[label] = self._segment_medians(session, step, max(repeats, 5) * 2)
             del session
-            gc.collect()
+            free_memory()
             self.segmented[label] = segments
             perf.notes.append(
                 f"the {label} graph ({human_bytes(total)} of weights) ran in {segments} segments of "
@@ -383,9 +383,11 @@ class Validation:
             prefill_ms |= interleaved_medians(
                 {k: (lambda s=s: s.run(["logits"], prefill)) for k, s in sessions.items()}, repeats,
                 check=self.ctx.check_cancelled)
-            if step_paths:
+            if step_paths:     # the length-1 copies replace the graphs, the run's held ones too
                 del sessions
-                gc.collect()
+                self.ctx.cache.drop("ort-session")
+                self.ctx.cache.drop("ort-capture")
+                free_memory()
                 sessions = {label: factory(step_paths[label]) for label, _, _, factory in group}
             self.bar("timing", done, steps, "timing the single-token step")
             done += 1
@@ -393,7 +395,7 @@ class Validation:
                 {k: (lambda s=s: s.run(["logits"], step)) for k, s in sessions.items()}, max(repeats, 5) * 2,
                 check=self.ctx.check_cancelled)
             del sessions
-            gc.collect()
+            free_memory()
         return prefill_ms, step_ms
 
     def _segment_medians(self, session, feed: dict[str, np.ndarray], repeats: int) -> float:
@@ -441,7 +443,7 @@ class Validation:
                          + (f", step {pt.step_ms[label]:.3f} ms" if with_step else ""))
         del sessions
         del models
-        gc.collect()
+        free_memory()
         return pt
 
     # the whole stage -----------------------------------------------------------------------
@@ -546,6 +548,9 @@ class Validation:
             accuracy["compared"] = ("BitLinear graph vs the exported graph, which quantizes activations "
                                     "in-graph exactly as BitLinear does")
         accuracy["logits"] = logits
+        # Nothing after this needs the PyTorch reference (3.4 GiB at 2B4T; its logits are kept):
+        # it goes before the timing loads the graphs again.
+        ctx.cache.drop("reference")
         ctx.log(f"logits: {format_comparison(logits)} ({accuracy['compared']})")
         why = explain_disagreement(got, want, logits["max_abs"])
         accuracy["explanations"] = [w for w in (why, floor_why) if w]

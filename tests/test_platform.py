@@ -16,7 +16,6 @@ import pytest
 
 from tdpu_tui.engine.osutil import platform
 
-
 # -- peak RSS -------------------------------------------------------------------------------
 
 def test_peak_rss_from_rusage_is_kilobytes_on_linux_and_bytes_on_macos():

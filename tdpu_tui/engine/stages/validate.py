@@ -510,6 +510,8 @@ class Validation:
         tokens = self.tokens()
         for n in self.notes:
             ctx.log(n, "warning")
+        if self.profile != "icraft":    # judged against the exported graph: no PyTorch reference
+            ctx.cache.drop("reference")
         inputs = self.inputs(tokens)
         feed = self.feed(inputs)
         g = self.index(self.paths.bitlinear_onnx)
@@ -548,8 +550,8 @@ class Validation:
             accuracy["compared"] = ("BitLinear graph vs the exported graph, which quantizes activations "
                                     "in-graph exactly as BitLinear does")
         accuracy["logits"] = logits
-        # Nothing after this needs the PyTorch reference (3.4 GiB at 2B4T; its logits are kept):
-        # it goes before the timing loads the graphs again.
+        # Nothing after this needs the PyTorch reference (3.4 GiB at 2B4T, held by the run cache
+        # since export; its logits are kept): it goes before the timing loads the graphs again.
         ctx.cache.drop("reference")
         ctx.log(f"logits: {format_comparison(logits)} ({accuracy['compared']})")
         why = explain_disagreement(got, want, logits["max_abs"])

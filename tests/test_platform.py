@@ -16,7 +16,6 @@ import pytest
 
 from tdpu_tui.engine.osutil import platform
 
-
 # -- peak RSS -------------------------------------------------------------------------------
 
 def test_peak_rss_from_rusage_is_kilobytes_on_linux_and_bytes_on_macos():
@@ -205,3 +204,15 @@ def test_the_machine_is_named_with_its_cpu(monkeypatch):
         return real_open(path, *a, **k)
     monkeypatch.setattr(builtins, "open", no_proc)       # as on Windows: Python's own answer
     assert platform.cpu_model()
+
+
+def test_release_free_memory_trims_with_glibc_and_does_nothing_elsewhere(monkeypatch):
+    monkeypatch.setattr(platform, "_TRIM", [])
+    import numpy as np
+    blocks = [np.ones(1 << 17) for _ in range(64)]      # 64 MiB in 1 MiB blocks, half freed
+    del blocks[::2]
+    assert platform.release_free_memory() in (True, False)    # True under glibc, False without
+    monkeypatch.setattr(platform, "_TRIM", [])
+    monkeypatch.setattr(platform.sys, "platform", "win32")
+    assert platform.release_free_memory() is False
+    assert platform._TRIM == [None]

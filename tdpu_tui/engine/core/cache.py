@@ -4,12 +4,14 @@ the PyTorch reference — loaded once and handed to each of them.
 Entries are keyed by what they were loaded from (the file's path, size and modification time),
 so a file a later stage rewrites (an export run again) is never served from an older load. Large
 entries say how many bytes they hold. What is held stays within a budget (a quarter of the
-machine's memory by default): an entry larger than that is loaded for its caller and not kept —
-at the full 2B4T shapes the float graph's session (9 GiB of float32 weights) is loaded where it is
-used, while the PyTorch reference (3.4 GiB) and its logits are shared — and before something large
-is loaded, `make_room` drops held entries (largest first) until it fits; a load larger than the
-budget runs alone (the reference goes, its logits stay), so sharing never raises a run's peak
-memory above its largest single load or the budget.
+machine's memory by default): an entry larger than that is loaded for its caller and not kept,
+and before something large is loaded, `make_room` drops held entries (largest first) until it
+fits; a load larger than the budget runs alone (the reference goes, its logits stay), so sharing
+never raises a run's peak memory above its largest single load or the budget. At the full 2B4T
+shapes the float graph (9 GiB of float32 weights) is too large for one session: it runs in
+segments (`model.segmented`), and what is held of it is the plan; each segment calls `make_room`
+before its weights are loaded, so a segment and what is held stay within the budget together.
+The PyTorch reference (3.4 GiB) and its logits are shared.
 """
 
 from __future__ import annotations
@@ -23,7 +25,16 @@ from typing import Any, TypeVar
 
 import psutil
 
+from tdpu_tui.engine.osutil.platform import release_free_memory
+
 T = TypeVar("T")
+
+
+def free_memory() -> None:
+    """Collect what is no longer referenced and hand the freed memory back to the system (glibc
+    keeps gigabytes of a dropped reference or session resident otherwise)."""
+    gc.collect()
+    release_free_memory()
 
 
 def file_key(path: str | Path) -> tuple[str, int, int]:
@@ -86,7 +97,7 @@ class RunCache:
             gone = [k for k in self._entries if kind is None or k[0] == kind]
             freed = sum(self._entries.pop(k).nbytes for k in gone)
         if gone:
-            gc.collect()
+            free_memory()
         return freed
 
     def held_bytes(self) -> int:
@@ -109,7 +120,7 @@ class RunCache:
                     return
                 victim = max(big, key=lambda k: self._entries[k].nbytes)
                 del self._entries[victim]
-                gc.collect()
+                free_memory()
 
     def clear(self) -> None:
         self.drop()

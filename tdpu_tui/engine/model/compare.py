@@ -4,8 +4,12 @@ simulation and validation."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import onnx
 
 # Share of positions whose argmax must agree for export verification and validation to pass.
 MIN_ARGMAX_AGREEMENT = 0.99
@@ -23,7 +27,7 @@ def require_graph(path: str | Path, made_by: str) -> Path:
         raise UsageError(f"{path}: not found; run the {made_by} stage first")
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (protobuf's DecodeError, OSError, ValueError, …: all "unreadable")
         raise StageFailed(f"{path}: not a readable ONNX model ({exc}); run the {made_by} stage again") from None
     from tdpu_tui.engine.core.errors import GraphError
     from tdpu_tui.engine.graph.external import data_file
@@ -74,10 +78,75 @@ def graph_bytes(path: str | Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
+# One ONNX Runtime session keeps every weight of its graph resident (the full 2B4T float graph:
+# 9.0 GiB). A graph whose weights exceed WHOLE_SESSION_LIMIT runs in segments of at most
+# SEGMENT_BYTES of weights each (`model.segmented.SegmentedSession`), one loaded at a time, so
+# no run of it holds more. 6 GiB is a quarter of a 24 GiB machine (the run cache's budget
+# there) and keeps a whole session plus the run's other working memory under the pipeline's
+# 8 GiB peak (issue 11); 2 GiB segments leave room beside one for what the run cache may hold
+# (the PyTorch reference: 3.4 GiB at 2B4T). Every tiny graph, and the BitLinear and MatMulNBits
+# graphs at 2B4T (2-bit weights), stay whole. Module constants, so tests can lower them.
+WHOLE_SESSION_LIMIT = 6 << 30
+SEGMENT_BYTES = 2 << 30
+
+
+def weight_bytes(model: str | Path | onnx.ModelProto) -> int:
+    """Bytes of a graph's initializers (external data included, nothing read): what one
+    session over it holds. A graph saved beside another's data file counts that data too."""
+    import onnx
+
+    from tdpu_tui.engine.graph.segments import data_bytes
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    return data_bytes(model)
+
+
+def runs_in_segments(model: str | Path | onnx.ModelProto) -> bool:
+    """Whether `graph_session` runs this graph in segments (its weights exceed the limit)."""
+    return weight_bytes(model) > WHOLE_SESSION_LIMIT
+
+
+def graph_session(model: str | Path | onnx.ModelProto, external_dir: str | Path | None = None, *,
+                  extra_outputs: tuple[str, ...] | list[str] = (), make_room=None):
+    """A session over a graph without custom operators, computing its outputs and
+    `extra_outputs`: one `ort_session` when its weights are within WHOLE_SESSION_LIMIT, else a
+    `SegmentedSession` (same `run(output_names, feed)`, same results bit for bit) that loads
+    SEGMENT_BYTES of weights at a time, calling `make_room(nbytes)` (the run cache's) first.
+
+    `model` is a path, or a ModelProto loaded without its external data with `external_dir`
+    the folder that data is read from."""
+    import onnx
+
+    path = None
+    if not isinstance(model, onnx.ModelProto):
+        path = Path(model)
+        model = onnx.load(str(path), load_external_data=False)
+        external_dir = path.parent
+    if weight_bytes(model) > WHOLE_SESSION_LIMIT:
+        from tdpu_tui.engine.model.segmented import SegmentedSession
+
+        return SegmentedSession(model, external_dir, budget=SEGMENT_BYTES, extra_outputs=extra_outputs,
+                                make_room=make_room)
+    have = {o.name for o in model.graph.output}
+    extra = [e for e in dict.fromkeys(extra_outputs) if e not in have]
+    if path is not None and not extra:
+        return ort_session(path)
+    for name in extra:
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return ort_session(model.SerializeToString(), external_dir)
+
+
 def shared_session(cache, path: str | Path, factory=None):
     """The run's one session over the graph at `path` (`cache`: the run cache), made by
-    `factory(path)` (default `ort_session`) the first time, kept while memory allows."""
-    factory = factory or ort_session
+    `factory(path)` the first time, kept while memory allows. The default factory is
+    `graph_session`: a graph too large for one session runs in segments, and what the cache
+    keeps of it is the plan (the weights are loaded while it runs, never held)."""
+    if factory is None:
+        segmented = runs_in_segments(path)
+        return cache.for_file("ort-session", path,
+                              lambda: graph_session(path, make_room=cache.make_room), ort_session.__name__,
+                              nbytes=0 if segmented else graph_bytes(path))
     return cache.for_file("ort-session", path, lambda: factory(path), factory.__name__,
                           nbytes=graph_bytes(path))
 

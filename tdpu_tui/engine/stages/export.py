@@ -12,27 +12,29 @@ from typing import Any
 
 import numpy as np
 
-from tdpu_tui.engine.model.agreement import versus_reference
-from tdpu_tui.engine.model.checkpoint import Checkpoint, open_checkpoint
+from tdpu_tui.engine.core.cache import free_memory
 from tdpu_tui.engine.core.config import Config
 from tdpu_tui.engine.core.errors import StageFailed, UsageError
 from tdpu_tui.engine.core.manifests import ExportMeta
+from tdpu_tui.engine.core.stage import Stage, StageContext
+from tdpu_tui.engine.model.agreement import versus_reference
+from tdpu_tui.engine.model.checkpoint import Checkpoint, open_checkpoint
+from tdpu_tui.engine.model.compare import (
+    format_comparison,
+    graph_bytes,
+    graph_session,
+    onnx_logits,
+    ort_session,
+    seeded_inputs,
+)
 from tdpu_tui.engine.osutil.files import (
     commit_files,
     human_bytes,
     staging_dir,
 )
-from tdpu_tui.engine.core.stage import Stage, StageContext
 from tdpu_tui.engine.osutil.platform import peak_rss_bytes
 from tdpu_tui.engine.records.export_log import write_export_log
 from tdpu_tui.engine.records.style import pct
-from tdpu_tui.engine.model.compare import (
-    format_comparison,
-    graph_bytes,
-    onnx_logits,
-    ort_session,
-    seeded_inputs,
-)
 
 RAW_ALIGN = 64
 RAW_LAYOUT = "tdpu"
@@ -113,8 +115,8 @@ class ExportStage(Stage):
     def run(self, ctx: StageContext) -> str:
         import onnx
 
-        from tdpu_tui.engine.model.onnx_graph import BitNetOnnx
         from tdpu_tui.engine.graph.external import ExternalData
+        from tdpu_tui.engine.model.onnx_graph import BitNetOnnx
 
         cfg, paths = ctx.config, ctx.paths
         profile = cfg.export.profile
@@ -167,14 +169,23 @@ class ExportStage(Stage):
             t = time.perf_counter()
             ctx.progress(0, None, "verifying against the PyTorch reference")
             inputs = verification_inputs(cfg, ckpt, profile)
-            # The session outlives the staging folder: simulate (and the app's next stages) run
-            # the same graph, so it is handed to the run cache under the graph's final name.
-            session = ort_session(onnx_tmp)
+            # A graph too large for one session runs in segments (model.segmented), one loaded
+            # at a time. A whole session outlives the staging folder: simulate (and the app's
+            # next stages) run the same graph, so it is handed to the run cache under the
+            # graph's final name (a segmented one reads its data from the staging folder: not).
+            session = graph_session(onnx_tmp, make_room=ctx.cache.make_room)
             got = onnx_logits(onnx_tmp, inputs, session)
-            st = onnx_tmp.stat()     # a rename keeps size and mtime: the key of the final file
-            ctx.cache.put("ort-session", (str(paths.full_onnx.resolve()), st.st_size, st.st_mtime_ns,
-                                          ort_session.__name__), session, graph_bytes(onnx_tmp))
+            segments = getattr(session, "segments", None)
+            if segments is None:
+                st = onnx_tmp.stat()     # a rename keeps size and mtime: the key of the final file
+                ctx.cache.put("ort-session", (str(paths.full_onnx.resolve()), st.st_size, st.st_mtime_ns,
+                                              ort_session.__name__), session, graph_bytes(onnx_tmp))
+            else:
+                ctx.log(f"ONNX Runtime ran the graph in {len(segments)} segments of at most "
+                        f"{human_bytes(max(g.nbytes for g in segments))} of weights each, one loaded at "
+                        f"a time ({human_bytes(session.nbytes)} in all)")
             del session              # not held (too large for the cache): freed before the reference
+            free_memory()
             verdict = versus_reference(ckpt, inputs, got, quantize=profile == "reference",
                                        cache=ctx.cache)
             m = verdict.metrics

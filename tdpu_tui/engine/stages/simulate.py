@@ -13,18 +13,35 @@ import numpy as np
 from tdpu_tui.engine.core.errors import StageFailed
 from tdpu_tui.engine.core.stage import Stage, StageContext
 from tdpu_tui.engine.icraft import driver as ic
-from tdpu_tui.engine.stages.icraft_run import ftmp_path, prepare_log_dir, run_component
-from tdpu_tui.engine.osutil.files import atomic_write_bytes
+from tdpu_tui.engine.model.compare import runs_in_segments, shared_session
+from tdpu_tui.engine.osutil.files import atomic_write_bytes, human_bytes
 from tdpu_tui.engine.records.compile_log import StageRecord
 from tdpu_tui.engine.records.style import metric_rows, pct
-from tdpu_tui.engine.stages.common import exported_graph, read_export_meta, validation_inputs
+from tdpu_tui.engine.stages.common import (
+    exported_graph,
+    read_export_meta,
+    validation_inputs,
+)
+from tdpu_tui.engine.stages.icraft_run import ftmp_path, prepare_log_dir, run_component
+
 
 def onnxruntime_logits(onnx_path: Path, name: str, feed: np.ndarray, cache=None) -> np.ndarray:
-    """Logits of the graph at `onnx_path` on ONNX Runtime (the run's shared session with `cache`)."""
-    from tdpu_tui.engine.model.compare import onnx_logits, shared_session
+    """Logits of the graph at `onnx_path` on ONNX Runtime (the run's shared session with
+    `cache`); a graph too large for one session runs in segments (`compare.graph_session`)."""
+    from tdpu_tui.engine.model.compare import graph_session, onnx_logits, shared_session
 
-    session = shared_session(cache, onnx_path) if cache is not None else None
+    session = shared_session(cache, onnx_path) if cache is not None else graph_session(onnx_path)
     return np.asarray(onnx_logits(onnx_path, {name: feed}, session), dtype=np.float32)
+
+
+def segments_note(session) -> str | None:
+    """What the record says when `session` runs its graph in segments, else None."""
+    segments = getattr(session, "segments", None)
+    if not segments:
+        return None
+    return (f"the graph ({human_bytes(session.nbytes)} of weights) ran in {len(segments)} segments of "
+            f"at most {human_bytes(max(g.nbytes for g in segments))} of weights each, one ONNX Runtime "
+            "session loaded at a time (the same results as one session over the whole graph)")
 
 
 def find_output_ftmp(log_dir: Path, cwd: Path, nbytes: int,
@@ -70,10 +87,10 @@ def compare_with_reference(ctx: StageContext, ckpt, profile: str, name: str, fee
     record.status = "ok" if ok else "failed"
     record.summary = summary
     record.seconds = time.time() - started
-    record.notes = ([f"export profile: `{profile}` (reference quantizes activations: "
-                    f"{profile != 'icraft'})",
-                    f"input: `{name}` {list(feed.shape)} {feed.dtype}, token ids seeded "
-                    f"with [validate].seed = {cfg.validate.seed if seed is None else seed}"]
+    record.notes = ([(f"export profile: `{profile}` (reference quantizes activations: "
+                     f"{profile != 'icraft'})"),
+                    (f"input: `{name}` {list(feed.shape)} {feed.dtype}, token ids seeded "
+                     f"with [validate].seed = {cfg.validate.seed if seed is None else seed}")]
                     + record.notes)
     if verdict.why:
         record.notes.append(verdict.why)
@@ -124,6 +141,12 @@ class SimulateStage(Stage):
             ctx.log(f"simulated on onnxruntime ({fallback})", "warning")
             t0 = time.perf_counter()
             logits = onnxruntime_logits(onnx_path, name, feed, ctx.cache)
+            note = None
+            if runs_in_segments(onnx_path):   # held by the run cache: its plan, not its weights
+                note = segments_note(shared_session(ctx.cache, onnx_path))
+            if note:
+                record.notes.append(note)
+                ctx.log(note)
             record.notes.append(f"ONNX Runtime on `{onnx_path}` in {time.perf_counter() - t0:.2f} s")
             backend = "onnxruntime (Icraft not installed)" if exe is None else "onnxruntime"
             record.notes.append(f"why not Icraft: {fallback}")

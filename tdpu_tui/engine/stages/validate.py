@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import functools
-import gc
 import os
 import tempfile
 from dataclasses import asdict
@@ -28,35 +27,47 @@ from typing import Any
 import numpy as np
 import onnx
 
-from tdpu_tui.engine.model.agreement import Verdict, judge, versus_reference
+from tdpu_tui.engine.core.cache import free_memory
 from tdpu_tui.engine.core.errors import StageFailed, UsageError
 from tdpu_tui.engine.core.manifests import ExportMeta, ReplaceReport
-from tdpu_tui.engine.osutil.files import human_bytes, owned_prefix
-from tdpu_tui.engine.osutil.platform import load_average
-from tdpu_tui.engine.rewrite.inventory import BITLINEAR_DOMAIN, bitlinear_attrs
-from tdpu_tui.engine.graph.index import GraphIndex
-from tdpu_tui.engine.records.perf_report import GraphTiming, PerfResult, write_performance_report
-from tdpu_tui.engine.records.style import fmt_time, pct, verdict_line
-from tdpu_tui.engine.validation.timing import interleaved_medians, projection_graphs
-from tdpu_tui.engine.records.perf_report import ProjectionTiming
-from tdpu_tui.engine.rewrite.matmulnbits import lower_to_matmulnbits
 from tdpu_tui.engine.core.stage import Stage, StageContext
+from tdpu_tui.engine.graph.index import GraphIndex
+from tdpu_tui.engine.model import compare
+from tdpu_tui.engine.model.agreement import Verdict, judge, versus_reference
 from tdpu_tui.engine.model.compare import (
     MIN_ARGMAX_AGREEMENT,
     compare_logits,
     format_comparison,
     graph_bytes,
+    graph_session,
     ort_session,
     require_graph,
+    runs_in_segments,
     seeded_inputs,
     shared_session,
+    weight_bytes,
 )
-from tdpu_tui.engine.validation.nodes import NodeCheck, check_bf16_node, check_node, explain_disagreement
+from tdpu_tui.engine.osutil.files import human_bytes, owned_prefix
+from tdpu_tui.engine.osutil.platform import load_average
+from tdpu_tui.engine.records.perf_report import (
+    GraphTiming,
+    PerfResult,
+    ProjectionTiming,
+    write_performance_report,
+)
+from tdpu_tui.engine.records.style import fmt_time, pct, verdict_line
+from tdpu_tui.engine.rewrite.inventory import BITLINEAR_DOMAIN, bitlinear_attrs
+from tdpu_tui.engine.rewrite.matmulnbits import lower_to_matmulnbits
+from tdpu_tui.engine.validation.nodes import (
+    NodeCheck,
+    check_bf16_node,
+    check_node,
+    explain_disagreement,
+)
+from tdpu_tui.engine.validation.timing import interleaved_medians, projection_graphs
 
 # Below this hidden size the timings measure the operator bridge's fixed cost (said in the report).
 SMALL_HIDDEN = 1024
-# A float graph (with its external data) below this is loaded beside the other two and timed in turns.
-TOGETHER_LIMIT = 6 << 30
 
 
 def _length_one_copy(path: Path) -> Path:
@@ -117,6 +128,7 @@ class Validation:
         self.replaced = self.report.with_action("replaced")
         self.bf16 = self.report.with_action("bf16")
         self.captured: tuple[str, ...] = ()   # the float session's extra outputs
+        self.segmented: dict[str, int] = {}   # graph label -> segments it was timed in
         self.kernel = choose_kernel(ctx.config)
         # This stage runs its own float session (with the sampled nodes' tensors as outputs).
         ctx.cache.drop("ort-session")
@@ -131,16 +143,18 @@ class Validation:
 
     def float_session(self, extra: tuple[str, ...] = ()):
         """The float graph's session, with `extra` tensors as outputs (the sampled nodes' X and Y):
-        one for the capture run and the prefill timing, held while memory allows."""
+        one for the capture run and the prefill timing, held while memory allows. At 2B4T the
+        graph runs in segments (`compare.graph_session`): what is held is the plan, and each
+        segment's weights are loaded while it runs."""
         src = self.paths.full_onnx
+        segmented = runs_in_segments(src)
 
         def load():
             model = onnx.load(str(src), load_external_data=False)
-            for name in extra:
-                model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-            return ort_session(model.SerializeToString(), src.parent)
+            return graph_session(model, src.parent, extra_outputs=extra, make_room=self.ctx.cache.make_room)
 
-        return self.ctx.cache.for_file("ort-capture", src, load, extra, nbytes=graph_bytes(src))
+        return self.ctx.cache.for_file("ort-capture", src, load, extra,
+                                       nbytes=0 if segmented else graph_bytes(src))
 
     def bitlinear_session(self, path: Path):
         return shared_session(self.ctx.cache, path, _bitlinear_session)
@@ -148,7 +162,9 @@ class Validation:
     # The timed sessions: the run's shared ones for the graphs themselves, fresh ones for the
     # length-1 copies the single-token step of the icraft profile runs on.
     def timed_float_session(self, path: Path):
-        return self.float_session(self.captured) if path == self.paths.full_onnx else ort_session(path)
+        if path == self.paths.full_onnx:
+            return self.float_session(self.captured)
+        return graph_session(path, make_room=self.ctx.cache.make_room)
 
     def timed_bitlinear_session(self, path: Path):
         return (self.bitlinear_session(path) if path == self.paths.bitlinear_onnx
@@ -315,32 +331,63 @@ class Validation:
     def _time_graphs(self, graphs: list, step_paths: dict[str, Path], prefill: dict, step: dict,
                      perf: PerfResult, tokens: int) -> tuple[dict[str, float], dict[str, float]]:
         repeats = self.cfg.validate.repeats
-        # Timing in turns needs the three graphs loaded at once; a float graph this large
-        # (the full 2B model: ~10 GiB) is timed on its own instead, to bound memory.
-        together = graph_bytes(self.paths.full_onnx) < TOGETHER_LIMIT
+        # A float graph too large for one session (the full 2B model: 9 GiB of weights) runs in
+        # segments: it is timed segment by segment on its own, the others in turns with each
+        # other. Timing in turns needs those loaded at once: when together they would exceed
+        # the limit of one session, each is timed on its own instead, to bound memory.
+        segmented = [g for g in graphs if g[3] == self.timed_float_session and runs_in_segments(g[1])]
+        whole = [g for g in graphs if g not in segmented]
+        for label, path, nbytes, _ in graphs:
+            perf.graphs.append(GraphTiming(label, str(path), int(nbytes)))
+        whole_bytes = {g[0]: weight_bytes(g[1]) for g in whole}
+        together = sum(whole_bytes.values()) <= compare.WHOLE_SESSION_LIMIT
         if not together:
-            perf.notes.append("the float graph is too large to hold beside the others: "
-                              "graphs timed one after another, not in turns")
+            perf.notes.append("the graphs are too large to hold beside each other: "
+                              "timed one after another, not in turns")
         prefill_ms: dict[str, float] = {}
         step_ms: dict[str, float] = {}
-        groups = [graphs] if together else [[g] for g in graphs]
-        steps, done = len(graphs) + 2 * len(groups), 0   # a load per graph, prefill and step per group
+        groups = ([whole] if together else [[g] for g in whole]) if whole else []
+        # a load per graph, prefill and step per group or segmented graph
+        steps, done = len(whole) + 2 * len(groups) + 2 * len(segmented), 0
+        for label, path, _, factory in segmented:
+            self.ctx.check_cancelled()
+            self.bar("timing", done, steps, f"timing prefill of the {label} graph, segment by segment")
+            done += 1
+            session = factory(path)
+            prefill_ms[label] = self._segment_medians(session, prefill, repeats)
+            segments, largest, total = len(session.segments), session.largest_segment_bytes(), session.nbytes
+            if label in step_paths:
+                session = factory(step_paths[label])
+            self.bar("timing", done, steps, f"timing the single-token step of the {label} graph, "
+                                            "segment by segment")
+            done += 1
+            step_ms[label] = self._segment_medians(session, step, max(repeats, 5) * 2)
+            del session
+            free_memory()
+            self.segmented[label] = segments
+            perf.notes.append(
+                f"the {label} graph ({human_bytes(total)} of weights) ran in {segments} segments of "
+                f"≤ {human_bytes(largest)} of weights each, one ONNX Runtime session loaded at a time; "
+                "its time is the sum of the segments' medians, each segment timed on its own input "
+                "(not in turns with the other graphs)")
         for group in groups:
+            self.ctx.cache.make_room(sum(whole_bytes[g[0]] for g in group))
             sessions = {}
-            for label, path, nbytes, factory in group:
+            for label, path, _, factory in group:
                 self.ctx.check_cancelled()
                 self.bar("timing", done, steps, f"loading the {label} graph")
                 done += 1
                 sessions[label] = factory(path)
-                perf.graphs.append(GraphTiming(label, str(path), int(nbytes)))
             self.bar("timing", done, steps, f"timing prefill ({tokens} tokens)")
             done += 1
             prefill_ms |= interleaved_medians(
                 {k: (lambda s=s: s.run(["logits"], prefill)) for k, s in sessions.items()}, repeats,
                 check=self.ctx.check_cancelled)
-            if step_paths:
+            if step_paths:     # the length-1 copies replace the graphs, the run's held ones too
                 del sessions
-                gc.collect()
+                self.ctx.cache.drop("ort-session")
+                self.ctx.cache.drop("ort-capture")
+                free_memory()
                 sessions = {label: factory(step_paths[label]) for label, _, _, factory in group}
             self.bar("timing", done, steps, "timing the single-token step")
             done += 1
@@ -348,8 +395,23 @@ class Validation:
                 {k: (lambda s=s: s.run(["logits"], step)) for k, s in sessions.items()}, max(repeats, 5) * 2,
                 check=self.ctx.check_cancelled)
             del sessions
-            gc.collect()
+            free_memory()
         return prefill_ms, step_ms
+
+    def _segment_medians(self, session, feed: dict[str, np.ndarray], repeats: int) -> float:
+        """Milliseconds of one run of a graph: on a SegmentedSession the sum of its segments'
+        medians, each timed while it is loaded, on the tensors the segments before it computed."""
+        if not hasattr(session, "segments"):
+            return interleaved_medians({"graph": lambda: session.run(["logits"], feed)}, repeats,
+                                       check=self.ctx.check_cancelled)["graph"]
+        medians: list[float] = []
+
+        def visit(seg, sess, seg_feed, outputs) -> None:
+            medians.append(interleaved_medians({"segment": lambda: sess.run(outputs, seg_feed)}, repeats,
+                                               check=self.ctx.check_cancelled)["segment"])
+
+        session.run(["logits"], feed, visit=visit)
+        return sum(medians)
 
     def measure_projections(self, tokens: int, with_step: bool) -> ProjectionTiming:
         """One layer's projections alone: the part of the graph the replacement changes."""
@@ -381,7 +443,7 @@ class Validation:
                          + (f", step {pt.step_ms[label]:.3f} ms" if with_step else ""))
         del sessions
         del models
-        gc.collect()
+        free_memory()
         return pt
 
     # the whole stage -----------------------------------------------------------------------
@@ -420,7 +482,10 @@ class Validation:
             "timing": (f"median of {runs(v.repeats)} runs (prefill) and {runs(max(v.repeats, 5) * 2)} "
                        f"runs (single-token step) per whole graph, {runs(v.repeats)} and "
                        f"{runs(max(v.repeats, 5) * 4)} for the projections alone; graphs taken in turns, "
-                       "in three rounds" if measured else "not measured"),
+                       "in three rounds" + "".join(
+                           f"; the {label} graph in {n} segments, each segment's median on its own, summed"
+                           for label, n in self.segmented.items())
+                       if measured else "not measured"),
             "pass": (f"argmax agreement ≥ {pct(MIN_ARGMAX_AGREEMENT)} (or within the reference's own "
                      "rounding floor), every checked integer core exact, every checked node within "
                      "the activation-quantization bound"),
@@ -445,6 +510,8 @@ class Validation:
         tokens = self.tokens()
         for n in self.notes:
             ctx.log(n, "warning")
+        if self.profile != "icraft":    # judged against the exported graph: no PyTorch reference
+            ctx.cache.drop("reference")
         inputs = self.inputs(tokens)
         feed = self.feed(inputs)
         g = self.index(self.paths.bitlinear_onnx)
@@ -483,6 +550,9 @@ class Validation:
             accuracy["compared"] = ("BitLinear graph vs the exported graph, which quantizes activations "
                                     "in-graph exactly as BitLinear does")
         accuracy["logits"] = logits
+        # Nothing after this needs the PyTorch reference (3.4 GiB at 2B4T, held by the run cache
+        # since export; its logits are kept): it goes before the timing loads the graphs again.
+        ctx.cache.drop("reference")
         ctx.log(f"logits: {format_comparison(logits)} ({accuracy['compared']})")
         why = explain_disagreement(got, want, logits["max_abs"])
         accuracy["explanations"] = [w for w in (why, floor_why) if w]

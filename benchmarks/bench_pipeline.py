@@ -10,7 +10,8 @@ to the baseline checkout measured in the same run.
 
 `--baseline` is another checkout of tdpu (e.g. `git worktree add /tmp/before <commit>`); without
 it only this checkout is measured. Needs ~12 GiB of disk per checkout (the float graph's external
-data) and ~10 GiB of memory. Target (issue 11): ≤ 0.6 × the baseline's wall time, ≤ 8 GiB peak.
+data) and ~8 GiB of memory (~10.5 GiB for a checkout from before the float graph ran in segments,
+22e286e and earlier). Target (issue 11): ≤ 0.6 × the baseline's wall time, ≤ 8 GiB peak.
 """
 
 from __future__ import annotations

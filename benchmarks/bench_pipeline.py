@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import psutil
+
 from tdpu_tui.engine.osutil.platform import cpu_model, load_average
 
 REPO = Path(__file__).resolve().parent.parent
@@ -135,7 +136,7 @@ def machine() -> str:
     try:
         import llvmlite.binding as llvm
         cpu = llvm.get_host_cpu_name()
-    except Exception:
+    except Exception:  # noqa: BLE001 (no llvmlite, or one that cannot name the CPU: the line says "?")
         cpu = "?"
     mem = psutil.virtual_memory().total / GIB
     return f"{cpu_model()} (LLVM: {cpu}), {psutil.cpu_count()} logical cores, {mem:.0f} GiB"

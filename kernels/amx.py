@@ -93,32 +93,25 @@ def tile_config(typingctx, cfg):
     return types.none(cfg), codegen
 
 
-@intrinsic
-def tile_load(typingctx, tile, arr, offset, stride):
-    """Tile `tile` (a constant) <- rows of arr's bytes from byte `offset`, `stride` bytes apart."""
-    if _tile_id(tile) is None:
-        return None
+def _tile_memory(llvm_name: str, doc: str):
+    """An intrinsic (tile, arr, offset, stride) moving one tile between a tile register (a
+    constant) and arr's bytes from byte `offset`, rows `stride` bytes apart."""
+    def typer(typingctx, tile, arr, offset, stride):
+        if _tile_id(tile) is None:
+            return None
 
-    def codegen(context, builder, sig, args):
-        ptr = _byte_ptr(context, builder, sig.args[1], args[1], args[2], sig.args[2])
-        _call(builder, "llvm.x86.tileloadd64", [ir.Constant(ir.IntType(8), _tile_id(sig.args[0])), ptr,
-                                                 context.cast(builder, args[3], sig.args[3], types.int64)])
-        return context.get_dummy_value()
-    return types.none(tile, arr, offset, stride), codegen
+        def codegen(context, builder, sig, args):
+            ptr = _byte_ptr(context, builder, sig.args[1], args[1], args[2], sig.args[2])
+            _call(builder, llvm_name, [ir.Constant(ir.IntType(8), _tile_id(sig.args[0])), ptr,
+                                       context.cast(builder, args[3], sig.args[3], types.int64)])
+            return context.get_dummy_value()
+        return types.none(tile, arr, offset, stride), codegen
+    typer.__doc__ = doc
+    return intrinsic(typer)
 
 
-@intrinsic
-def tile_store(typingctx, tile, arr, offset, stride):
-    """Rows of tile `tile` -> arr's bytes from byte `offset`, `stride` bytes apart."""
-    if _tile_id(tile) is None:
-        return None
-
-    def codegen(context, builder, sig, args):
-        ptr = _byte_ptr(context, builder, sig.args[1], args[1], args[2], sig.args[2])
-        _call(builder, "llvm.x86.tilestored64", [ir.Constant(ir.IntType(8), _tile_id(sig.args[0])), ptr,
-                                                  context.cast(builder, args[3], sig.args[3], types.int64)])
-        return context.get_dummy_value()
-    return types.none(tile, arr, offset, stride), codegen
+tile_load = _tile_memory("llvm.x86.tileloadd64", "Tile <- rows of arr's bytes.")
+tile_store = _tile_memory("llvm.x86.tilestored64", "Rows of the tile -> arr's bytes.")
 
 
 @intrinsic

@@ -104,7 +104,6 @@ def cycles(seconds: float) -> int:
 
 # Bumped by every claimed kernel as it starts (outside the GIL): the helpers watch it.
 SIGNAL = np.zeros(1, np.int64)
-_signal = SIGNAL
 
 
 class _Helper(threading.Thread):
@@ -136,7 +135,7 @@ class _Helper(threading.Thread):
                 window = 0
         worked = False
         while True:
-            seen = int(_signal[0])
+            seen = int(SIGNAL[0])
             job = self._take()
             if job is not None:
                 self.wake.clear()
@@ -146,9 +145,9 @@ class _Helper(threading.Thread):
                 continue
             # Only right after a job: a helper the caller did not use (fewer threads asked for
             # than helpers started) goes to sleep instead of waking on every product. The caller
-            # sets the job under the GIL, then its kernel bumps `_signal` once it has let go of
+            # sets the job under the GIL, then its kernel bumps `SIGNAL` once it has let go of
             # the GIL: the helper takes the GIL uncontended and starts at once.
-            if worked and window and spin(_signal, seen, window):
+            if worked and window and spin(SIGNAL, seen, window):
                 continue
             worked = False
             self.wake.wait()
@@ -227,7 +226,7 @@ def run_claimed(kernel, args: tuple, chunks: int) -> None:
     try:
         for helper in _started(min(threads, MAX_HELPERS + 1) - 1):
             helper.give((kernel, args + (ctrl, helper.own_signal)))
-        kernel(*args, ctrl, _signal)
+        kernel(*args, ctrl, SIGNAL)
         deadline = None
         while _done(ctrl) < chunks:     # only chunks a helper claimed and is still working on
             time.sleep(0)

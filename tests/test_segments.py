@@ -74,11 +74,15 @@ def _intermediates(path: Path) -> list[str]:
     return [o for n in model.graph.node for o in n.output if o not in outs and n.op_type != "Constant"]
 
 
-def _whole(path: Path, extra: list[str]):
+def _whole(path: Path, extra: list[str], prepack: bool = False):
+    """One session over the whole graph with `extra` outputs, prepacking as the segments do."""
     model = onnx.load(str(path), load_external_data=False)
-    session = graph_session(model, path.parent, extra_outputs=extra)
-    assert not isinstance(session, SegmentedSession)
-    return session
+    assert not compare.runs_in_segments(model)
+    have = {o.name for o in model.graph.output}
+    for name in dict.fromkeys(extra):
+        if name not in have:
+            model.graph.output.append(helper.make_empty_tensor_value_info(name))
+    return compare.ort_session(model.SerializeToString(), path.parent, prepack=prepack)
 
 
 def test_segmented_run_equals_the_whole_graph_bit_for_bit(tmp_path):
@@ -195,7 +199,8 @@ def exported(request, tmp_path_factory):
     return request.param, Artifacts.of(cfg).full_onnx
 
 
-def test_the_exported_graph_in_segments_equals_the_whole_graph(exported):
+@pytest.mark.parametrize("prepack", [False, True])
+def test_the_exported_graph_in_segments_equals_the_whole_graph(exported, prepack):
     profile, path = exported
     model = onnx.load(str(path), load_external_data=False)
     extra = [n.output[0] for n in model.graph.node if n.op_type in ("MatMul", "Add")]
@@ -206,9 +211,9 @@ def test_the_exported_graph_in_segments_equals_the_whole_graph(exported):
     else:
         feed = {"input_ids": np.random.default_rng(1).integers(0, 256, (2, 16)).astype(np.int64)}
     names = ["logits", *extra]
-    want = _whole(path, extra).run(names, feed)
+    want = _whole(path, extra, prepack).run(names, feed)
     for budget in (data_bytes(model) // 6, data_bytes(model) // 3):
-        seg = SegmentedSession(path, budget=budget, extra_outputs=extra)
+        seg = SegmentedSession(path, budget=budget, extra_outputs=extra, prepack=prepack)
         assert len(seg.segments) >= 3
         got = seg.run(names, feed)
         for name, a, b in zip(names, want, got, strict=True):
@@ -237,8 +242,19 @@ def test_stages_run_a_float_graph_above_the_limit_in_segments(tmp_path, monkeypa
     # the tiny float graph holds ~0.3–0.6 MiB of weights: force it into segments of ~100 KiB
     monkeypatch.setattr(compare, "WHOLE_SESSION_LIMIT", 200_000)
     monkeypatch.setattr(compare, "SEGMENT_BYTES", 100_000)
+    runs: list[tuple[bool, bool]] = []     # (prepacked, timed) per run of a segmented graph
+    run = SegmentedSession.run
+
+    def recording_run(self, output_names, feed, visit=None):
+        runs.append((self.prepack, visit is not None))
+        return run(self, output_names, feed, visit)
+
+    monkeypatch.setattr(SegmentedSession, "run", recording_run)
     cfg = load_config(write_config(tmp_path, "[validate]\nrepeats = 2\nsample_nodes = 4\n", profile=profile))
     summary = Pipeline(cfg, stages=all_stages()).run(["export", "simulate", "replace", "validate"])
+    # runs done once (export's check, simulate, validate's capture) load unpacked weights; the
+    # timed ones (prefill and step, each segment many times) prepacked
+    assert runs.count((False, False)) == 3 and runs.count((True, True)) == 2 and len(runs) == 5, runs
     results = {r.name: r for r in summary.results}
     for name in ("export", "simulate", "replace", "validate"):
         assert results[name].status is Status.OK, (name, results[name].message)
@@ -248,7 +264,7 @@ def test_stages_run_a_float_graph_above_the_limit_in_segments(tmp_path, monkeypa
     assert "通过 passed" in report
     assert "the float graph (" in report and "segments of ≤" in report
     assert "its time is the sum of the segments' medians" in report
-    assert "the float graph in " in report and "segments, each segment's median on its own, summed" in report
+    assert "the float graph in " in report and "segments, each segment's median of 2 and 10 runs on its own, summed" in report
     compile_log = Artifacts.of(cfg).compile_log.read_text(encoding="utf-8")
     assert "ran in" in compile_log and "segments of at most" in compile_log
     log = (Artifacts.of(cfg).logs / "runs" / "export.log").read_text(encoding="utf-8")

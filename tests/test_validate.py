@@ -266,6 +266,33 @@ def test_timing_stops_at_the_next_run_once_the_stage_is_cancelled():
     assert len(calls) == 3          # the untimed warm-up run, then two timed runs
 
 
+def test_timing_takes_turns_warms_each_block_and_skips_the_warm_up_of_long_runs(monkeypatch):
+    from tdpu_tui.engine.validation import timing
+    monkeypatch.setattr(timing, "SETTLE_S", 0.0)
+    clock = [0.0]
+    calls = []
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+
+    def run(label, seconds):
+        def go():
+            calls.append(label)
+            clock[0] += seconds
+        return go
+
+    # short runs: three rounds of (warm-up + 2 timed) each, in turns
+    ms = timing.interleaved_medians({"a": run("a", 0.01), "b": run("b", 0.02)}, 6)
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    assert ms == pytest.approx({"a": 10.0, "b": 20.0})
+    # a long run is warmed once, before its first block; a short one before every block
+    calls.clear()
+    timing.interleaved_medians({"long": run("L", 2.0), "short": run("s", 0.01)}, 6)
+    assert calls.count("L") == 1 + 6 and calls.count("s") == 3 + 6
+    # a single callable has no turns to take: one block, one warm-up
+    calls.clear()
+    assert timing.interleaved_medians({"only": run("o", 0.01)}, 5) == pytest.approx({"only": 10.0})
+    assert calls == ["o"] * 6
+
+
 def test_the_validate_progress_bar_never_goes_back_over_its_phases(replaced, tmp_path):
     from tdpu_tui.engine.core.events import StageProgress
     root = _copy(replaced, tmp_path)

@@ -44,12 +44,15 @@ class SegmentedSession:
     an in-memory copy). `factory(model_bytes, external_dir)` makes each segment's session
     (default `compare.ort_session`); `make_room(nbytes)` is called with what loading a segment
     takes (`Segment.load_bytes`) before it is loaded: the run cache's, so that what it holds
-    and the segment fit within its budget together.
+    and the segment fit within its budget together. `prepack`: whether the default factory's
+    sessions prepack their MatMul weights (`compare.ort_session`): worth it only when a loaded
+    segment runs many times (`visit`).
     """
 
     def __init__(self, model: str | Path | onnx.ModelProto, external_dir: str | Path | None = None, *,
                  budget: int, extra_outputs: Sequence[str] = (),
-                 factory: Callable | None = None, make_room: Callable[[int], None] | None = None):
+                 factory: Callable | None = None, make_room: Callable[[int], None] | None = None,
+                 prepack: bool = False):
         if not isinstance(model, onnx.ModelProto):
             path = Path(model)
             model = onnx.load(str(path), load_external_data=False)
@@ -64,6 +67,7 @@ class SegmentedSession:
         self.nbytes = data_bytes(model)
         self._factory = factory
         self._make_room = make_room
+        self.prepack = prepack
 
     @property
     def segments(self) -> list[Segment]:
@@ -85,8 +89,9 @@ class SegmentedSession:
         if self._make_room is not None and seg.load_bytes:
             self._make_room(seg.load_bytes)
         model = self.plan.segment_model(seg, values, outputs)
-        factory = self._factory or ort_session
-        return factory(model.SerializeToString(), self.external_dir)
+        if self._factory is not None:
+            return self._factory(model.SerializeToString(), self.external_dir)
+        return ort_session(model.SerializeToString(), self.external_dir, prepack=self.prepack)
 
     def run(self, output_names: Sequence[str] | None, feed: dict[str, np.ndarray],
             visit: Callable[[Segment, object, dict[str, np.ndarray], list[str]], None] | None = None

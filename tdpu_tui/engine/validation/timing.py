@@ -18,8 +18,10 @@ from tdpu_tui.engine.rewrite.inventory import BITLINEAR_DOMAIN, bitlinear_attrs
 from tdpu_tui.engine.rewrite.matmulnbits import NBITS_DOMAIN, nbits_block_size, nbits_pack
 
 
-# Pause before each timed block (see interleaved_medians).
+# Pause before each timed block, and the run time from which a block needs no untimed run
+# before it (see interleaved_medians).
 SETTLE_S = 0.2
+LONG_RUN_S = 1.0
 
 
 def projection_graphs(bitlinear_path: Path, act_quant: bool, layer: int | None = None
@@ -92,18 +94,24 @@ def interleaved_medians(runs: dict[str, Callable[[], Any]], repeats: int, rounds
     """Median milliseconds of each callable over `repeats` timed runs, taken in turns.
 
     The graphs take turns in `rounds` blocks (a a a, b b b, c c c, a a a, ...), so load from
-    anything else on the machine falls evenly on all of them. Each block starts after a pause
-    and one untimed run: a session's ONNX Runtime workers keep spinning for a while after its
-    last run, and on two cores that would be charged to the next graph (the BitLinear
-    session's numba threads most of all). `check` runs before every timed run (the stage's
-    cancel check: c, q or Ctrl-C in the app stop the timing within one run).
+    anything else on the machine falls evenly on all of them; a single callable has no turns
+    to take and runs in one block. Each block starts after a pause and one untimed run: a
+    session's ONNX Runtime workers keep spinning for a while after its last run, and on two
+    cores that would be charged to the next graph (the BitLinear session's numba threads most
+    of all). A callable whose first block's runs took LONG_RUN_S or more each skips the untimed
+    run of its later blocks: the pause covers the workers' spin (milliseconds), and such a run
+    streams its weights from memory whatever ran before (at 2B4T an untimed prefill run costs
+    seconds). `check` runs before every timed run (the stage's cancel check: c, q or Ctrl-C in
+    the app stop the timing within one run).
     """
+    rounds = 1 if len(runs) == 1 else rounds
     block = -(-repeats // rounds)
     times: dict[str, list[float]] = {label: [] for label in runs}
-    for _ in range(rounds):
+    for r in range(rounds):
         for label, run in runs.items():
             time.sleep(SETTLE_S)
-            run()
+            if r == 0 or min(times[label]) < LONG_RUN_S:
+                run()
             for _ in range(block):
                 if check is not None:
                     check()

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ts = tiles.node_tiles("bench", q, unpack(p, "tdpu"), args.lanes, [0], args.n)
     codes = tiles.codes_of(ts.weights, 0, 1, 2)
-    cycles, at = tiles.fresh_schedule(ts.data, codes, timing.ii_fresh)
+    cycles, at = tiles.fresh_schedule(ts.data, codes, timing.ii_fresh, timing.lead)
     t_prep = time.perf_counter() - t0
     t1 = time.perf_counter()
     res = run_harness(b.binary, cycles, timeout_s=600)

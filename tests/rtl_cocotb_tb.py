@@ -56,9 +56,10 @@ def tiles(rng, count, lanes, same_weights=False):
 
 
 def fresh(ts, gaps, lanes, reset=4):
-    """Reset, tile 0's weights, then input i with the load of tile i+1's weights."""
+    """Reset, tile 0's weights (gaps[0] cycles ahead of input 0), then input i with the load of
+    tile i+1's weights."""
     zero = [0] * lanes
-    cyc = [(0, 0, 1, zero, zero)] * reset + [(0, 1, 0, zero, ts[0][1])]
+    cyc = [(0, 0, 1, zero, zero)] * reset + [(0, 1, 0, zero, ts[0][1])] + [(0, 0, 0, zero, zero)] * (gaps[0] - 1)
     at = []
     for i, (xs, _) in enumerate(ts):
         nxt = ts[i + 1][1] if i + 1 < len(ts) else None
@@ -68,9 +69,10 @@ def fresh(ts, gaps, lanes, reset=4):
     return cyc, at
 
 
-def reused(ts, gap, lanes, reset=4):
+def reused(ts, gap, lanes, reset=4, settle=8):
+    """Reset, one load, the first input `settle` cycles later, then every input `gap` apart."""
     zero = [0] * lanes
-    cyc = [(0, 0, 1, zero, zero)] * reset + [(0, 1, 0, zero, ts[0][1])]
+    cyc = [(0, 0, 1, zero, zero)] * reset + [(0, 1, 0, zero, ts[0][1])] + [(0, 0, 0, zero, zero)] * (settle - 1)
     at = []
     for xs, _ in ts:
         at.append(len(cyc))

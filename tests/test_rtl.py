@@ -110,11 +110,18 @@ def test_fresh_schedule_loads_the_next_weights_with_each_input():
     x = np.arange(3 * 4, dtype=np.int8).reshape(3, 4)
     c = tiles.codes_of(np.array([[1] * 4, [0] * 4, [-1] * 4], np.int8), 0, 1, 2)
     cycles, at = tiles.fresh_schedule(x, c, gap=2)
-    assert list(at) == [5, 7, 9]
+    assert list(at) == [6, 8, 10]                                              # each input `gap` after its load
     assert cycles.flags[4] == 2 and list(cycles.codes[4]) == [2] * 4          # tile 0's weights first
-    assert cycles.flags[5] == 3 and list(cycles.codes[5]) == [1] * 4          # input 0 with tile 1's load
-    assert cycles.flags[9] == 1                                                # the last input loads nothing
+    assert cycles.flags[5] == 0
+    assert cycles.flags[6] == 3 and list(cycles.codes[6]) == [1] * 4          # input 0 with tile 1's load
+    assert cycles.flags[10] == 1                                               # the last input loads nothing
     assert (cycles.flags[:4] == 4).all()                                       # reset first
+    assert list(np.flatnonzero(cycles.flags == 2)) == [4]
+
+    # loads in cycles of their own, one before each input
+    cycles, at = tiles.fresh_schedule(x, c, gap=2, lead=1)
+    assert list(at) == [5, 7, 9] and list(np.flatnonzero(cycles.flags == 2)) == [4, 6, 8]
+    assert (cycles.flags[at] == 1).all() and [list(cycles.codes[i]) for i in (4, 6, 8)] == [[2] * 4, [1] * 4, [0] * 4]
 
 
 def test_vector_words_are_expected_weight_data_msb_first():

@@ -51,6 +51,32 @@ def test_the_harness_measures_the_reference_cores_timing(rtl_builds):
     assert "0 pulse(s) during or right after it" in t.reset and t.reset.endswith("all exact")
 
 
+# correct cores whose weight timing differs from the reference's: (source, II fresh, II reused, lead)
+TIMED = {"slow_weights.sv": (2, 1, None), "load_takes_cycle.sv": (2, 1, 1)}
+
+
+@pytest.mark.parametrize("source", sorted(TIMED))
+def test_the_interval_is_measured_for_cores_that_need_more_than_one_cycle_per_fresh_tile(rtl_builds, source):
+    """Weights usable two edges after their load, or no input in a load cycle: correct at II 2
+    with fresh weights (each input as far after its load as every other), II 1 with weights reused."""
+    from tdpu_tui.engine.rtl.timing import measure
+
+    t = measure(rtl_builds(source).binary, RTL_LANES, (0, 1, 2), timeout_s=60)
+    assert (t.latency, t.ii_fresh, t.ii_reused, t.lead) == (1 + int(math.log2(RTL_LANES)), *TIMED[source])
+    assert t.fresh_exact and t.reused_exact
+    assert "256 answered, all exact, latency unchanged" in t.bubbles and t.reset.endswith("all exact")
+    assert bool(t.notes) == (t.lead is not None)
+
+
+@pytest.mark.slow
+def test_a_core_with_slow_weights_is_exact_at_its_own_interval(rtl_project, rtl_builds, tmp_path):
+    cfg = _project(rtl_project, rtl_builds, tmp_path, "slow_weights.sv", "nodes = 2\nmax_tiles = 1500\n")
+    r = _run_failing(cfg)
+    assert r.status.value == "ok" and r.message.startswith("exact:"), r.message
+    assert (r.metrics["initiation_interval"], r.metrics["initiation_interval_reused"]) == (2, 1)
+    assert r.metrics["tiles_wrong"] == 0 and r.metrics["diagnosis"] is None
+
+
 def test_the_build_is_cached_by_the_sources_hash(rtl_builds, tmp_path):
     from tdpu_tui.engine.core.config import Config
     from tdpu_tui.engine.rtl import build

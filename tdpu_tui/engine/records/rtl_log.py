@@ -44,6 +44,7 @@ def render_rtl_log(run: Any, *, root: Path | None = None) -> str:
             "to the edge after which o_data_ready is high)",
             f"- initiation interval, fresh weights every input: **{t.get('initiation_interval')}** cycle(s)",
             f"- initiation interval, weights loaded once: **{t.get('initiation_interval_reused')}** cycle(s)",
+            f"- each tile's weights load {t.get('weight_load', 'in the cycle of the previous input')}",
             f"- bubbles: {t.get('bubbles')}",
             f"- reset: {t.get('reset')}"]
     lines += [f"- note: {n}" for n in run.timing_notes]

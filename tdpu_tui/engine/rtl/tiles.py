@@ -2,10 +2,11 @@
 
 For a BitLinear node (K inputs, N outputs) and token m, tile (m, n, t) is the int8 activations
 `q[m, t·LEN:(t+1)·LEN]` (lanes past K zero) with the weights `W[n, t·LEN:(t+1)·LEN]`; tokens
-outermost, then rows, then K-tiles, so the weights change with every tile. The schedule loads
-tile 0's weights one cycle before its input, then presents input i in the same cycle as the
-load of tile i+1's weights — an input is multiplied by weights latched at an earlier edge, so a
-core that takes the weights of the same edge is caught, as is one that lags a load behind.
+outermost, then rows, then K-tiles, so the weights change with every tile. The schedule presents
+input i in the same cycle as the load of tile i+1's weights (tile 0's load as far ahead of
+input 0 as every other load of its input) — an input is multiplied by weights latched at an
+earlier edge, so a core that takes the weights of the same edge is caught, as is one that lags
+a load behind.
 """
 
 from __future__ import annotations
@@ -135,28 +136,34 @@ def codes_of(weights: np.ndarray, neg: int, zero: int, pos: int) -> np.ndarray:
     return np.array([neg, zero, pos], np.uint8)[weights.astype(np.int64) + 1]
 
 
-def fresh_schedule(data: np.ndarray, codes: np.ndarray, gap: int = 1) -> tuple[Cycles, np.ndarray]:
-    """Reset, then every input with fresh weights, `gap` cycles apart; (cycles, input cycle of each)."""
+def fresh_schedule(data: np.ndarray, codes: np.ndarray, gap: int = 1,
+                   lead: int | None = None) -> tuple[Cycles, np.ndarray]:
+    """Reset, then every input with fresh weights, `gap` cycles apart; (cycles, input cycle of each).
+
+    `lead` None: tile i+1's weights load in the cycle of input i, tile 0's `gap` cycles before
+    input 0, so every input follows the load of its weights by `gap` cycles (tile 0 too: a core
+    whose weights need two edges to settle is exact from `gap` 2 on, not at no gap at all).
+    `lead` d (1 <= d < gap): each tile's weights load d cycles before its input, in a cycle of
+    their own (for a core that takes no input in a load cycle)."""
     count, lanes = data.shape
-    start = RESET_CYCLES + 1
-    total = start + count * gap + DRAIN_CYCLES
-    c = Cycles.empty(total - RESET_CYCLES, lanes)
-    at = np.arange(count) * gap + 1                  # relative to the end of the reset
-    c.flags[0] = FLAG_LOAD
-    if count:
-        c.codes[0] = codes[0]
-    c.flags[at] = FLAG_VALID
+    d = gap if lead is None else lead
+    c = Cycles.empty(d + count * gap + DRAIN_CYCLES, lanes)
+    at = d + np.arange(count) * gap                  # relative to the end of the reset
+    loads = at - d
+    c.flags[loads] |= FLAG_LOAD
+    c.codes[loads] = codes
+    c.flags[at] |= FLAG_VALID
     c.data[at] = data
-    c.flags[at[:-1]] |= FLAG_LOAD
-    c.codes[at[:-1]] = codes[1:]
     return concat([reset_cycles(lanes, RESET_CYCLES), c]), at + RESET_CYCLES
 
 
-def reused_schedule(data: np.ndarray, codes: np.ndarray, gap: int = 1) -> tuple[Cycles, np.ndarray]:
-    """Reset, one load of `codes`, then every input `gap` cycles apart with those weights."""
+def reused_schedule(data: np.ndarray, codes: np.ndarray, gap: int = 1,
+                    settle: int = 1) -> tuple[Cycles, np.ndarray]:
+    """Reset, one load of `codes`, the first input `settle` cycles later, then every input `gap`
+    cycles apart with those weights."""
     count, lanes = data.shape
-    c = Cycles.empty(1 + count * gap + DRAIN_CYCLES, lanes)
-    at = np.arange(count) * gap + 1
+    c = Cycles.empty(settle + count * gap + DRAIN_CYCLES, lanes)
+    at = settle + np.arange(count) * gap
     c.flags[0] = FLAG_LOAD
     c.codes[0] = codes
     c.flags[at] = FLAG_VALID

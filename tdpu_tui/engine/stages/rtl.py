@@ -234,7 +234,8 @@ class RtlCheck:
         t = measure(binary, lanes, codes, timeout_s=rc.timeout_s, cancelled=lambda: ctx.cancelled,
                     workdir=self.paths.rtl_build)
         run.timing, run.timing_notes = t.as_dict(), t.notes
-        ctx.log(f"latency {t.latency} cycles, interval {t.ii_fresh} (fresh weights) / {t.ii_reused} (reused)")
+        ctx.log(f"latency {t.latency} cycles, interval {t.ii_fresh} (fresh weights) / {t.ii_reused} (reused); "
+                f"each tile's weights load {t.weight_load}")
         ctx.log(f"bubbles: {t.bubbles}")
         ctx.log(f"reset: {t.reset}")
         for n in t.notes:
@@ -315,7 +316,7 @@ class RtlCheck:
     def stream(self, binary: Path, ts: tiles.TileSet, kernel: np.ndarray, row_tiles: np.ndarray,
                t: Timing, codes: tuple[int, int, int]) -> Stream:
         c = tiles.codes_of(ts.weights, *codes)
-        cycles, at = tiles.fresh_schedule(ts.data, c, t.ii_fresh)
+        cycles, at = tiles.fresh_schedule(ts.data, c, t.ii_fresh, t.lead)
         started = time.perf_counter()
         res = run_harness(binary, cycles, timeout_s=self.cfg.rtl.timeout_s, cancelled=lambda: self.ctx.cancelled,
                           workdir=self.paths.rtl_build)

@@ -824,6 +824,12 @@ def test_item14_temp_names_one_signature(exported, tmp_path):
     ("synthetic/.staging-1.2.vm.tiny-seed0-tmp-abc12345/config.json: truncated",
      "synthetic/.staging-9.8.vm.tiny-seed0-tmp-zzz98765/config.json: truncated"),
     ("/tmp/tmpa1b2c3d4/x.json: not found", "/tmp/tmpzz9y8x7w/x.json: not found"),
+    # a file being replaced (atomic write: .NAME.<8 random>.tmp, NAME with dots and digits)
+    ("/home/u/p/models/output/.bitnet_b1.58_full.raw.k3j4h5ab.tmp: Input/output error",
+     "/home/u/p/models/output/.bitnet_b1.58_full.raw.zz_9y8x7.tmp: Input/output error"),
+    # the RTL harness's folder
+    ("harness: cannot open models/output/rtl/tdpu-rtl-abcd1234/cycles.bin",
+     "harness: cannot open models/output/rtl/tdpu-rtl-q_wer9ty/cycles.bin"),
 ])
 def test_item14_signature_ignores_tdpu_temp_names(a, b):
     """tdpu's own temp names (owner and random part) do not split a failure's signature;

@@ -928,6 +928,32 @@ def test_item18_heading_in_fence_is_text(tmp_path):
     assert text.startswith(text0)
 
 
+def test_item18_heading_in_an_indented_fence_outside_a_list_is_text(tmp_path):
+    """A fence may be indented up to 3 columns (CommonMark): outside a list item it is a
+    block at the margin like any other, and a `## Bug #8` inside it is text."""
+    proj = fresh_project(tmp_path / "p")
+    book = _book(proj)
+    book.parent.mkdir(parents=True)
+    code = "   ~~~\n## Bug #8: in an indented fence\n- **状态**: 未解决\n   ~~~\n"
+    text0 = (BOOK_TITLE + "\n\n" + _record(1) + "说明：\n\n" + code + "\n" + _record(2)
+             + "  ```\n## Bug #9: in a fence after a rule\n  ```\n\n")
+    book.write_text(text0, encoding="utf-8")
+    cp = tdpu(["bugs", "set", "8", "--status", "已解决"], proj)
+    assert cp.returncode == 2, (cp.returncode, cp.stderr)
+    no_traceback(cp)
+    cp = tdpu(["bugs", "set", "9", "--status", "已解决"], proj)
+    assert cp.returncode == 2, (cp.returncode, cp.stderr)
+    assert book.read_text("utf-8") == text0
+    cp = tdpu(["bugs", "add", "--title", "next", "--stage", "编译"], proj)
+    assert cp.returncode == 0, cp.stderr
+    text = book.read_text("utf-8")
+    assert "## Bug #3: next" in text and text.startswith(text0), text
+    cp = tdpu(["bugs", "list", "--json"], proj)
+    data = json.loads(cp.stdout)
+    recs = data if isinstance(data, list) else data.get("records", data.get("bugs"))
+    assert sorted(str(r.get("number", r.get("n"))) for r in recs) == ["1", "2", "3"]
+
+
 def test_item18_non_ascii_digits_are_not_a_record_number(tmp_path):
     proj = fresh_project(tmp_path / "p")
     book = _book(proj)

@@ -176,6 +176,13 @@ def exported(exported_template, tmp_path) -> Path:
     ("icraft", "timeout_s", "1e300"),
     ("icraft", "timeout_s", "-1"),
     ("export", "opset", "999"),
+    # counts that size an allocation or a loop before anything else is checked
+    ("model.synthetic", "layers", "1000000000"),
+    ("model.synthetic", "hidden_size", "1000000000"),
+    ("model.synthetic", "vocab_size", "4000000000"),
+    ("export", "verify_batch", "1000000000"),
+    ("export", "seq_len", "1000000000"),
+    ("validate", "repeats", "1000000000"),
 ])
 def test_item4_bad_numbers_are_config_errors(tmp_path, section, key, value):
     proj = fresh_project(tmp_path / "p")
@@ -189,6 +196,23 @@ def test_item4_bad_numbers_are_config_errors(tmp_path, section, key, value):
     if key == "opset":      # checked against what the installed onnx supports, and says so
         import onnx.defs
         assert str(onnx.defs.onnx_opset_version()) in cp.stderr, cp.stderr[-2000:]
+
+
+@linux_only
+def test_item4_synthetic_shapes_in_bounds_whose_product_is_not(tmp_path):
+    """Each shape under its bound, the model they make far above 2B4T: refused before the
+    checkpoint is planned or written, naming the key and the file, not drafted."""
+    proj = fresh_project(tmp_path / "p")
+    set_toml(proj, "model.synthetic", "preset", '"2b4t"')
+    set_toml(proj, "model.synthetic", "layers", "256")
+    cp, peak = tdpu_bounded(["--batch", "--stage", "export"], proj, tmp_path, cap_mb=600, timeout=60)
+    assert cp.returncode in (1, 2), (cp.returncode, peak, cp.stderr[-2000:])
+    no_traceback(cp)
+    assert "model.synthetic.layers" in cp.stderr and "tdpu.toml" in cp.stderr, cp.stderr[-2000:]
+    assert peak < 600
+    syn = proj / "models" / "output" / "synthetic"
+    assert not syn.exists() or list(syn.iterdir()) == []
+    assert _records(proj) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -632,6 +656,25 @@ def test_item11_output_is_a_file_is_reported_not_drafted(tmp_path):
     assert (proj / "outfile").read_text() == "a file"
 
 
+@pytest.mark.parametrize("where", ["phase3_logs/runs", "models/output/synthetic"])
+def test_item11_a_file_where_a_folder_goes_is_reported_not_drafted(tmp_path, where):
+    """A file where tdpu makes a folder (the stage logs' `runs`, the synthetic checkpoints'
+    folder): the stage fails naming it, and no bug record is drafted — the book itself is
+    writable here."""
+    proj = fresh_project(tmp_path / "p")
+    (proj / where).parent.mkdir(parents=True)
+    (proj / where).write_text("a file")
+    cp = tdpu(["--batch", "--stage", "export", "--json", "s.json"], proj)
+    assert cp.returncode == 1, (cp.returncode, cp.stderr[-2000:])
+    no_traceback(cp)
+    assert str(proj / where) in cp.stderr, cp.stderr[-2000:]
+    data = json.loads((proj / "s.json").read_text())
+    assert where.split("/")[-1] in data["stages"][0]["message"]
+    assert _records(proj) == [], _book(proj).read_text("utf-8")
+    assert "could not draft" not in cp.stderr
+    assert (proj / where).read_text() == "a file"
+
+
 def test_item11_json_path_is_a_directory(tmp_path):
     proj = fresh_project(tmp_path / "p")
     (proj / "jd").mkdir()
@@ -729,6 +772,26 @@ def test_item14_seq_len_beyond_the_model_is_not_drafted(tmp_path):
     assert _records(proj) == [], _book(proj).read_text("utf-8")
 
 
+def test_item14_missing_op_table_is_not_drafted(exported):
+    """[icraft].op_table naming a file that is not there: a missing file the user named."""
+    set_toml(exported, "icraft", "op_table", '"my_ops.csv"')
+    cp = tdpu(["--batch", "--stage", "precheck"], exported)
+    assert cp.returncode in (1, 2), (cp.returncode, cp.stderr[-2000:])
+    no_traceback(cp)
+    assert "op_table" in cp.stderr and "my_ops.csv" in cp.stderr
+    assert _records(exported) == [], _book(exported).read_text("utf-8")
+
+
+def test_item14_impossible_synthetic_shapes_are_not_drafted(tmp_path):
+    proj = fresh_project(tmp_path / "p", "")
+    set_toml(proj, "model.synthetic", "num_heads", "3")
+    cp = tdpu(["--batch", "--stage", "export"], proj)
+    assert cp.returncode in (1, 2), (cp.returncode, cp.stderr[-2000:])
+    no_traceback(cp)
+    assert "model.synthetic.num_heads" in cp.stderr and "tdpu.toml" in cp.stderr, cp.stderr[-2000:]
+    assert _records(proj) == [], _book(proj).read_text("utf-8")
+
+
 def test_item14_missing_model_dir_is_not_drafted(exported, tmp_path):
     cp = tdpu(["--batch", "--stage", "export", "--model", str(tmp_path / "nope")], exported)
     assert cp.returncode in (1, 2)
@@ -761,6 +824,12 @@ def test_item14_temp_names_one_signature(exported, tmp_path):
     ("synthetic/.staging-1.2.vm.tiny-seed0-tmp-abc12345/config.json: truncated",
      "synthetic/.staging-9.8.vm.tiny-seed0-tmp-zzz98765/config.json: truncated"),
     ("/tmp/tmpa1b2c3d4/x.json: not found", "/tmp/tmpzz9y8x7w/x.json: not found"),
+    # a file being replaced (atomic write: .NAME.<8 random>.tmp, NAME with dots and digits)
+    ("/home/u/p/models/output/.bitnet_b1.58_full.raw.k3j4h5ab.tmp: Input/output error",
+     "/home/u/p/models/output/.bitnet_b1.58_full.raw.zz_9y8x7.tmp: Input/output error"),
+    # the RTL harness's folder
+    ("harness: cannot open models/output/rtl/tdpu-rtl-abcd1234/cycles.bin",
+     "harness: cannot open models/output/rtl/tdpu-rtl-q_wer9ty/cycles.bin"),
 ])
 def test_item14_signature_ignores_tdpu_temp_names(a, b):
     """tdpu's own temp names (owner and random part) do not split a failure's signature;
@@ -857,6 +926,32 @@ def test_item18_heading_in_fence_is_text(tmp_path):
     assert "## Bug #2: next" in text, text
     assert text.count("## Bug #7: not a record") == 2
     assert text.startswith(text0)
+
+
+def test_item18_heading_in_an_indented_fence_outside_a_list_is_text(tmp_path):
+    """A fence may be indented up to 3 columns (CommonMark): outside a list item it is a
+    block at the margin like any other, and a `## Bug #8` inside it is text."""
+    proj = fresh_project(tmp_path / "p")
+    book = _book(proj)
+    book.parent.mkdir(parents=True)
+    code = "   ~~~\n## Bug #8: in an indented fence\n- **状态**: 未解决\n   ~~~\n"
+    text0 = (BOOK_TITLE + "\n\n" + _record(1) + "说明：\n\n" + code + "\n" + _record(2)
+             + "  ```\n## Bug #9: in a fence after a rule\n  ```\n\n")
+    book.write_text(text0, encoding="utf-8")
+    cp = tdpu(["bugs", "set", "8", "--status", "已解决"], proj)
+    assert cp.returncode == 2, (cp.returncode, cp.stderr)
+    no_traceback(cp)
+    cp = tdpu(["bugs", "set", "9", "--status", "已解决"], proj)
+    assert cp.returncode == 2, (cp.returncode, cp.stderr)
+    assert book.read_text("utf-8") == text0
+    cp = tdpu(["bugs", "add", "--title", "next", "--stage", "编译"], proj)
+    assert cp.returncode == 0, cp.stderr
+    text = book.read_text("utf-8")
+    assert "## Bug #3: next" in text and text.startswith(text0), text
+    cp = tdpu(["bugs", "list", "--json"], proj)
+    data = json.loads(cp.stdout)
+    recs = data if isinstance(data, list) else data.get("records", data.get("bugs"))
+    assert sorted(str(r.get("number", r.get("n"))) for r in recs) == ["1", "2", "3"]
 
 
 def test_item18_non_ascii_digits_are_not_a_record_number(tmp_path):

@@ -150,3 +150,16 @@ def test_2b4t_preset_has_the_real_shapes():
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (20, 5) and "head_dim" not in cfg
     assert (cfg["vocab_size"], cfg["max_position_embeddings"]) == (128256, 4096)
     assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (128000, 128001)
+
+
+def test_shapes_each_in_bounds_whose_model_is_too_large_are_refused_before_the_plan(tmp_path):
+    """Issue #13.4: a shape over its bound, or bounded shapes making more than 4 × 2B4T's
+    parameters, is a ConfigError naming the key; nothing is planned or written."""
+    from tdpu_tui.engine.model import synthetic
+    with pytest.raises(ConfigError, match=r"model\.synthetic\.layers.*at most 256"):
+        synthetic.resolve_shapes("tiny", {"layers": 10**9})
+    with pytest.raises(ConfigError, match=r"model\.synthetic\.layers.*parameters"):
+        write_synthetic(tmp_path / "big", "2b4t", seed=0, overrides={"layers": 256})
+    assert not any(tmp_path.iterdir())
+    shapes = synthetic.resolve_shapes("2b4t")
+    assert synthetic.parameter_count(shapes) == pytest.approx(2.41e9, rel=0.01)

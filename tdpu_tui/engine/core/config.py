@@ -202,9 +202,28 @@ _NON_NEGATIVE = {"model.synthetic.seed", "export.verify_seed", "validate.seed",
                  "rtl.codes.pos"}
 
 
-# Upper bounds where a larger value would switch a safeguard off.
+# Sequence positions a checkpoint may have (`model.checkpoint` checks config.json with it): 2B4T
+# has 4096; the reference graph's causal mask is positions² float32 (1 GiB at this limit).
+MAX_POSITIONS = 16384
+
+# Upper bounds of the synthetic model's shapes, each well above any real model's (2B4T: 30
+# layers, hidden 2560, intermediate 6912, 20/5 heads, vocab 128256): a larger one is a typo,
+# and would have been allocated and written before anything else was checked.
+SYNTHETIC_MAXIMUM = {"layers": 256, "hidden_size": 65536, "intermediate_size": 262144,
+                     "num_heads": 1024, "num_kv_heads": 1024, "vocab_size": 1 << 20}
+
+# Upper bounds where a larger value would switch a safeguard off, or ask for more memory or
+# time than any run can have (each sizes an allocation or a loop before anything else fails).
 _MAXIMUM = {"icraft.timeout_s": (7 * 24 * 3600.0, "one week"),
-            "rtl.timeout_s": (7 * 24 * 3600.0, "one week")}
+            "rtl.timeout_s": (7 * 24 * 3600.0, "one week"),
+            "export.seq_len": (MAX_POSITIONS, "the most positions a checkpoint may have"),
+            "export.verify_tokens": (MAX_POSITIONS, "the most positions a checkpoint may have"),
+            "export.verify_batch": (64, "sequences held at once by the reference and the graph"),
+            "validate.batch": (64, "sequences held at once by the reference and the graph"),
+            "validate.repeats": (1000, "timed repetitions"),
+            "rtl.lanes": (4096, "lanes of one core"),
+            **{f"model.synthetic.{k}": (v, "far above any real model's")
+               for k, v in SYNTHETIC_MAXIMUM.items()}}
 
 
 _WINDOWS_DEVICE_RE = re.compile(r"^(?:CON|PRN|AUX|NUL|COM[0-9¹²³]|LPT[0-9¹²³])(?:\..*)?$", re.IGNORECASE)
@@ -290,8 +309,10 @@ def _build(cls: type, table: dict, prefix: str, file: Path | None) -> Any:
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"expected a finite number, found {value!r}", file=file, key=key)
         if key in _MAXIMUM and value is not None and value > _MAXIMUM[key][0]:
-            raise ConfigError(f"expected at most {_MAXIMUM[key][0]:g} ({_MAXIMUM[key][1]}), "
-                              f"found {value!r}", file=file, key=key)
+            top, why = _MAXIMUM[key]
+            raise ConfigError(f"expected at most {top:g} ({why}), found {value!r}"
+                              if isinstance(top, float) else
+                              f"expected at most {top} ({why}), found {value!r}", file=file, key=key)
         if key in _POSITIVE and value is not None and value <= 0:
             raise ConfigError(f"expected a positive value, found {value!r}", file=file, key=key)
         if key in _NON_NEGATIVE and value < 0:

@@ -19,7 +19,7 @@ from tdpu_tui.engine.core import run_status
 from tdpu_tui.engine.core.artifacts import Artifacts
 from tdpu_tui.engine.core.cache import RunCache
 from tdpu_tui.engine.core.config import Config
-from tdpu_tui.engine.core.errors import Cancelled, StageFailed, TdpuError, UsageError
+from tdpu_tui.engine.core.errors import Cancelled, ConfigError, StageFailed, TdpuError, UsageError
 from tdpu_tui.engine.core.events import (
     Event, RunFinished, RunSummary, StageFinished, StageLog, StageResult, StageStarted, Status,
 )
@@ -30,11 +30,11 @@ FailureHook = Callable[[StageResult, Config], None]
 # The message of a stage Ctrl-C (or SIGTERM/SIGHUP, handled as Ctrl-C) stopped.
 INTERRUPTED = "interrupted (Ctrl-C)"
 _SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
-# The project's folders unusable (a file where [paths] names a folder, no permission, a
-# read-only or full file system): reported naming the file, not drafted as a bug of the model,
-# the graphs or Icraft (SPEC §7).
-_PLACE_ERRNOS = _SPACE_ERRNOS | {errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
-                                 errno.EROFS}
+# The project's folders unusable (a file where [paths] names a folder — ENOTDIR, or EEXIST
+# from making that folder —, no permission, a read-only or full file system): reported naming
+# the file, not drafted as a bug of the model, the graphs or Icraft (SPEC §7).
+_PLACE_ERRNOS = _SPACE_ERRNOS | {errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES,
+                                 errno.EPERM, errno.EROFS}
 
 
 def os_error_message(exc: OSError) -> str:
@@ -183,8 +183,9 @@ class Pipeline:
         except OSError as exc:      # [paths].logs unusable: the stage cannot keep its log
             message = f"cannot write the stage log: {os_error_message(with_filename(exc, log_file))}"
             self.emit(StageLog(stage.name, message, "error"))
+            # Where the stage keeps its log is the project's folders, never the model's bug.
             return StageResult(stage.name, Status.FAILED, time.perf_counter() - start, message,
-                               log_tail=[message])
+                               log_tail=[message], usage_error=True)
         for note in self._notes:
             ctx.log(note)
         self._notes = []
@@ -201,7 +202,10 @@ class Pipeline:
             ctx.log(message, "warning")
             self._interrupted = True
         except TdpuError as exc:
-            status, message, usage = Status.FAILED, str(exc), isinstance(exc, UsageError)
+            # A configuration value a stage found wrong (a missing [icraft].op_table, impossible
+            # [model.synthetic] shapes) is the user's to fix, as a stage run out of order is.
+            status, message = Status.FAILED, str(exc)
+            usage = isinstance(exc, (UsageError, ConfigError))
             ctx.log(message, "error")
         except OSError as exc:
             usage = exc.errno in _PLACE_ERRNOS

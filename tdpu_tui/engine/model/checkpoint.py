@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from kernels import packing
+from tdpu_tui.engine.core.config import MAX_POSITIONS
 from tdpu_tui.engine.core.errors import CheckpointError
 from tdpu_tui.engine.osutil.files import confined
 
@@ -62,8 +63,6 @@ _DTYPES: dict[str, np.dtype] = {
 }
 _FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 _MAX_HEADER = 100 * 1024 * 1024
-# 2B4T has 4096; the reference graph's causal mask is positions² float32 (1 GiB at this limit).
-MAX_POSITIONS = 16384
 _LAYER_RE = re.compile(r"model\.layers\.(\d{1,9})\.")
 
 

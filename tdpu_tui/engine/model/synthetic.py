@@ -35,7 +35,7 @@ import numpy as np
 
 from tdpu_tui.engine.core.artifacts import Artifacts
 from tdpu_tui.engine.model.checkpoint import ATTN_PROJECTIONS, CONFIG_FILE, MLP_PROJECTIONS, SINGLE_FILE
-from tdpu_tui.engine.core.config import Config, SyntheticConfig
+from tdpu_tui.engine.core.config import SYNTHETIC_MAXIMUM, Config, SyntheticConfig
 from tdpu_tui.engine.core.errors import ConfigError
 from tdpu_tui.engine.osutil.files import STAGING_PREFIX, fsync_dir, owned_prefix
 
@@ -90,6 +90,9 @@ def resolve_shapes(preset: str, overrides: dict[str, int | None] | None = None) 
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"expected a positive integer, found {value!r}", key=f"model.synthetic.{key}")
+            if value > SYNTHETIC_MAXIMUM[key]:
+                raise ConfigError(f"expected at most {SYNTHETIC_MAXIMUM[key]} (far above any real "
+                                  f"model's), found {value}", key=f"model.synthetic.{key}")
             shapes[key] = value
     h, heads, kv = shapes["hidden_size"], shapes["num_heads"], shapes["num_kv_heads"]
 
@@ -105,7 +108,26 @@ def resolve_shapes(preset: str, overrides: dict[str, int | None] | None = None) 
     if shapes["intermediate_size"] % 4:
         raise bad("intermediate_size", f"intermediate_size {shapes['intermediate_size']} must be a multiple of 4")
     shapes["head_dim"] = h // heads
+    # Each shape may be in bounds and their product still not: checked before anything is
+    # allocated or written (the plan of tensors, the file).
+    params, most = parameter_count(shapes), MAX_PARAMETERS_X_2B4T * parameter_count(PRESETS["2b4t"])
+    if params > most:
+        given = [k for k in OVERRIDES if (overrides or {}).get(k) is not None] or ["preset"]
+        key = max(given, key=lambda k: shapes.get(k, 0) / PRESETS["2b4t"].get(k, 1))
+        raise bad(key, f"the synthetic model would have {params:,} parameters, more than "
+                       f"{MAX_PARAMETERS_X_2B4T} × the 2b4t preset's ({most:,})")
     return shapes
+
+
+# The largest synthetic model, in multiples of the 2b4t preset's parameters.
+MAX_PARAMETERS_X_2B4T = 4
+
+
+def parameter_count(shapes: dict[str, int]) -> int:
+    """Weights of a model of `shapes` (tied embeddings; norms left out)."""
+    h, i, layers = shapes["hidden_size"], shapes["intermediate_size"], shapes["layers"]
+    kv = shapes["num_kv_heads"] * (h // shapes["num_heads"])
+    return shapes["vocab_size"] * h + layers * (2 * h * h + 2 * kv * h + 3 * i * h)
 
 
 def hf_config(shapes: dict[str, int], linear_class: str = "autobitlinear") -> dict[str, Any]:
@@ -299,4 +321,11 @@ def ensure_synthetic(cfg: Config, on_progress: Progress | None = None) -> Path:
     syn = cfg.model.synthetic
     overrides = {k: getattr(syn, k) for k in OVERRIDES}
     directory = Artifacts.of(cfg).synthetic_root / synthetic_dir_name(syn)
-    return write_synthetic(directory, syn.preset, syn.seed, overrides, on_progress)
+    try:
+        return write_synthetic(directory, syn.preset, syn.seed, overrides, on_progress)
+    except ConfigError as exc:   # impossible shapes: name the file they are set in too
+        if exc.file is not None or cfg.file is None:
+            raise
+        named = ConfigError(str(exc), file=cfg.file)
+        named.key = exc.key
+        raise named from None

@@ -11,8 +11,8 @@ Reading tolerates what hands produce: `:` or `：`, `**key**:` / `**key：**` / 
 bullets, fields missing or in any order, unknown bullets (kept in `BugRecord.extra`), wrapped
 or indented continuation lines, fenced blocks, records without a trailing `---`.
 
-A fenced block at the left margin is text whatever it holds (a `## Bug #7` in it is not a
-record). A fence indented under a bullet ends where that bullet's list item ends, at the next
+A fenced block at the left margin (or indented up to 3 columns outside a list item) is text
+whatever it holds (a `## Bug #7` in it is not a record). A fence indented under a bullet ends where that bullet's list item ends, at the next
 record heading at the margin, so a fence left open by hand cannot swallow the records after it;
 and no fence indented under a bullet closes one opened at the margin (tdpu's own fences are
 indented). For 发现时间, 发现阶段 and 状态, whose value is one line, lines nested under the bullet
@@ -79,6 +79,32 @@ def _leading(text: str) -> str:
     return text[: len(text) - len(text.lstrip(" \t"))]
 
 
+def _under_a_bullet(texts: list[str], i: int, depth: int) -> bool:
+    """Whether the fence opened on line `i`, indented `depth` columns, belongs to a list item:
+    the nearest line above it at the margin (indented less than a bullet's content, 2) is a
+    bullet, reached through the item's indented lines, blank lines and lazily continued text.
+    A fence indented 1-3 columns after free text, a heading, a rule or another fence is a block
+    at the margin, as CommonMark reads it."""
+    blank = lazy = False
+    for j in range(i - 1, -1, -1):
+        t = texts[j]
+        if not t.strip():
+            if lazy:
+                return False     # a paragraph at the margin after a blank line: no item
+            blank = True
+            continue
+        w = _width(_leading(t))
+        if _BULLET_RE.match(t) and w < depth:
+            return True
+        if w >= 2:
+            continue             # inside a list item (or deeper)
+        if blank or _HEADING_RE.match(t) or t.lstrip().startswith("#") or _FENCE_OPEN_RE.match(t) \
+                or _BREAK_RE.match(t):
+            return False
+        lazy = True              # text that may continue a bullet's paragraph: look further up
+    return False
+
+
 def _find_fences(texts: list[str]) -> dict[int, int]:
     """Opening line -> closing line of each fenced block (a fence never closed is text)."""
     fences: dict[int, int] = {}
@@ -87,13 +113,18 @@ def _find_fences(texts: list[str]) -> dict[int, int]:
         m = _FENCE_OPEN_RE.match(texts[i])
         if m and not (m["fence"][0] == "`" and "`" in m["info"]):
             depth = _width(m["indent"])
+            in_item = depth >= 4 or (depth >= 2 and _under_a_bullet(texts, i, depth))
+            # A fence at the margin closes only at the margin (tdpu's own fences, indented
+            # under bullets, do not close it); one indented 2-3 columns outside a list item
+            # closes at up to 3, as CommonMark allows.
+            margin_close = 2 if depth < 2 else 4
             closer = re.compile(
                 rf"^(?P<ws>[ \t]*){re.escape(m['fence'][0])}{{{len(m['fence'])},}}[ \t]*$")
             for j in range(i + 1, n):
-                if depth >= 2 and _width(_leading(texts[j])) < depth and _HEADING_RE.match(texts[j]):
+                if in_item and _width(_leading(texts[j])) < depth and _HEADING_RE.match(texts[j]):
                     break  # the bullet's list item ended at the heading, and the fence with it
                 c = closer.match(texts[j])
-                if c and (depth >= 2 or _width(c["ws"]) < 2):
+                if c and (in_item or _width(c["ws"]) < margin_close):
                     fences[i] = j
                     i = j
                     break

@@ -37,6 +37,11 @@ _VOLATILE = [
     # .validate-…, .validate-step1-…: the owner and the random part vary between runs
     (re.compile(r"(?<![\w.])(\.(?:staging|validate-step1|validate)-)\d+\.\d+\.[A-Za-z0-9_-]+?\."
                 r"([A-Za-z0-9_.-]*?)[a-z0-9_]{6,12}(?![a-z0-9_])"), r"\1<owner>.\2<r>"),
+    # the other temp names tdpu makes (8 random characters, as `tempfile` draws them): a file
+    # being replaced (`osutil.files.atomic_path`: .NAME.<r>.tmp, NAME may hold dots and digits,
+    # .bitnet_b1.58_full.raw.k3j4h5ab.tmp) and the RTL harness's folder (tdpu-rtl-<r>)
+    (re.compile(r"(?<![\w.])(\.[^\s\\/'\"]+\.)[a-z0-9_]{8}(\.tmp)(?![\w])"), r"\1<r>\2"),
+    (re.compile(r"\b(tdpu-rtl-)[a-z0-9_]{8}(?![a-z0-9_])"), r"\1<r>"),
     # a temp directory and the random names under it; the file name itself is kept
     (_TMP_RE, lambda m: "<tmp>/" + re.split(r"[\\/]", m.group(0))[-1]),
     # random parts of temp names: tempfile's tmpab12cd…, .staging-k2j3h4ab/, .book.md.x1y2z3w4.tmp

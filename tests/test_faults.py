@@ -349,9 +349,28 @@ def test_a_full_disk_while_writing_external_data_names_the_data_file(tmp_path):
             pass
     data._fh.close()
     data._fh = Full()
+    # the writer thread meets the error; the next write or the close raises it, naming the file
     with pytest.raises(OSError) as info:
         data.write([np.zeros(10, np.float32)])
+        data.close()
     assert info.value.filename == str(tmp_path / "x.onnx.data") and info.value.errno == errno.ENOSPC
+
+
+def test_external_data_written_from_its_thread_holds_every_piece_at_its_offset(tmp_path):
+    import numpy as np
+
+    from tdpu_tui.engine.graph.external import ALIGN, ExternalData
+
+    rng = np.random.default_rng(5)
+    data = ExternalData(tmp_path / "x.onnx.data", "x.onnx.data")
+    tensors = [[rng.standard_normal(int(n)).astype(np.float32) for n in rng.integers(0, 5000, 3)]
+               for _ in range(40)]
+    spans = [data.write(pieces) for pieces in tensors]
+    data.close()
+    raw = (tmp_path / "x.onnx.data").read_bytes()
+    for (offset, length), pieces in zip(spans, tensors, strict=True):
+        assert offset % ALIGN == 0
+        assert raw[offset:offset + length] == b"".join(p.tobytes() for p in pieces)
 
 
 def test_a_full_disk_under_the_stage_log_keeps_the_stage_going(tmp_config, monkeypatch):

@@ -3,6 +3,8 @@ through one reader and one writer (page-aligned offsets, one tensor at a time)."
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -35,37 +37,69 @@ def set_external(t: TensorProto, location: str, offset: int, length: int) -> Non
 
 
 class ExternalData:
-    """The external-data file being written; every tensor starts at a page-aligned offset."""
+    """The external-data file being written; every tensor starts at a page-aligned offset.
+
+    The bytes go to the file from a writer thread, so converting the next tensor overlaps
+    writing this one (the file system's write-back throttles a 9 GiB export to the disk's
+    speed); at most QUEUED pieces wait, so memory stays bounded by the largest few. An error of
+    the writer (a full disk) is raised, naming the file, by the next `write` or by `close`.
+    """
+
+    QUEUED = 2
 
     def __init__(self, path: Path, location: str):
         self.path = Path(path)
         self.location = location
         self.offset = 0
         self._fh = open(self.path, "wb")  # noqa: SIM115 (closed by close())
+        self._open = True
+        self._queue: queue.Queue = queue.Queue(maxsize=self.QUEUED)
+        self._error: OSError | None = None
+        self._writer = threading.Thread(target=self._drain, name="tdpu-external-data", daemon=True)
+        self._writer.start()
+
+    def _drain(self) -> None:
+        while (piece := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._fh.write(piece)
+                except OSError as exc:
+                    self._error = exc
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise with_filename(self._error, self.path) from self._error
 
     def write(self, chunks: Iterable[np.ndarray]) -> tuple[int, int]:
-        """Append one tensor, given as consecutive pieces; returns (offset, length) of its bytes."""
-        try:
-            pad = (-self.offset) % ALIGN
-            if pad:
-                self._fh.write(b"\0" * pad)
-                self.offset += pad
-            start = self.offset
-            for chunk in chunks:
-                chunk = np.ascontiguousarray(chunk)
-                self._fh.write(memoryview(chunk.reshape(-1)).cast("B"))
-                self.offset += chunk.nbytes
-        except OSError as exc:   # a full disk names no file: it is this one
-            raise with_filename(exc, self.path) from exc
+        """Append one tensor, given as consecutive pieces; returns (offset, length) of its bytes.
+        The pieces must not change after they are handed over (they are written later)."""
+        if not self._open:
+            raise ValueError(f"{self.path}: written after close")
+        self._raise_error()
+        pad = (-self.offset) % ALIGN
+        if pad:
+            self._queue.put(b"\0" * pad)
+            self.offset += pad
+        start = self.offset
+        for chunk in chunks:
+            chunk = np.ascontiguousarray(chunk)
+            self._queue.put(memoryview(chunk.reshape(-1)).cast("B"))
+            self.offset += chunk.nbytes
+            self._raise_error()
         return start, self.offset - start
 
     def close(self) -> None:
-        fh, self._fh = self._fh, None
-        if fh is not None:
-            try:
-                fh.close()
-            except OSError as exc:
-                raise with_filename(exc, self.path) from exc
+        """Wait for the writer, close the file; raises the writer's error, naming the file."""
+        if not self._open:
+            return
+        self._open = False
+        self._queue.put(None)
+        self._writer.join()
+        try:
+            self._fh.close()
+        except OSError as exc:
+            self._error = self._error or exc
+        self._raise_error()
 
 
 def data_file(base_dir: Path, tensor: str, location: str) -> Path:

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from tdpu_tui.engine.graph.builder import GraphBuilder
+from tdpu_tui.engine.graph.builder import GraphBuilder, transposed
 from tdpu_tui.engine.graph.external import ExternalData
 from tdpu_tui.engine.model.checkpoint import Checkpoint
 
@@ -93,7 +93,7 @@ class BitNetOnnx:
         w, scale = self.ckpt.ternary(module)
         n, k = w.shape
         w_name = g.initializer(
-            f"{module}.weight", np.ascontiguousarray(w.T, dtype=np.float32),
+            f"{module}.weight", transposed(w),
             doc=f"ternary {{-1,0,1}} weight of {module}, transposed to [in={k}, out={n}]")
         ws = g.initializer(f"{module}.weight_scale", np.array([scale], np.float32),
                            doc="per-tensor scale, multiply convention: y = acc / s * weight_scale")
@@ -184,7 +184,7 @@ class BitNetOnnx:
         r, c = self.ckpt.shape(name)
         step = max(1, STREAM_ELEMENTS // r)
         for start in range(0, c, step):
-            yield self.ckpt.read(name, (slice(None), slice(start, start + step))).T
+            yield transposed(self.ckpt.read(name, (slice(None), slice(start, start + step))))
 
     # -- the model --------------------------------------------------------------------------
     def build(self) -> onnx.ModelProto:

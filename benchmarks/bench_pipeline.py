@@ -166,8 +166,9 @@ def main() -> None:
         print(f"this checkout / baseline: wall {new['wall_s'] / base['wall_s']:.2f} ×, "
               f"peak RSS {new['peak_rss'] / base['peak_rss']:.2f} ×")
         for name, (_, secs) in new["stages"].items():
-            if name in base["stages"] and base["stages"][name][1]:
-                print(f"    {name:10s} {secs / base['stages'][name][1]:.2f} ×")
+            before = base["stages"].get(name, (None, 0.0))[1]
+            # a stage that took under a second (a skip, precheck) has no ratio worth printing
+            print(f"    {name:10s} " + (f"{secs / before:.2f} ×" if min(secs, before) >= 1.0 else "–"))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "runs": runs}, indent=1))
 

@@ -96,6 +96,9 @@ def test_parse_without_icraft_leaves_a_complete_bundle(project):
     assert os.access(out / "run_icraft.sh", os.X_OK)
     section = read_section(project.parent / "phase3_logs/icraft_compile_log.md", "parse")
     assert "## parse — skipped" in section and "run_icraft.ps1" in section
+    data = graph_files["graph/bitnet_b1.58_full.onnx.data"]["bytes"]
+    assert "- hand-off bundle: bitnet_b1.58_full.onnx.data: hard link, " in section
+    assert f"({data} bytes)" in section         # which way, and how many bytes
 
 
 def test_round_trip_through_run_icraft_sh_then_import_folder_and_zip(project, tmp_path):

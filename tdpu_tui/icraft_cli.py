@@ -16,16 +16,21 @@ from tdpu_tui.engine.core.errors import ConfigError, ExitCode, TdpuError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tdpu icraft",
+    # --config before or after the command (`tdpu --config P icraft import X` forwards it
+    # first); SUPPRESS so the subcommand's default does not overwrite the one given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
+                        help="configuration file (default: ./tdpu.toml)")
+    p = argparse.ArgumentParser(prog="tdpu icraft", parents=[common],
                                 description="Icraft on another machine: the hand-off bundle and "
                                             "its results.")
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bundle", help="write the hand-off folder for the Icraft host (or a zip)")
-    b.add_argument("--config", default="tdpu.toml", metavar="PATH")
+    b = sub.add_parser("bundle", parents=[common],
+                       help="write the hand-off folder for the Icraft host (or a zip)")
     b.add_argument("--zip", metavar="PATH", help="also write the bundle as this zip file")
-    i = sub.add_parser("import", help="read a bundle folder or zip after Icraft ran in it")
+    i = sub.add_parser("import", parents=[common],
+                       help="read a bundle folder or zip after Icraft ran in it")
     i.add_argument("path", metavar="PATH")
-    i.add_argument("--config", default="tdpu.toml", metavar="PATH")
     i.add_argument("--no-bug-drafts", action="store_true",
                    help="do not draft a record in bugs_found.md for a failure")
     return p
@@ -86,7 +91,7 @@ def main(argv: list[str]) -> int:
         return int(exc.code or 0)
     try:
         from tdpu_tui.engine.core.config import load_config
-        cfg = load_config(args.config)
+        cfg = load_config(getattr(args, "config", "tdpu.toml"))
     except ConfigError as exc:
         print(f"tdpu: configuration error: {exc}", file=sys.stderr)
         return ExitCode.USAGE

@@ -3,6 +3,8 @@ help that lists the stages and the exit codes."""
 
 from __future__ import annotations
 
+import zipfile
+
 import pytest
 
 from tdpu_tui import __version__
@@ -60,6 +62,27 @@ def test_config_before_bugs_from_the_shell(project_with_a_bug, tmp_path):
     proc = run_tdpu("--config", str(project_with_a_bug), "bugs", "list", cwd=tmp_path.parent, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "导出时 lm_head 形状不对" in proc.stdout
+
+
+@pytest.mark.parametrize("argv", [["--config", "{cfg}", "icraft", "bundle"],
+                                  ["icraft", "--config", "{cfg}", "bundle"],
+                                  ["icraft", "bundle", "--config", "{cfg}"],
+                                  ["--config", "{cfg}", "icraft", "import", "{bundle}"]])
+def test_config_before_or_after_the_icraft_command_chooses_the_project(argv, tmp_path, monkeypatch,
+                                                                        capsys):
+    config = write_config(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)          # no tdpu.toml here: only --config names the project
+    bundle = elsewhere / "back.zip"       # unpacked inside the project that --config names
+    with zipfile.ZipFile(bundle, "w") as zf:
+        zf.writestr("icraft_output/bundle.json", "{}")
+    argv = [a.format(cfg=config, bundle=bundle) for a in argv]
+    code = main(argv)
+    err = capsys.readouterr().err
+    # The project of --config was read (it has no export yet), not argparse's usage error.
+    assert "usage:" not in err and str(tmp_path / "out") in err, err
+    assert code == (ExitCode.FAILURE if "bundle" in argv else ExitCode.USAGE)
 
 
 def test_a_pipeline_option_before_a_command_is_a_usage_error(project_with_a_bug, capsys):

@@ -96,6 +96,9 @@ def test_parse_without_icraft_leaves_a_complete_bundle(project):
     assert os.access(out / "run_icraft.sh", os.X_OK)
     section = read_section(project.parent / "phase3_logs/icraft_compile_log.md", "parse")
     assert "## parse — skipped" in section and "run_icraft.ps1" in section
+    data = graph_files["graph/bitnet_b1.58_full.onnx.data"]["bytes"]
+    assert "- hand-off bundle: bitnet_b1.58_full.onnx.data: hard link, " in section
+    assert f"({data} bytes)" in section         # which way, and how many bytes
 
 
 def test_round_trip_through_run_icraft_sh_then_import_folder_and_zip(project, tmp_path):
@@ -199,3 +202,30 @@ def test_icraft_bundle_command_writes_a_zip(project, tmp_path):
             "icraft_output/inputs/inputs_embeds.ftmp"} <= names
     assert not any("/logs/" in n for n in names)
     assert "hard link" in proc.stdout
+
+
+def test_a_cancel_during_the_comparison_is_cancelled_not_a_failure_and_drafts_nothing(project,
+                                                                                       tmp_path):
+    import threading
+
+    from tdpu_tui.engine.core.config import load_config
+    from tdpu_tui.engine.core.events import StageStarted, Status
+    from tdpu_tui.engine.stages.handoff import import_bundle
+
+    host = tmp_path / "host"
+    assert run_on_host(bundle_dir(project), host).returncode == 0
+    bugs = project.parent / "phase3_logs/bugs_found.md"
+    before = bugs.read_text(encoding="utf-8") if bugs.exists() else ""
+    cancel = threading.Event()
+
+    def on_event(ev):       # the app's `c` while the output is compared with the reference
+        if isinstance(ev, StageStarted) and ev.stage == "simulate":
+            cancel.set()
+
+    report = import_bundle(load_config(project), host, on_event, cancel=cancel)
+    status = {r.name: r.status for r in report.results}
+    assert status == {"parse": Status.OK, "optimize": Status.OK, "simulate": Status.CANCELLED}
+    assert report.drafted == []
+    assert (bugs.read_text(encoding="utf-8") if bugs.exists() else "") == before
+    rows = run_status.load(project.parent / "phase3_logs/runs/status.json")
+    assert rows["simulate"].status.value == "cancelled"

@@ -142,3 +142,30 @@ def test_a_timeout_ends_the_windows_process_tree_with_taskkill(interop, tmp_path
     assert _wait_gone(int(win_pid.read_text()))
     assert _wait_gone(int(component.read_text()))
     assert "taskkill.exe /T /F" in read_section(paths.compile_log, "parse")
+
+
+
+def test_under_wsl_the_default_name_finds_the_windows_program(interop, tmp_path):
+    from tdpu_tui.engine.icraft import driver as ic
+
+    cfg, paths = project(tmp_path)
+    cfg.icraft.bin = "icraft"           # the shipped default, and only icraft.exe on PATH
+    tools = tmp_path / "win"
+    tools.mkdir()
+    for name in ("icraft.exe", "wslpath"):
+        (tools / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" "{helpers.HERE / name}" "$@"\n')
+        (tools / name).chmod(0o755)
+    interop.setenv("PATH", f"{tools}:/usr/bin:/bin")
+    assert ic.find_cli(cfg) == tools / "icraft.exe"
+    results = run(cfg, ["parse"])
+    assert results["parse"].status is Status.OK, results["parse"].message
+    assert "run through WSL interop" in read_section(paths.compile_log, "parse")
+
+    interop.setattr(wsl, "under_wsl", lambda *a, **k: False)     # not WSL: `icraft` is `icraft`
+    assert ic.find_cli(cfg) is None
+    assert ic.missing_cli_reason(cfg) == "Icraft CLI 'icraft' not found on PATH; set [icraft].bin"
+    interop.undo()
+    interop.setenv("WSL_DISTRO_NAME", "FakeDistro")
+    interop.setenv("PATH", "/usr/bin:/bin")
+    assert ic.find_cli(cfg) is None
+    assert "(nor 'icraft.exe' on the Windows PATH)" in ic.missing_cli_reason(cfg)

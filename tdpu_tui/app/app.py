@@ -105,6 +105,7 @@ class TdpuApp(BugActions, ImportAction, App[int]):
         self._follow = [Path(p) for p in follow]
         self.pipeline: Pipeline | None = None
         self.worker: Worker | None = None
+        self.import_cancel = threading.Event()   # the running import's (import_screen.py)
         self.last_summary = None
         # Set when the run's thread is over (it may outlive the worker if the app quits at once).
         self.run_done: threading.Event | None = None
@@ -415,11 +416,18 @@ class TdpuApp(BugActions, ImportAction, App[int]):
                    if r.status is Status.SKIPPED and r.blocked_by is not None]
         self.start_run([n for n in rows if n in failed or n in blocked])
 
+    def _cancel_event(self) -> threading.Event | None:
+        """What stops the work in progress: an import's event while one runs, else the run's."""
+        if self.worker is not None and self.worker.name == "icraft-import":
+            return self.import_cancel
+        return self.pipeline.cancel if self.pipeline is not None else None
+
     def action_cancel(self) -> None:
-        if not self.running or self.pipeline is None:
+        cancel = self._cancel_event()
+        if not self.running or cancel is None:
             self.say("nothing is running")
             return
-        self.pipeline.cancel.set()
+        cancel.set()
         self.say("cancelling: the stage stops at its next check")
 
     def on_stages_table_run_stage(self, msg: StagesTable.RunStage) -> None:
@@ -470,8 +478,9 @@ class TdpuApp(BugActions, ImportAction, App[int]):
     @work(group="quit")
     async def _stop_and_exit(self) -> None:
         self._stopping = True
-        if self.pipeline is not None:
-            self.pipeline.cancel.set()
+        cancel = self._cancel_event()
+        if cancel is not None:
+            cancel.set()
         self.say("stopping the run… (q again leaves at once)", timeout=30)
         if self.worker is not None:
             # The run's own error is already reported; we are leaving.

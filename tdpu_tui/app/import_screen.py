@@ -3,6 +3,7 @@ runs the same import as `tdpu icraft import PATH` (see `docs/icraft.md`)."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from textual.app import ComposeResult
@@ -50,15 +51,28 @@ class ImportAction:
         self.push_screen(ImportScreen(str(self.paths.icraft_dir)), self._import_chosen)
 
     def _import_chosen(self, path: str | None) -> None:
-        if not path:
+        if not path or self.running:
             return
-        self.run_worker(lambda: self._import_in_thread(Path(path).expanduser()),
-                        name="icraft-import", group="pipeline", thread=True, exit_on_error=False)
+        # As for a run started here (`start_run`): the import's lines come as events, so the
+        # stage logs it writes are not also tailed; `RunFinished` follows them again.
+        self.tailer.unfollow_dir(self.paths.run_logs.resolve())
+        self.tailer.unfollow_dir(self.paths.icraft_dir.resolve())
+        self.import_cancel = cancel = threading.Event()
+        # The app's worker while it lasts: `r`, `f` and `i` wait for it, `c` and `q` stop it.
+        self.worker = self.run_worker(lambda: self._import_in_thread(Path(path).expanduser(), cancel),
+                                      name="icraft-import", group="pipeline", thread=True,
+                                      exit_on_error=False)
+        self.refresh_bindings()
 
-    def _import_in_thread(self, path: Path) -> None:
+    def _import_in_thread(self, path: Path, cancel: threading.Event) -> None:
         from tdpu_tui.engine.stages.handoff import import_bundle
 
-        report = import_bundle(self.config, path, self._post_event)
+        report = None
+        try:
+            report = import_bundle(self.config, path, self._post_event, cancel=cancel)
+        finally:
+            if report is None or report.refused:
+                self.call_from_thread(self._follow_other_runs, history=False)
         if report.refused:
             self.call_from_thread(self.say, f"import refused: {report.refused}",
                                   severity="error", title="icraft import", timeout=12)

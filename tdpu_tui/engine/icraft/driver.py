@@ -147,13 +147,25 @@ def _looks_like_path(value: str) -> bool:
     return os.sep in value or "/" in value or value.startswith((".", "~"))
 
 
+def _windows_name(value: str) -> str | None:
+    """Under WSL, the Windows program a bare name also stands for (`icraft` → `icraft.exe`,
+    as PowerShell resolves it; WSL appends the Windows PATH), else None."""
+    if value.lower().endswith(".exe"):
+        return None
+    from tdpu_tui.engine.icraft import wsl
+    return f"{value}.exe" if wsl.under_wsl() else None
+
+
 def find_cli(cfg: Config) -> Path | None:
-    """`[icraft].bin` as a path (relative to the config file) or a name on PATH."""
+    """`[icraft].bin` as a path (relative to the config file) or a name on PATH; under WSL a
+    bare name not found as such is also looked for as the Windows program `NAME.exe`."""
     value = cfg.icraft.bin
     if _looks_like_path(value):
         p = cfg.resolve(value)
         return p if p.is_file() and os.access(p, os.X_OK) else None
     found = shutil.which(value)
+    if found is None and (windows := _windows_name(value)) is not None:
+        found = shutil.which(windows)
     return Path(found) if found else None
 
 
@@ -162,7 +174,9 @@ def missing_cli_reason(cfg: Config) -> str:
     if _looks_like_path(value):
         return (f"Icraft CLI '{cfg.resolve(value)}' not found or not executable "
                 f"(from [icraft].bin in {cfg.file or 'the configuration'})")
-    return f"Icraft CLI '{value}' not found on PATH; set [icraft].bin"
+    windows = _windows_name(value)
+    also = f" (nor '{windows}' on the Windows PATH)" if windows else ""
+    return f"Icraft CLI '{value}' not found on PATH{also}; set [icraft].bin"
 
 
 # --- argument lists --------------------------------------------------------------------------

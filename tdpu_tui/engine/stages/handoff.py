@@ -19,7 +19,7 @@ import numpy as np
 
 from tdpu_tui.engine.core import run_status
 from tdpu_tui.engine.core.config import Config
-from tdpu_tui.engine.core.errors import ConfigError, ExitCode, StageFailed, TdpuError
+from tdpu_tui.engine.core.errors import Cancelled, ConfigError, ExitCode, StageFailed, TdpuError
 from tdpu_tui.engine.core.manifests import export_identity
 from tdpu_tui.engine.core.events import (
     Event,
@@ -183,6 +183,9 @@ def import_bundle(cfg: Config, source: str | Path, on_event: Callable[[Event], N
                                                   made, started)
             else:
                 status, message = _record_run(ctx, root, manifest, outcome, where, made, started)
+        except Cancelled:        # the app's cancel: not a failure of the Icraft host's run
+            status, message = Status.CANCELLED, f"import cancelled during {stage}"
+            ctx.log(message, "warning")
         except (TdpuError, OSError) as exc:
             status, message = Status.FAILED, f"imported: {exc}"
             ctx.log(message, "error")

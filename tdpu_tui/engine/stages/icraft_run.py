@@ -106,14 +106,15 @@ def ftmp_path(ctx: StageContext, input_name: str) -> Path:
     return ctx.paths.icraft_dir / "inputs" / f"{input_name}.ftmp"
 
 
-def require_cli(ctx: StageContext, hint: str = "") -> Path:
+def require_cli(ctx: StageContext, hint: str = "", notes: list[str] | None = None) -> Path:
     """The Icraft CLI, else `Skip` with the reason (and `hint`: what to do instead), recorded
-    in the stage's section of the compile log."""
+    in the stage's section of the compile log (with `notes` below it)."""
     exe = ic.find_cli(ctx.config)
     if exe is None:
         reason = ic.missing_cli_reason(ctx.config) + (f"; {hint}" if hint else "")
         try:
-            StageRecord(ctx.stage, "skipped", summary=reason).write(ctx.paths.compile_log)
+            StageRecord(ctx.stage, "skipped", summary=reason,
+                        notes=list(notes or [])).write(ctx.paths.compile_log)
         except (OSError, TdpuError) as exc:  # a log that cannot be written does not turn a skip
             ctx.log(f"{ctx.paths.compile_log}: not updated ({getattr(exc, 'strerror', None) or exc})",
                     "warning")

@@ -25,7 +25,8 @@ class ParseStage(Stage):
     def run(self, ctx: StageContext) -> str:
         cfg = ctx.config
         bundle = write_handoff(ctx)     # before the CLI is looked for: it is the way without it
-        exe = require_cli(ctx, handoff_hint(bundle))
+        placed = [f"hand-off bundle: {f.describe()}" for f in bundle.files]
+        exe = require_cli(ctx, handoff_hint(bundle), placed)
         onnx_path = exported_graph(ctx)
         inputs = graph_inputs(onnx_path, cfg.export.seq_len)
         toml_path = bundle.toml
@@ -35,7 +36,7 @@ class ParseStage(Stage):
         for stale in ic.parsed_files(jr, cfg.icraft.net_name, "optimized"):
             stale.unlink(missing_ok=True)   # it came from the parsed graph being replaced
         argv = ic.parse_argv(exe, cfg, onnx_path, [s for _, s, _ in inputs], jr, log_dir)
-        record = StageRecord("parse", "running", notes=[f"same run by hand: `{toml_path}`"])
+        record = StageRecord("parse", "running", notes=[f"same run by hand: `{toml_path}`", *placed])
         res = run_component(ctx, exe, argv, outputs, log_dir, record)
         for p in outputs:
             ctx.artifact(f"icraft_{p.suffix[1:]}_parsed", p)

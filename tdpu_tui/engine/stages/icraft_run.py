@@ -113,7 +113,8 @@ def require_cli(ctx: StageContext, hint: str = "") -> Path:
     if exe is None:
         reason = ic.missing_cli_reason(ctx.config) + (f"; {hint}" if hint else "")
         try:
-            StageRecord(ctx.stage, "skipped", summary=reason).write(ctx.paths.compile_log)
+            StageRecord(ctx.stage, "skipped", summary=reason,
+                        root=ctx.config.base_dir).write(ctx.paths.compile_log)
         except (OSError, TdpuError) as exc:  # a log that cannot be written does not turn a skip
             ctx.log(f"{ctx.paths.compile_log}: not updated ({getattr(exc, 'strerror', None) or exc})",
                     "warning")

@@ -337,3 +337,50 @@ def test_no_record_and_no_json_field_of_a_fresh_run_names_the_project_absolutely
     assert "set [rtl].sources in tdpu.toml" in messages["rtl"]
     assert re.search(r"\(\d+ × smaller\)", messages["replace"]), messages["replace"]
 
+
+def _readme_artifacts() -> list[str]:
+    """The file patterns of the README's artifact table (its first column), as globs.
+
+    A name without a top folder is beside the row's first path (`+ .onnx.data` replaces its
+    suffix); `{a,b}` lists names; `{net}`, `<stage>` and `*` stand for any name; a trailing `/`
+    is a folder and everything in it."""
+    from tests.conftest import REPO
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    table = text.split("## Artifacts", 1)[1].split("\n\n", 2)[1]
+    patterns: list[str] = []
+    for row in table.splitlines()[2:]:
+        first: str | None = None
+        for token in re.findall(r"`([^`]+)`", row.split(" | ")[0]):
+            token = re.sub(r"\{[^},]+\}|<[^>]+>", "*", token)
+            if " " in token:       # `--json PATH`: a file the user names
+                continue
+            if token.startswith(("models/", "phase3_logs/")):
+                path = first = token
+            elif first is None:
+                continue
+            elif token.startswith("."):
+                head, name = first.rsplit("/", 1)
+                cut = name.rfind("." + token[1:].split(".")[0])
+                path = f"{head}/{name[:cut] if cut > 0 else name}{token}"
+            else:
+                path = (first if first.endswith("/") else first.rsplit("/", 1)[0] + "/") + token
+            m = re.search(r"\{([^}]*,[^}]*)\}", path)
+            options = [path[:m.start()] + o + path[m.end():] for o in m.group(1).split(",")] if m else [path]
+            for option in options:
+                patterns.append(option + "*" if option.endswith("/") else option)
+    return patterns
+
+
+@pytest.mark.slow
+def test_the_readme_artifact_table_lists_every_file_a_fresh_run_writes(fresh_run):
+    import fnmatch
+
+    root, _ = fresh_run
+    patterns = _readme_artifacts()
+    assert "models/output/bitnet_b1.58_full.onnx.data" in patterns
+    assert "phase3_logs/performance_step.png" in patterns
+    written = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    unlisted = [w for w in written if w not in ("tdpu.toml", "run.json")
+                and not any(fnmatch.fnmatchcase(w, p) for p in patterns)]
+    assert not unlisted, f"written by the run but not in the README's artifact table: {unlisted}"

@@ -1047,6 +1047,36 @@ async def test_the_report_tab_charts_the_comparison_and_follows_the_file(cfg, si
                        or "BitLinear 0.5 × float (2.0 × faster)" in str(charts.render()), timeout=5)
 
 
+@aio
+async def test_the_report_tab_says_the_reports_ratios_not_those_of_its_rounded_times(cfg):
+    """0.117 and 0.404 ms are tabled as 0.12 and 0.40 (3.3 ×); the report says 3.5 ×."""
+    from tdpu_tui.engine.records.perf_report import (
+        GraphTiming, PerfResult, ProjectionTiming, _performance,
+    )
+    perf = PerfResult([GraphTiming("float", "/x/a.onnx", 294968, 1.054, 0.117),
+                       GraphTiming("bitlinear", "/x/b.onnx", 18488, 2.458, 0.404),
+                       GraphTiming("matmulnbits", "/x/c.onnx", 22528, 1.832, 0.117)], 128, 14,
+                      why_slower="tiny shapes: the operator bridge's fixed cost")
+    perf.projections = ProjectionTiming(0, 7, 128, step_ms={"float": 0.0198, "bitlinear": 0.0127},
+                                        prefill_ms={"float": 0.1, "bitlinear": 0.5})
+    report = "\n".join(_performance(perf, None, {}))
+    assert "| 0.12 | " in report and "BitLinear step 3.5 × slower than float (tiny shapes" in report
+    path = Artifacts.of(cfg).performance_report
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# report\n" + report + "\n", encoding="utf-8")
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("5")
+        charts = app.query_one("#report-charts")
+        await wait_for(pilot, lambda: "Single-token step" in str(charts.render()), timeout=5)
+        text = str(charts.render())
+        assert "Single-token step (ms)  BitLinear 3.5 × slower than float\n" in text
+        assert "3.3 ×" not in text and "tiny shapes" not in text   # the reason stays in the report
+        assert "BitLinear 2.3 × slower than float\n" in text                 # prefill
+        assert "BitLinear 0.063 × float (16 × smaller)" in text
+        assert "BitLinear 0.64 × float (1.6 × faster)" in text               # projections alone
+
+
 def _footer_keys(app) -> set[str]:
     from textual.widgets._footer import FooterKey
     return {k.description for k in app.query(FooterKey)}

@@ -10,6 +10,7 @@ in Textual's own widgets: no plotting dependency, and it works over SSH at 80×2
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from rich.text import Text
@@ -51,8 +52,18 @@ def bar_chart(title: str, rows: list[tuple[str, float | None]], shown: list[str]
     return text
 
 
-def _ratio(a: float | None, b: float | None, kind: str = "time") -> str:
-    """BitLinear against float in words, as the report says it ("2.5 × slower than float")."""
+def _ratio(a: float | None, b: float | None, kind: str = "time", said: str | None = None) -> str:
+    """BitLinear against float in words ("BitLinear 2.5 × slower than float").
+
+    `said`: the report's own words for it, used when there (the tables' times are rounded, so
+    a ratio of them can differ from the report's); its reason in parentheses is left to the
+    report, the figures in parentheses ("2.3 × faster") are kept."""
+    if said:
+        m = re.fullmatch(r"(.*?) \(([^()]*)\)", said)
+        if m:
+            figures = [part for part in m.group(2).split("; ") if "×" in part]
+            said = m.group(1) + (f" ({'; '.join(figures)})" if figures else "")
+        return re.sub(r"^BitLinear (?:step|prefill|weights) ", "BitLinear ", said)
     if not a or not b:
         return ""
     return ratio_words("BitLinear", a / b, "float", kind=kind)
@@ -114,23 +125,30 @@ class ReportView(VerticalScroll, can_focus=True):
             return
         f = self.figures
         graphs = f.graphs
+
+        def said(table: str, row: str) -> str | None:
+            return f.ratios.get((table, row))
+
         by = {g.label: g for g in graphs}
         tokens = f" ({f.prefill_tokens} tokens)" if f.prefill_tokens else ""
         text.append("  · ONNX Runtime CPU, median of timed runs\n\n", style="dim")
         step = [(g.label, g.step_ms) for g in graphs]
         text.append(bar_chart("Single-token step (ms)", step, [_ms(v) for _, v in step], width,
-                              _ratio(_get(by, "bitlinear", "step_ms"), _get(by, "float", "step_ms"))))
+                              _ratio(_get(by, "bitlinear", "step_ms"), _get(by, "float", "step_ms"),
+                                     said=said("graphs", "step: BitLinear / float"))))
         text.append("\n")
         prefill = [(g.label, g.prefill_ms) for g in graphs]
         text.append(bar_chart(f"Prefill{tokens} (ms)", prefill, [_ms(v) for _, v in prefill], width,
                               _ratio(_get(by, "bitlinear", "prefill_ms"),
-                                     _get(by, "float", "prefill_ms"))))
+                                     _get(by, "float", "prefill_ms"),
+                                     said=said("graphs", "prefill: BitLinear / float"))))
         text.append("\n")
         weights = [(g.label, float(g.weight_bytes)) for g in graphs]
         text.append(bar_chart("Projection weight bytes", weights,
                               [human_bytes(v) for _, v in weights], width,
                               _ratio(_get(by, "bitlinear", "weight_bytes"),
-                                     _get(by, "float", "weight_bytes"), "size")))
+                                     _get(by, "float", "weight_bytes"), "size",
+                                     said=said("graphs", "weights: BitLinear / float"))))
         if f.projections:
             text.append("\n")
             rows = [(label, step_ms) for label, (_, step_ms) in f.projections.items()]
@@ -138,7 +156,8 @@ class ReportView(VerticalScroll, can_focus=True):
             text.append(bar_chart(f"Projections alone{layer}, step (ms)", rows,
                                   [_ms(v) for _, v in rows], width,
                                   _ratio(f.projections.get("bitlinear", (None, None))[1],
-                                         f.projections.get("float", (None, None))[1])))
+                                         f.projections.get("float", (None, None))[1],
+                                         said=said("projections", "step: BitLinear / float"))))
         self.query_one("#report-charts", Static).update(text)
 
 

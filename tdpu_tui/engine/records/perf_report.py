@@ -318,9 +318,14 @@ class ReportFigures:
     projections: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
     projections_layer: int | None = None
     prefill_tokens: int | None = None
+    # The ratio tables' words as written, by table and row: ("graphs", "step: BitLinear / float")
+    # -> "BitLinear step 3.5 × slower than float (…)". The app says what the report says,
+    # not a ratio of the tables' rounded times.
+    ratios: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 _NUM = re.compile(r"^-?\d+(?:\.\d+)?$")
+_RATIO_ROW = re.compile(r"^(step|prefill|weights): \w+ / \w+$")
 
 
 def _num(cell: str) -> float | None:
@@ -329,9 +334,9 @@ def _num(cell: str) -> float | None:
 
 
 def read_report_figures(text: str) -> ReportFigures | None:
-    """The per-graph table (prefill, step, projection weight bytes) and the projections-alone
-    table of `performance_report.md`, as `_performance` writes them; None when the report
-    has no performance section (not measured, or validation failed)."""
+    """The per-graph table (prefill, step, projection weight bytes), the projections-alone
+    table and the ratio rows' words of `performance_report.md`, as `_performance` writes them;
+    None when the report has no performance section (not measured, or validation failed)."""
     graphs: list[GraphTiming] = []
     out = ReportFigures(graphs)
     table = ""
@@ -348,7 +353,9 @@ def read_report_figures(text: str) -> ReportFigures | None:
             out.prefill_tokens = int(m.group(1)) if m else None
         elif table and line.startswith("| ") and not line.startswith("|---"):
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if table == "graphs" and len(cells) >= 4:
+            if len(cells) == 2 and _RATIO_ROW.match(cells[0]):
+                out.ratios[(table, cells[0])] = cells[1]
+            elif table == "graphs" and len(cells) >= 4:
                 size = re.search(r"(\d+) B\b", cells[3])
                 if size is None:
                     continue

@@ -431,6 +431,10 @@ async def test_help_lists_the_keys_and_escape_closes_it(cfg):
             assert column.region.height == len(str(column.render()).splitlines())
             assert column.region.bottom <= dialog.region.bottom
             assert all(len(line) <= column.region.width for line in str(column.render()).splitlines())
+        # The left column's lines end before the right column starts: a gap, not "tabend".
+        left = app.screen.query_one("#help-text")
+        assert all(len(line) < left.region.width for line in str(left.render()).splitlines())
+        assert left.region.right == app.screen.query_one("#help-text-right").region.x
         close = app.screen.query_one("#help-close")
         assert close.region.y == dialog.region.y + 1 and "escape" in str(close.render())
         await pilot.press("r")  # app keys are inert behind a dialog

@@ -1175,6 +1175,12 @@ async def test_nodes_status_cut_with_an_ellipsis_and_the_full_line_below_wraps(e
         text = str(detail.render())
         assert longest.name in text and longest.status in text
         assert detail.region.height >= 2 and detail.region.right <= 80   # wrapped, not cut
+        # A node that is not ternary (RoPE's rotate_half): its status is why, said once.
+        rotate = next(n for n in panel.nodes if not n.ternary and "rotate_half" in n.name)
+        panel.table.move_cursor(row=_row_names(panel.table).index(rotate.name))
+        await pilot.pause()
+        text = str(detail.render())
+        assert rotate.name in text and text.count(rotate.status) == 1, text
 
 
 # -- #15.10 the Log tab: a label column that stays, cut lines marked, earlier runs in order ----

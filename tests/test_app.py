@@ -1081,6 +1081,60 @@ async def test_the_report_tab_says_the_reports_ratios_not_those_of_its_rounded_t
         assert "BitLinear 0.64 × float (1.6 × faster)" in text               # projections alone
 
 
+def _tdpu_section() -> tuple[str, dict]:
+    """The rtl stage's TDPU section as it writes it, with a 2B4T host share of 53.6 ms."""
+    from tdpu_tui.engine.records.rtl_log import render_tdpu_section
+    from tdpu_tui.engine.rtl import cost
+
+    timing, board = cost.CoreTiming.assumed(32), cost.Board(1, 200, 4.0)
+    shapes = [("/model/layers.0/mlp/up_proj/BitLinear", 64, 128)]
+    big = cost.graph_cost(cost.shapes_2b4t(), timing, board)
+    grid = cost.sweep(timing, board)
+    host = {"embedding": 0.1, "norms": 3.5, "attention": 20.0, "lm_head": 30.0, "shapes": "hidden 2560"}
+    body = render_tdpu_section(timing, board, cost.graph_cost(shapes, timing, board),
+                               cost.graph_cost(shapes, timing, board, tokens=16, reused=True), 16, big,
+                               cost.graph_cost(cost.shapes_2b4t(), timing, board, tokens=16, reused=True),
+                               grid, None, None, host_2b4t=host)
+    return body, grid
+
+
+def test_the_tdpu_sweep_is_read_back_from_the_reports_section():
+    from tdpu_tui.engine.records.perf_report import read_report_figures
+    body, grid = _tdpu_section()
+    got = read_report_figures("# report\n\n" + body)
+    assert got is not None and got.graphs == []
+    assert got.sweep == {k: round(v.seconds * 1e3, 4) for k, v in grid.items()}
+    assert got.sweep_host_ms == 53.6
+
+
+@pytest.mark.parametrize("size", SIZES)
+@aio
+async def test_the_report_tab_charts_the_tdpu_sweep_once_the_rtl_stage_wrote_it(cfg, size):
+    path = Artifacts.of(cfg).performance_report
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body, grid = _tdpu_section()
+    path.write_text("# report\n\n" + body + "\n", encoding="utf-8")   # no validate run yet
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=size) as pilot:
+        await pilot.press("5")
+        charts = app.query_one("#report-charts")
+        await wait_for(pilot, lambda: "TDPU cost model" in str(charts.render()), timeout=5)
+        text = str(charts.render())
+        assert "no performance section" in text and "Single-token step" not in text
+        assert "TDPU cost model, 2B4T per token  LEN × cores; host ops add 53.6 ms here" in text
+        rows = {line.split()[0]: line for line in text.splitlines()
+                if line.startswith("  ") and "×" in line.split()[0]}
+        assert list(rows) == [f"{lanes}×{cores}" for lanes, cores in sorted(grid)]
+        assert rows["16×1"].rstrip().endswith(f"{grid[(16, 1)].seconds * 1e3:.1f} ms")
+        assert rows["16×1"].count("█") > rows["32×1"].count("█") > rows["128×4"].count("█") > 0
+        assert all(len(line) <= size[0] for line in rows.values())
+        _write_report(cfg)
+        path.write_text(path.read_text(encoding="utf-8") + "\n" + body + "\n", encoding="utf-8")
+        await wait_for(pilot, lambda: "Single-token step" in str(charts.render()), timeout=5)
+        text = str(charts.render())
+        assert "TDPU cost model" in text and "no performance section" not in text
+
+
 def _footer_keys(app) -> set[str]:
     from textual.widgets._footer import FooterKey
     return {k.description for k in app.query(FooterKey)}

@@ -1,8 +1,8 @@
 """The Report tab: the performance comparison of `performance_report.md` as terminal bar charts.
 
 The same figures as the report's PNG charts (`records/perf_report.py`): prefill and
-single-token step time per graph, projection weight bytes per graph, and one layer's
-projections timed alone. Read from the report the validate stage wrote (here or in a
+single-token step time per graph, projection weight bytes per graph, one layer's
+projections timed alone, and the TDPU cost model's 2B4T sweep once the rtl stage wrote it. Read from the report the validate stage wrote (here or in a
 `--batch` run elsewhere; checked every second while the tab is shown), drawn with Rich text
 in Textual's own widgets: no plotting dependency, and it works over SSH at 80×24.
 """
@@ -25,6 +25,8 @@ from tdpu_tui.engine.records.style import ratio_words
 COLORS = {"float": "grey62", "bitlinear": "dodger_blue2", "matmulnbits": "green3"}
 NAMES = {"float": "float", "bitlinear": "BitLinear", "matmulnbits": "MatMulNBits"}
 LABEL_W = 13
+NO_TIMING = ("it has no performance section: speed was not measured "
+             "(validation failed, or [validate] did not time the graphs)")
 
 
 def bar_chart(title: str, rows: list[tuple[str, float | None]], shown: list[str], width: int,
@@ -111,8 +113,7 @@ class ReportView(VerticalScroll, can_focus=True):
             except OSError as exc:
                 self.error = f"cannot read it: {exc}"
             if self.figures is None and not self.error:
-                self.error = ("it has no performance section: speed was not measured "
-                              "(validation failed, or [validate] did not time the graphs)")
+                self.error = NO_TIMING
         self.draw()
 
     def draw(self) -> None:
@@ -124,6 +125,18 @@ class ReportView(VerticalScroll, can_focus=True):
             self.query_one("#report-charts", Static).update(text)
             return
         f = self.figures
+        if f.graphs:
+            self._graph_charts(text, f, width)
+        else:
+            text.append(f": {NO_TIMING}\n", style="yellow")
+        if f.sweep:
+            text.append("\n")
+            text.append(self._sweep_chart(f, width))
+        self.query_one("#report-charts", Static).update(text)
+
+    @staticmethod
+    def _graph_charts(text: Text, f, width: int) -> None:
+        """Step, prefill and weight bytes per graph, one layer's projections alone."""
         graphs = f.graphs
 
         def said(table: str, row: str) -> str | None:
@@ -158,7 +171,17 @@ class ReportView(VerticalScroll, can_focus=True):
                                   _ratio(f.projections.get("bitlinear", (None, None))[1],
                                          f.projections.get("float", (None, None))[1],
                                          said=said("projections", "step: BitLinear / float"))))
-        self.query_one("#report-charts", Static).update(text)
+
+    @staticmethod
+    def _sweep_chart(f, width: int) -> Text:
+        """The TDPU cost model's 2B4T sweep, as the report's chart (which stacks the host on it)."""
+        keys = sorted(f.sweep)
+        rows = [(f"{lanes}×{cores}", f.sweep[(lanes, cores)]) for lanes, cores in keys]
+        note = "LEN × cores"
+        if f.sweep_host_ms is not None:
+            note += f"; host ops add {f.sweep_host_ms:.1f} ms here"   # timed on this machine
+        return bar_chart("TDPU cost model, 2B4T per token", rows, [f"{v:.1f} ms" for _, v in rows],
+                         width, note)
 
 
 def _ms(v: float | None) -> str:

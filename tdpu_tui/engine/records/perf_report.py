@@ -322,6 +322,10 @@ class ReportFigures:
     # -> "BitLinear step 3.5 × slower than float (…)". The app says what the report says,
     # not a ratio of the tables' rounded times.
     ratios: dict[tuple[str, str], str] = field(default_factory=dict)
+    # The TDPU cost model's 2B4T sweep (its section, once the rtl stage wrote it):
+    # (LEN, cores) -> ms per token on the TDPU, and the host's ops per token (this machine's).
+    sweep: dict[tuple[int, int], float] = field(default_factory=dict)
+    sweep_host_ms: float | None = None
 
 
 _NUM = re.compile(r"^-?\d+(?:\.\d+)?$")
@@ -340,8 +344,20 @@ def read_report_figures(text: str) -> ReportFigures | None:
     graphs: list[GraphTiming] = []
     out = ReportFigures(graphs)
     table = ""
+    cores: list[int] = []
     for line in text.splitlines():
-        if line.startswith("## "):
+        if line.startswith("| LEN \\ cores |"):
+            table = "sweep"
+            cores = [int(c) for c in re.findall(r"\| (\d+)", line)]
+        elif table == "sweep" and re.match(r"\| \d+ \|", line):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            for c, cell in zip(cores, cells[1:]):
+                m = re.match(r"([\d.]+) ms", cell)
+                if m:
+                    out.sweep[(int(cells[0]), c)] = float(m.group(1))
+        elif m := re.match(r"2B4T's host ops, one token .*?: ([\d.]+) ms", line):
+            out.sweep_host_ms = float(m.group(1))
+        elif line.startswith("## "):
             table = "graphs" if "Performance" in line else ""
         elif line.startswith("### "):
             m = re.search(r"Projections alone \(layer (\d+)", line)
@@ -363,4 +379,4 @@ def read_report_figures(text: str) -> ReportFigures | None:
                                           _num(cells[2])))
             elif table == "projections" and len(cells) == 3 and cells[0] in LABELS:
                 out.projections[cells[0]] = (_num(cells[1]), _num(cells[2]))
-    return out if graphs else None
+    return out if graphs or out.sweep else None

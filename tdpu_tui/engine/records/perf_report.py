@@ -339,8 +339,9 @@ def _num(cell: str) -> float | None:
 
 def read_report_figures(text: str) -> ReportFigures | None:
     """The per-graph table (prefill, step, projection weight bytes), the projections-alone
-    table and the ratio rows' words of `performance_report.md`, as `_performance` writes them;
-    None when the report has no performance section (not measured, or validation failed)."""
+    table and the ratio rows' words of `performance_report.md`, as `_performance` writes them,
+    and the TDPU section's 2B4T sweep; None when the report has neither a performance section
+    (not measured, or validation failed) nor that sweep."""
     graphs: list[GraphTiming] = []
     out = ReportFigures(graphs)
     table = ""

@@ -22,7 +22,7 @@ from tdpu_tui.engine.core.events import (
 )
 from tdpu_tui.engine.osutil.files import atomic_write_text
 from tdpu_tui.engine.osutil.platform import termination_signals
-from tdpu_tui.engine.records.style import fmt_time, rel_path, zone_name
+from tdpu_tui.engine.records.style import fmt_time, rel_path, relative_text, zone_name
 from tdpu_tui.engine import stages as registry
 from tdpu_tui.engine.core.pipeline import Pipeline
 
@@ -197,8 +197,9 @@ def json_summary(summary: RunSummary, cfg: Config, *, code: int, started: float,
                  selected: list[str]) -> dict:
     """The `--json` document: the run's outcome first, then each stage, artifacts and metrics.
 
-    Paths are relative to the project root (tdpu.toml's directory, given absolute as
-    `project`), times local as in the records, with the zone beside them.
+    Paths, in the artifacts and in the stages' messages, are relative to the project root
+    (tdpu.toml's directory, given absolute as `project`), times local as in the records, with
+    the zone beside them.
     """
     from tdpu_tui import __version__
 
@@ -216,6 +217,8 @@ def json_summary(summary: RunSummary, cfg: Config, *, code: int, started: float,
     stages = []
     for r, entry in zip(summary.results, body["stages"]):
         entry = dict(entry, cancelled=r.status is Status.CANCELLED)
+        if entry.get("message"):
+            entry["message"] = relative_text(entry["message"], root)
         if r.blocked_by:
             entry["blocked_by"] = r.blocked_by
         stages.append(entry)

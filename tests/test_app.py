@@ -431,6 +431,10 @@ async def test_help_lists_the_keys_and_escape_closes_it(cfg):
             assert column.region.height == len(str(column.render()).splitlines())
             assert column.region.bottom <= dialog.region.bottom
             assert all(len(line) <= column.region.width for line in str(column.render()).splitlines())
+        # The left column's lines end before the right column starts: a gap, not "tabend".
+        left = app.screen.query_one("#help-text")
+        assert all(len(line) < left.region.width for line in str(left.render()).splitlines())
+        assert left.region.right == app.screen.query_one("#help-text-right").region.x
         close = app.screen.query_one("#help-close")
         assert close.region.y == dialog.region.y + 1 and "escape" in str(close.render())
         await pilot.press("r")  # app keys are inert behind a dialog
@@ -1047,6 +1051,90 @@ async def test_the_report_tab_charts_the_comparison_and_follows_the_file(cfg, si
                        or "BitLinear 0.5 × float (2.0 × faster)" in str(charts.render()), timeout=5)
 
 
+@aio
+async def test_the_report_tab_says_the_reports_ratios_not_those_of_its_rounded_times(cfg):
+    """0.117 and 0.404 ms are tabled as 0.12 and 0.40 (3.3 ×); the report says 3.5 ×."""
+    from tdpu_tui.engine.records.perf_report import (
+        GraphTiming, PerfResult, ProjectionTiming, _performance,
+    )
+    perf = PerfResult([GraphTiming("float", "/x/a.onnx", 294968, 1.054, 0.117),
+                       GraphTiming("bitlinear", "/x/b.onnx", 18488, 2.458, 0.404),
+                       GraphTiming("matmulnbits", "/x/c.onnx", 22528, 1.832, 0.117)], 128, 14,
+                      why_slower="tiny shapes: the operator bridge's fixed cost")
+    perf.projections = ProjectionTiming(0, 7, 128, step_ms={"float": 0.0198, "bitlinear": 0.0127},
+                                        prefill_ms={"float": 0.1, "bitlinear": 0.5})
+    report = "\n".join(_performance(perf, None, {}))
+    assert "| 0.12 | " in report and "BitLinear step 3.5 × slower than float (tiny shapes" in report
+    path = Artifacts.of(cfg).performance_report
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# report\n" + report + "\n", encoding="utf-8")
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("5")
+        charts = app.query_one("#report-charts")
+        await wait_for(pilot, lambda: "Single-token step" in str(charts.render()), timeout=5)
+        text = str(charts.render())
+        assert "Single-token step (ms)  BitLinear 3.5 × slower than float\n" in text
+        assert "3.3 ×" not in text and "tiny shapes" not in text   # the reason stays in the report
+        assert "BitLinear 2.3 × slower than float\n" in text                 # prefill
+        assert "BitLinear 0.063 × float (16 × smaller)" in text
+        assert "BitLinear 0.64 × float (1.6 × faster)" in text               # projections alone
+
+
+def _tdpu_section() -> tuple[str, dict]:
+    """The rtl stage's TDPU section as it writes it, with a 2B4T host share of 53.6 ms."""
+    from tdpu_tui.engine.records.rtl_log import render_tdpu_section
+    from tdpu_tui.engine.rtl import cost
+
+    timing, board = cost.CoreTiming.assumed(32), cost.Board(1, 200, 4.0)
+    shapes = [("/model/layers.0/mlp/up_proj/BitLinear", 64, 128)]
+    big = cost.graph_cost(cost.shapes_2b4t(), timing, board)
+    grid = cost.sweep(timing, board)
+    host = {"embedding": 0.1, "norms": 3.5, "attention": 20.0, "lm_head": 30.0, "shapes": "hidden 2560"}
+    body = render_tdpu_section(timing, board, cost.graph_cost(shapes, timing, board),
+                               cost.graph_cost(shapes, timing, board, tokens=16, reused=True), 16, big,
+                               cost.graph_cost(cost.shapes_2b4t(), timing, board, tokens=16, reused=True),
+                               grid, None, None, host_2b4t=host)
+    return body, grid
+
+
+def test_the_tdpu_sweep_is_read_back_from_the_reports_section():
+    from tdpu_tui.engine.records.perf_report import read_report_figures
+    body, grid = _tdpu_section()
+    got = read_report_figures("# report\n\n" + body)
+    assert got is not None and got.graphs == []
+    assert got.sweep == {k: round(v.seconds * 1e3, 4) for k, v in grid.items()}
+    assert got.sweep_host_ms == 53.6
+
+
+@pytest.mark.parametrize("size", SIZES)
+@aio
+async def test_the_report_tab_charts_the_tdpu_sweep_once_the_rtl_stage_wrote_it(cfg, size):
+    path = Artifacts.of(cfg).performance_report
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body, grid = _tdpu_section()
+    path.write_text("# report\n\n" + body + "\n", encoding="utf-8")   # no validate run yet
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=size) as pilot:
+        await pilot.press("5")
+        charts = app.query_one("#report-charts")
+        await wait_for(pilot, lambda: "TDPU cost model" in str(charts.render()), timeout=5)
+        text = str(charts.render())
+        assert "no performance section" in text and "Single-token step" not in text
+        assert "TDPU cost model, 2B4T per token  LEN × cores; host ops add 53.6 ms here" in text
+        rows = {line.split()[0]: line for line in text.splitlines()
+                if line.startswith("  ") and "×" in line.split()[0]}
+        assert list(rows) == [f"{lanes}×{cores}" for lanes, cores in sorted(grid)]
+        assert rows["16×1"].rstrip().endswith(f"{grid[(16, 1)].seconds * 1e3:.1f} ms")
+        assert rows["16×1"].count("█") > rows["32×1"].count("█") > rows["128×4"].count("█") > 0
+        assert all(len(line) <= size[0] for line in rows.values())
+        _write_report(cfg)
+        path.write_text(path.read_text(encoding="utf-8") + "\n" + body + "\n", encoding="utf-8")
+        await wait_for(pilot, lambda: "Single-token step" in str(charts.render()), timeout=5)
+        text = str(charts.render())
+        assert "TDPU cost model" in text and "no performance section" not in text
+
+
 def _footer_keys(app) -> set[str]:
     from textual.widgets._footer import FooterKey
     return {k.description for k in app.query(FooterKey)}
@@ -1141,6 +1229,12 @@ async def test_nodes_status_cut_with_an_ellipsis_and_the_full_line_below_wraps(e
         text = str(detail.render())
         assert longest.name in text and longest.status in text
         assert detail.region.height >= 2 and detail.region.right <= 80   # wrapped, not cut
+        # A node that is not ternary (RoPE's rotate_half): its status is why, said once.
+        rotate = next(n for n in panel.nodes if not n.ternary and "rotate_half" in n.name)
+        panel.table.move_cursor(row=_row_names(panel.table).index(rotate.name))
+        await pilot.pause()
+        text = str(detail.render())
+        assert rotate.name in text and text.count(rotate.status) == 1, text
 
 
 # -- #15.10 the Log tab: a label column that stays, cut lines marked, earlier runs in order ----

@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tdpu_tui.batch import json_summary
 from tdpu_tui.engine.core.config import load_config
@@ -299,3 +300,87 @@ def test_a_validate_pass_below_99_percent_says_it_rests_on_the_tolerance(tmp_pat
     assert verdict.startswith("- **结论 Verdict**: 通过 passed within tolerance: argmax agreement 98.00% "
                               "is below 99.00%, but the PyTorch reference itself agrees on 97.00%")
     assert not has_nested_parens(verdict)
+
+
+# a whole run on a fresh project, as a new user makes it -----------------------------------
+
+@pytest.fixture(scope="module")
+def fresh_run(tmp_path_factory):
+    """`tdpu --batch --json run.json` on the shipped tdpu.toml (its default paths), without Icraft:
+    parse and optimize skipped with the hand-off hint, rtl skipped naming tdpu.toml."""
+    from tests.conftest import REPO, run_tdpu
+
+    root = tmp_path_factory.mktemp("fresh_run").resolve()
+    shipped = (REPO / "tdpu.toml").read_text(encoding="utf-8")
+    assert 'bin = "icraft"' in shipped
+    (root / "tdpu.toml").write_text(
+        shipped.replace('bin = "icraft"', 'bin = "tdpu-test-no-such-icraft"')
+        + "\n[validate]\nrepeats = 1\nsample_nodes = 2\n", encoding="utf-8")
+    proc = run_tdpu("--batch", "--json", "run.json", cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, json.loads((root / "run.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.slow
+def test_no_record_and_no_json_field_of_a_fresh_run_names_the_project_absolutely(fresh_run):
+    root, doc = fresh_run
+    records = sorted((root / "phase3_logs").glob("*.md"))
+    assert {"export_log.md", "icraft_compile_log.md", "performance_report.md"} <= {p.name for p in records}
+    for record in records:
+        assert str(root) not in record.read_text(encoding="utf-8"), record.name
+    skipped = read_section(root / "phase3_logs" / "icraft_compile_log.md", "parse")
+    assert "copy models/output/icraft_output to the Windows host" in skipped
+    assert doc["project"] == str(root)
+    rest = {k: v for k, v in doc.items() if k != "project"}
+    assert str(root) not in json.dumps(rest, ensure_ascii=False)
+    messages = {s["name"]: s["message"] for s in doc["stages"]}
+    assert "set [rtl].sources in tdpu.toml" in messages["rtl"]
+    assert re.search(r"\(\d+ × smaller\)", messages["replace"]), messages["replace"]
+
+
+def _readme_artifacts() -> list[str]:
+    """The file patterns of the README's artifact table (its first column), as globs.
+
+    A name without a top folder is beside the row's first path (`+ .onnx.data` replaces its
+    suffix); `{a,b}` lists names; `{net}`, `<stage>` and `*` stand for any name; a trailing `/`
+    is a folder and everything in it."""
+    from tests.conftest import REPO
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    table = text.split("## Artifacts", 1)[1].split("\n\n", 2)[1]
+    patterns: list[str] = []
+    for row in table.splitlines()[2:]:
+        first: str | None = None
+        for token in re.findall(r"`([^`]+)`", row.split(" | ")[0]):
+            token = re.sub(r"\{[^},]+\}|<[^>]+>", "*", token)
+            if " " in token:       # `--json PATH`: a file the user names
+                continue
+            if token.startswith(("models/", "phase3_logs/")):
+                path = first = token
+            elif first is None:
+                continue
+            elif token.startswith("."):
+                head, name = first.rsplit("/", 1)
+                cut = name.rfind("." + token[1:].split(".")[0])
+                path = f"{head}/{name[:cut] if cut > 0 else name}{token}"
+            else:
+                path = (first if first.endswith("/") else first.rsplit("/", 1)[0] + "/") + token
+            m = re.search(r"\{([^}]*,[^}]*)\}", path)
+            options = [path[:m.start()] + o + path[m.end():] for o in m.group(1).split(",")] if m else [path]
+            for option in options:
+                patterns.append(option + "*" if option.endswith("/") else option)
+    return patterns
+
+
+@pytest.mark.slow
+def test_the_readme_artifact_table_lists_every_file_a_fresh_run_writes(fresh_run):
+    import fnmatch
+
+    root, _ = fresh_run
+    patterns = _readme_artifacts()
+    assert "models/output/bitnet_b1.58_full.onnx.data" in patterns
+    assert "phase3_logs/performance_step.png" in patterns
+    written = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    unlisted = [w for w in written if w not in ("tdpu.toml", "run.json")
+                and not any(fnmatch.fnmatchcase(w, p) for p in patterns)]
+    assert not unlisted, f"written by the run but not in the README's artifact table: {unlisted}"

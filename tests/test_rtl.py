@@ -198,6 +198,29 @@ def test_without_sources_the_stage_is_skipped_with_the_key_and_the_cost_model_is
     assert f"**This graph, one token**: {want} cycles" in report and "assumed" in report
 
 
+def test_the_cost_sweep_chart_is_a_png_linked_from_the_report_with_the_hosts_share(rtl_project, tmp_path):
+    import re
+
+    from tdpu_tui.engine.records import charts
+    from tdpu_tui.engine.rtl import cost
+
+    p = _copy_project(rtl_project, tmp_path)
+    cfg = _cfg(p, "chart", "")
+    r = _run(cfg)
+    assert r.status.value == "skipped"
+    report = (cfg.logs_dir / "performance_report.md").read_text(encoding="utf-8")
+    png = cfg.logs_dir / "tdpu_cost_sweep.png"
+    assert charts.png_size(png) == (charts.WIDTH_PX, charts.HEIGHT_PX) and png.stat().st_size > 5000
+    assert re.search(r"!\[[^\]]*host's share\]\(tdpu_cost_sweep\.png\)", report)
+    assert r.artifacts["tdpu_cost_chart"] == str(png)
+    # The host's share is 2B4T's, beside the 2B4T sweep: its shapes, ms and share of the token.
+    m = re.search(r"2B4T's host ops, one token \(hidden 2560, 30 layers, 20/5 heads, vocab 128256, "
+                  r"context \d+\).*?: ([\d.]+) ms, ([\d.]+)% of the token", report)
+    assert m and float(m.group(1)) > 0 and 0 < float(m.group(2)) < 100, report
+    host = cost.host_ops_ms(cost.CONFIG_2B4T, 16)
+    assert set(host) == {"embedding", "norms", "attention", "lm_head", "shapes"}
+
+
 def test_without_verilator_the_stage_is_skipped_naming_what_to_install(rtl_project, tmp_path, monkeypatch):
     from tdpu_tui.engine.rtl import build
 

@@ -248,7 +248,8 @@ class NodesPanel(Vertical):
         # Wrapped, never cut: the full node name, its status and why it is (not) selected.
         text = Text(node.name, style="bold")
         text.append(f"  {node.status}", style="green" if node.ternary else "yellow")
-        text.append(f"  · {why}", style="green" if self.selection.get(node.name) else "dim")
+        if why != node.status:     # a node that is not ternary: its status is the reason, said once
+            text.append(f"  · {why}", style="green" if self.selection.get(node.name) else "dim")
         if node.projection == "lm_head" and self.config.replace.lm_head == "bf16" \
                 and not self.selection.get(node.name):
             text.append("  · held in bf16 as LinearBF16 ([replace].lm_head)", style="cyan")

@@ -51,10 +51,12 @@ class HelpScreen(ModalScreen[None]):
 
     @staticmethod
     def column(sections) -> str:
+        """The keys padded to this column's longest, so no line runs into the next column."""
+        width = max((len(k) for _, keys in sections for k, _ in keys), default=0)
         lines = []
         for section, keys in sections:
             lines.append(f"[b]{escape(section)}[/b]")
-            lines += [f"[b]{escape(k):<10}[/b] {escape(what)}" for k, what in keys]
+            lines += [f"[b]{escape(k):<{width}}[/b] {escape(what)}" for k, what in keys]
         return "\n".join(lines)
 
     def compose(self) -> ComposeResult:

@@ -34,30 +34,42 @@ def _value_text(v: float, unit: str) -> str:
 
 
 def bar_chart(path: str | Path, title: str, labels: Sequence[str], values: Sequence[float | None],
-              unit: str, *, note: str = "") -> Path:
+              unit: str, *, note: str = "", stacked: Sequence[float] | None = None,
+              legend: tuple[str, str] | None = None, color: str | None = None) -> Path:
     """One bar per label, its value written on it; `None` draws no bar and says "n/a".
 
     `unit` labels the y axis and the values ("ms", "KiB"); `note` is a line of small print
-    under the chart (what was measured, on which machine). Returns `path`.
+    under the chart (what was measured, on which machine). `stacked`: a second part on top of
+    each bar (the value written is then the sum), `legend` names the two parts; `color` is
+    every bar's (else one per graph). Returns `path`.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    if len(labels) != len(values):
+    if len(labels) != len(values) or (stacked is not None and len(stacked) != len(values)):
         raise ValueError(f"{path}: {len(labels)} labels for {len(values)} values")
     fig = Figure(figsize=(WIDTH_PX / DPI, HEIGHT_PX / DPI), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     heights = [0.0 if v is None else float(v) for v in values]
     extra = iter(FALLBACK_COLORS * (len(labels) // len(FALLBACK_COLORS) + 1))
-    colors = [COLORS.get(label) or next(extra) for label in labels]
-    bars = ax.bar(range(len(labels)), heights, color=colors, width=0.6)
-    top = max(heights, default=0.0) or 1.0
+    colors = [color or COLORS.get(label) or next(extra) for label in labels]
+    first = legend[0] if legend else None
+    bars = ax.bar(range(len(labels)), heights, color=colors, width=0.6, label=first)
+    tops = list(heights)
+    if stacked is not None:
+        ax.bar(range(len(labels)), [float(x) for x in stacked], bottom=heights, color="#c7c7c7",
+               width=0.6, label=legend[1] if legend else None)
+        tops = [h + float(x) for h, x in zip(heights, stacked)]
+    top = max(tops, default=0.0) or 1.0
     ax.set_ylim(0, top * 1.18)
-    for bar, v in zip(bars, values):
-        text = "n/a" if v is None else _value_text(float(v), unit)
-        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+    for bar, v, height in zip(bars, values, tops):
+        total = None if v is None else height
+        text = "n/a" if total is None else _value_text(float(total), unit)
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, height),
                     xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=9)
+    if legend:
+        ax.legend(loc="upper right", fontsize=8, frameon=False)
     ax.set_xticks(range(len(labels)), list(labels))
     ax.set_ylabel(unit)
     ax.set_title(title)

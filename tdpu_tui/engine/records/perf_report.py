@@ -318,9 +318,18 @@ class ReportFigures:
     projections: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
     projections_layer: int | None = None
     prefill_tokens: int | None = None
+    # The ratio tables' words as written, by table and row: ("graphs", "step: BitLinear / float")
+    # -> "BitLinear step 3.5 × slower than float (…)". The app says what the report says,
+    # not a ratio of the tables' rounded times.
+    ratios: dict[tuple[str, str], str] = field(default_factory=dict)
+    # The TDPU cost model's 2B4T sweep (its section, once the rtl stage wrote it):
+    # (LEN, cores) -> ms per token on the TDPU, and the host's ops per token (this machine's).
+    sweep: dict[tuple[int, int], float] = field(default_factory=dict)
+    sweep_host_ms: float | None = None
 
 
 _NUM = re.compile(r"^-?\d+(?:\.\d+)?$")
+_RATIO_ROW = re.compile(r"^(step|prefill|weights): \w+ / \w+$")
 
 
 def _num(cell: str) -> float | None:
@@ -329,14 +338,27 @@ def _num(cell: str) -> float | None:
 
 
 def read_report_figures(text: str) -> ReportFigures | None:
-    """The per-graph table (prefill, step, projection weight bytes) and the projections-alone
-    table of `performance_report.md`, as `_performance` writes them; None when the report
-    has no performance section (not measured, or validation failed)."""
+    """The per-graph table (prefill, step, projection weight bytes), the projections-alone
+    table and the ratio rows' words of `performance_report.md`, as `_performance` writes them,
+    and the TDPU section's 2B4T sweep; None when the report has neither a performance section
+    (not measured, or validation failed) nor that sweep."""
     graphs: list[GraphTiming] = []
     out = ReportFigures(graphs)
     table = ""
+    cores: list[int] = []
     for line in text.splitlines():
-        if line.startswith("## "):
+        if line.startswith("| LEN \\ cores |"):
+            table = "sweep"
+            cores = [int(c) for c in re.findall(r"\| (\d+)", line)]
+        elif table == "sweep" and re.match(r"\| \d+ \|", line):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            for c, cell in zip(cores, cells[1:]):
+                m = re.match(r"([\d.]+) ms", cell)
+                if m:
+                    out.sweep[(int(cells[0]), c)] = float(m.group(1))
+        elif m := re.match(r"2B4T's host ops, one token .*?: ([\d.]+) ms", line):
+            out.sweep_host_ms = float(m.group(1))
+        elif line.startswith("## "):
             table = "graphs" if "Performance" in line else ""
         elif line.startswith("### "):
             m = re.search(r"Projections alone \(layer (\d+)", line)
@@ -348,7 +370,9 @@ def read_report_figures(text: str) -> ReportFigures | None:
             out.prefill_tokens = int(m.group(1)) if m else None
         elif table and line.startswith("| ") and not line.startswith("|---"):
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if table == "graphs" and len(cells) >= 4:
+            if len(cells) == 2 and _RATIO_ROW.match(cells[0]):
+                out.ratios[(table, cells[0])] = cells[1]
+            elif table == "graphs" and len(cells) >= 4:
                 size = re.search(r"(\d+) B\b", cells[3])
                 if size is None:
                     continue
@@ -356,4 +380,4 @@ def read_report_figures(text: str) -> ReportFigures | None:
                                           _num(cells[2])))
             elif table == "projections" and len(cells) == 3 and cells[0] in LABELS:
                 out.projections[cells[0]] = (_num(cells[1]), _num(cells[2]))
-    return out if graphs else None
+    return out if graphs or out.sweep else None

@@ -11,10 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tdpu_tui.engine.records.style import code_path, fmt_time, verdict_line
+from tdpu_tui.engine.records.style import code_path, fmt_time, pct, verdict_line
 
 TDPU_SECTION = "tdpu-cost-model"
 SWEEP_CHART = "tdpu_cost_sweep.png"
+
+
+def host_total_ms(host: dict) -> float:
+    """The sum of the host's ops (`rtl.cost.host_ops_ms`: {op: ms, "shapes": text})."""
+    return sum(v for k, v in host.items() if k != "shapes")
 
 
 def _verdict(run: Any) -> str:
@@ -73,7 +78,7 @@ def _ms(seconds: float) -> str:
 
 def render_tdpu_section(timing: Any, board: Any, per_token: Any, prefill: Any, seq_len: int, big: Any,
                         big_prefill: Any, grid: dict, host: dict | None, chart: Path | None, *,
-                        root: Path | None = None) -> str:
+                        root: Path | None = None, host_2b4t: dict | None = None) -> str:
     """The docs/spec.md §9 section: this graph per token and per prefill, per layer, 2B4T, the sweep."""
     how = "measured by the rtl stage" if timing.measured else "assumed (the rtl stage did not run)"
     lines = ["## TDPU cost model (BitLinear on the board, docs/spec.md §9)", "",
@@ -104,10 +109,17 @@ def render_tdpu_section(timing: Any, board: Any, per_token: Any, prefill: Any, s
         cells = [f"{_ms(grid[(lanes, c)].seconds)} ms ({grid[(lanes, c)].bound})"
                  for c in sorted({c for _, c in grid})]
         lines.append(f"| {lanes} | " + " | ".join(cells) + " |")
+    if host_2b4t:
+        h = host_total_ms(host_2b4t)
+        share = h / (h + big.seconds * 1e3)
+        lines += ["", f"2B4T's host ops, one token ({host_2b4t['shapes']}), timed with NumPy float32 "
+                  f"**on this machine — not the board's figures**: {h:.3f} ms, {pct(share)} of the token "
+                  f"with BitLinear at LEN {timing.lanes} on {board.cores} core(s); the chart stacks them "
+                  "on each bar."]
     if chart is not None:
-        lines += ["", f"![2B4T ms per token, lanes × cores]({Path(chart).name})"]
+        lines += ["", f"![2B4T ms per token, lanes × cores, with the host's share]({Path(chart).name})"]
     if host:
-        total = sum(v for k, v in host.items() if k != "shapes")
+        total = host_total_ms(host)
         lines += ["", f"Ops that stay on the host, one token ({host['shapes']}), timed with NumPy float32 "
                   "**on this machine — not the board's figures**: "
                   + ", ".join(f"{k} {v:.3f} ms" for k, v in host.items() if k != "shapes")
@@ -118,12 +130,19 @@ def render_tdpu_section(timing: Any, board: Any, per_token: Any, prefill: Any, s
     return "\n".join(lines)
 
 
-def draw_sweep_chart(path: Path, grid: dict, board: Any, timing: Any) -> Path:
-    """A bar per lanes × cores: 2B4T ms per token."""
+def draw_sweep_chart(path: Path, grid: dict, board: Any, timing: Any, host_2b4t: dict | None = None) -> Path:
+    """A bar per lanes × cores: 2B4T ms per token, BitLinear on the TDPU with the host's ops
+    at 2B4T's shapes (`host_2b4t`, timed on this machine) stacked on it."""
     from tdpu_tui.engine.records.charts import bar_chart
 
     keys = sorted(grid)
-    return bar_chart(path, "TDPU cost model: 2B4T BitLinear ms per token", [f"{k[0]}×{k[1]}" for k in keys],
-                     [grid[k].seconds * 1e3 for k in keys], "ms",
-                     note=f"LEN × cores at {board.clock_mhz:g} MHz, DDR {board.ddr_gb_s:g} GB/s; L, II "
-                          f"{'measured' if timing.measured else 'assumed'} at LEN {timing.lanes}")
+    how = "measured" if timing.measured else "assumed"
+    note = f"LEN × cores at {board.clock_mhz:g} MHz, DDR {board.ddr_gb_s:g} GB/s; L, II {how} at LEN {timing.lanes}"
+    if not host_2b4t:
+        return bar_chart(path, "TDPU cost model: 2B4T BitLinear ms per token", [f"{k[0]}×{k[1]}" for k in keys],
+                         [grid[k].seconds * 1e3 for k in keys], "ms", note=note, color="#1f77b4")
+    return bar_chart(path, "TDPU cost model: 2B4T ms per token, with the host's share",
+                     [f"{k[0]}×{k[1]}" for k in keys], [grid[k].seconds * 1e3 for k in keys], "ms",
+                     note=note + "; host ops timed on this machine, not the board",
+                     stacked=[host_total_ms(host_2b4t)] * len(keys), color="#1f77b4",
+                     legend=("BitLinear on the TDPU (cost model)", "host ops (attention, norms, embedding, lm_head)"))

@@ -18,6 +18,9 @@ SHAPES_2B4T = (("q_proj", 2560, 2560), ("k_proj", 2560, 640), ("v_proj", 2560, 6
                ("o_proj", 2560, 2560), ("gate_proj", 2560, 6912), ("up_proj", 2560, 6912),
                ("down_proj", 6912, 2560))
 LAYERS_2B4T = 30
+# Its config.json's shapes, for the host's share of a 2B4T token (`host_ops_ms`).
+CONFIG_2B4T = {"hidden_size": 2560, "intermediate_size": 6912, "num_attention_heads": 20,
+               "num_key_value_heads": 5, "num_hidden_layers": LAYERS_2B4T, "vocab_size": 128256}
 SWEEP_LANES = (16, 32, 64, 128)
 SWEEP_CORES = (1, 2, 4)
 
@@ -177,7 +180,7 @@ def host_ops_ms(conf: dict, seq_len: int) -> dict:
         return np.einsum("kgs,ksd->kgd", s, val)
 
     rows = min(vocab, LM_HEAD_BLOCK)
-    head = rng.standard_normal((rows, hidden)).astype(np.float32)
+    head = rng.standard_normal((rows, hidden), dtype=np.float32)
     table = head
     ids = np.array([rows // 2])
     norms = _median_ms(lambda: (rms(x, g), rms(x, g), rms(x, g), rms(xi, gi)))

@@ -177,7 +177,7 @@ def import_bundle(cfg: Config, source: str | Path, on_event: Callable[[Event], N
             elif not outcome.ran:
                 status, message = Status.SKIPPED, f"imported: {outcome.reason()}"
                 StageRecord(stage, "skipped", summary=message, started=started,
-                            notes=[where, made]).write(paths.compile_log)
+                            notes=[where, made], root=cfg.base_dir).write(paths.compile_log)
             elif command != "run" or not outcome.ok:
                 status, message = _record_command(ctx, root, manifest, outcome, stage, where,
                                                   made, started)
@@ -247,7 +247,7 @@ def _record_command(ctx: StageContext, root: Path, manifest: dict, outcome: imp.
                          error_code=outcome.error.code,
                          error_text=ic.explain_code(outcome.error.code), log_tail=outcome.tail,
                          files=outcome.log_files + _existing(root, manifest, command),
-                         notes=[where, made])
+                         notes=[where, made], root=ctx.config.base_dir)
     record.seconds = None
     record.write(ctx.paths.compile_log)
     ctx.artifact("icraft_compile_log", ctx.paths.compile_log)
@@ -275,7 +275,7 @@ def _record_run(ctx: StageContext, root: Path, manifest: dict, outcome: imp.Comm
     record = StageRecord("simulate", "running", started=started, cwd=root,
                          command=["icraft", "run", manifest["toml"]],
                          exit_status=outcome.exit_status, log_tail=outcome.tail,
-                         notes=[where, made])
+                         notes=[where, made], root=ctx.config.base_dir)
     if len(rows) != 1 or "sha256" not in rows[0]:
         raise StageFailed(f"{root / bd.BUNDLE_JSON}: the bundle holds no seeded input "
                           f"({manifest.get('input_missing') or 'none recorded'})")

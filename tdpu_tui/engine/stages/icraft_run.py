@@ -114,7 +114,7 @@ def require_cli(ctx: StageContext, hint: str = "", notes: list[str] | None = Non
         reason = ic.missing_cli_reason(ctx.config) + (f"; {hint}" if hint else "")
         try:
             StageRecord(ctx.stage, "skipped", summary=reason,
-                        notes=list(notes or [])).write(ctx.paths.compile_log)
+                        notes=list(notes or []), root=ctx.config.base_dir).write(ctx.paths.compile_log)
         except (OSError, TdpuError) as exc:  # a log that cannot be written does not turn a skip
             ctx.log(f"{ctx.paths.compile_log}: not updated ({getattr(exc, 'strerror', None) or exc})",
                     "warning")

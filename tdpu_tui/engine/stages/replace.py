@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from tdpu_tui.engine.core.errors import StageFailed
 from tdpu_tui.engine.osutil.files import human_bytes
+from tdpu_tui.engine.records.style import factor
 from tdpu_tui.engine.rewrite.inventory import ALREADY
 from tdpu_tui.engine.rewrite.selection import load_selection
 from tdpu_tui.engine.core.stage import Stage, StageContext
@@ -101,6 +102,6 @@ class ReplaceStage(Stage):
         ratio = report.bytes_before / report.bytes_after if report.bytes_after else 0.0
         return (f"{len(report.replaced)} MatMul → BitLinear ({rc.layout} layout), {len(report.kept)} kept; "
                 f"projection weights {human_bytes(report.bytes_before)} → {human_bytes(report.bytes_after)}"
-                + (f" ({ratio:.1f}× smaller)" if ratio else "")
+                + (f" ({factor(ratio)} × smaller)" if ratio else "")
                 + "".join(f"; {d.name} → {d.bitlinear} (bf16, {human_bytes(d.bytes_before)} → "
                           f"{human_bytes(d.bytes_after)})" for d in report.bf16))

@@ -129,13 +129,15 @@ class RtlCheck:
         big = cost.graph_cost(cost.shapes_2b4t(), timing, board)
         big_prefill = cost.graph_cost(cost.shapes_2b4t(), timing, board, tokens=seq_len, reused=True)
         grid = cost.sweep(timing, board)
+        # The host's share of a 2B4T token, at 2B4T's shapes (this graph's are in `host`).
+        host_2b4t = cost.host_ops_ms(cost.CONFIG_2B4T, seq_len)
         chart = None
         try:
-            chart = draw_sweep_chart(self.paths.logs / "tdpu_cost_sweep.png", grid, board, timing)
+            chart = draw_sweep_chart(self.paths.logs / "tdpu_cost_sweep.png", grid, board, timing, host_2b4t)
         except ImportError:
             pass
         body = render_tdpu_section(timing, board, per_token, prefill, seq_len, big, big_prefill, grid,
-                                   host, chart, root=self.cfg.base_dir)
+                                   host, chart, root=self.cfg.base_dir, host_2b4t=host_2b4t)
         self.paths.logs.mkdir(parents=True, exist_ok=True)
         update_section(self.paths.performance_report, TDPU_SECTION, body)
         self.ctx.artifact("performance_report", self.paths.performance_report)

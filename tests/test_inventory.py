@@ -91,6 +91,10 @@ def test_classify_values_counts_distinct_floats_and_zero_share():
     assert classify_values(w) == ("ternary", 0.5, 0.5)
     f = np.arange(12, dtype=np.float32).reshape(3, 4)
     assert classify_values(f)[0] == "float weights: 12 distinct values"
+    # a NaN or an infinity is never a ternary scale, nor -0.0 a second value
+    assert classify_values(np.array([0, np.inf, -np.inf], np.float32))[0].startswith("float weights")
+    assert classify_values(np.array([0.5, np.nan, -0.5], np.float32))[0].startswith("float weights")
+    assert classify_values(np.array([0.0, -0.0, 0.25, -0.25], np.float32)) == ("ternary", 0.5, 0.25)
 
 
 def test_inventory_reads_weights_through_a_memory_map_not_the_whole_model(tmp_path, monkeypatch):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 import numpy as np
 import onnx
 from onnx import helper
@@ -153,13 +155,15 @@ def classify_values(arr: np.ndarray) -> tuple[str, float | None, float | None]:
     zeros = 0
     for start in range(0, total, CHUNK_ELEMENTS):
         chunk = np.asarray(flat[start:start + CHUNK_ELEMENTS], dtype=np.float32)
-        nz = np.abs(chunk[chunk != 0])
-        zeros += chunk.size - nz.size
-        if nz.size == 0:
+        # ternary: every |value| is 0 or s (a NaN or inf is neither: s must be finite)
+        a = np.abs(chunk)
+        z = int(np.count_nonzero(a == 0))
+        zeros += z
+        if z == a.size:
             continue
         if s is None:
-            s = float(nz[0])
-        if not np.all(nz == s) or not np.all(np.isfinite(chunk)):
+            s = float(a[np.flatnonzero(a)[0]])
+        if not math.isfinite(s) or z + int(np.count_nonzero(a == s)) != a.size:
             if total <= DISTINCT_FULL_LIMIT:
                 distinct = np.unique(np.asarray(flat, dtype=np.float32)).size
                 return f"float weights: {distinct} distinct values", None, None

@@ -78,11 +78,7 @@ def _whole(path: Path, extra: list[str], prepack: bool = False):
     """One session over the whole graph with `extra` outputs, prepacking as the segments do."""
     model = onnx.load(str(path), load_external_data=False)
     assert not compare.runs_in_segments(model)
-    have = {o.name for o in model.graph.output}
-    for name in dict.fromkeys(extra):
-        if name not in have:
-            model.graph.output.append(helper.make_empty_tensor_value_info(name))
-    return compare.ort_session(model.SerializeToString(), path.parent, prepack=prepack)
+    return compare.whole_session(model, path.parent, extra, prepack=prepack)
 
 
 def test_segmented_run_equals_the_whole_graph_bit_for_bit(tmp_path):

@@ -54,21 +54,26 @@ class ExternalData:
         self._fh = open(self.path, "wb")  # noqa: SIM115 (closed by close())
         self._open = True
         self._queue: queue.Queue = queue.Queue(maxsize=self.QUEUED)
-        self._error: OSError | None = None
+        self._error: BaseException | None = None
         self._writer = threading.Thread(target=self._drain, name="tdpu-external-data", daemon=True)
         self._writer.start()
 
     def _drain(self) -> None:
+        # The writer takes every piece until the end mark, whatever fails, so a `put` never
+        # waits on a writer that is gone; after an error it only discards.
         while (piece := self._queue.get()) is not None:
             if self._error is None:
                 try:
                     self._fh.write(piece)
-                except OSError as exc:
+                except BaseException as exc:  # noqa: BLE001 (raised by the caller's next write or close)
                     self._error = exc
 
     def _raise_error(self) -> None:
-        if self._error is not None:
-            raise with_filename(self._error, self.path) from self._error
+        exc = self._error
+        if isinstance(exc, OSError):
+            raise with_filename(exc, self.path) from exc
+        if exc is not None:
+            raise exc
 
     def write(self, chunks: Iterable[np.ndarray]) -> tuple[int, int]:
         """Append one tensor, given as consecutive pieces; returns (offset, length) of its bytes.

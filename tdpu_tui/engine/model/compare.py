@@ -142,13 +142,22 @@ def graph_session(model: str | Path | onnx.ModelProto, external_dir: str | Path 
 
         return SegmentedSession(model, external_dir, budget=SEGMENT_BYTES, extra_outputs=extra_outputs,
                                 make_room=make_room, prepack=segments_prepack)
-    have = {o.name for o in model.graph.output}
-    extra = [e for e in dict.fromkeys(extra_outputs) if e not in have]
-    if path is not None and not extra:
+    if path is not None and not set(extra_outputs) - {o.name for o in model.graph.output}:
         return ort_session(path)
-    for name in extra:
-        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    return ort_session(model.SerializeToString(), external_dir)
+    return whole_session(model, external_dir, extra_outputs)
+
+
+def whole_session(model: onnx.ModelProto, external_dir: str | Path | None,
+                  extra_outputs: tuple[str, ...] | list[str] = (), *, prepack: bool = True):
+    """One `ort_session` over `model` (loaded without its external data, read from
+    `external_dir`) with `extra_outputs` added as graph outputs (the model is changed)."""
+    import onnx
+
+    have = {o.name for o in model.graph.output}
+    for name in dict.fromkeys(extra_outputs):
+        if name not in have:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return ort_session(model.SerializeToString(), external_dir, prepack=prepack)
 
 
 def shared_session(cache, path: str | Path, factory=None):

@@ -165,6 +165,24 @@ def test_a_fence_under_a_bullet_cannot_close_one_left_open_at_the_margin(tmp_pat
     assert [r.number for r in BugBook(path).load()] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("opened", ["  ````", "   ~~~"])
+def test_a_fence_left_open_two_or_three_columns_in_does_not_swallow_an_added_record(
+        tmp_path, opened):
+    # CommonMark closes such a fence with one indented up to 3 columns: tdpu's own fences at
+    # two columns would close it and hide the record behind it (hypothesis found `  ````).
+    path = tmp_path / "bugs_found.md"
+    path.write_text(f"# Phase 3 Bug记录\n\n{opened}\n忘了闭合\n\n" + RECORD, encoding="utf-8")
+    BugBook(path).add("二", "编译", error="多行\n```\n~~~", fix="```\t")
+    BugBook(path).update(2, cause="也是\n多行")
+    BugBook(path).update(1, cause="第一条\n多行")
+    records = BugBook(path).load()
+    assert [r.number for r in records] == [1, 2]
+    assert (records[1].error, records[1].fix, records[1].cause) == ("多行\n```\n~~~", "```\t",
+                                                                     "也是\n多行")
+    assert records[0].cause == "第一条\n多行"
+    assert f"{opened}\n忘了闭合\n" in path.read_text(encoding="utf-8")
+
+
 # -- one-shot commands, absurd numbers, JSON encoding ----------------------------------------------
 
 def test_concurrent_one_shot_sets_apply_one_after_the_other_without_conflict_copies(project):

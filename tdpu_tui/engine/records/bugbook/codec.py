@@ -105,9 +105,12 @@ def _under_a_bullet(texts: list[str], i: int, depth: int) -> bool:
     return False
 
 
-def _find_fences(texts: list[str]) -> dict[int, int]:
-    """Opening line -> closing line of each fenced block (a fence never closed is text)."""
+def _find_fences(texts: list[str]) -> tuple[dict[int, int], list[int]]:
+    """Opening line -> closing line of each fenced block (a fence never closed is text), and
+    the lines of fences never closed that a fence tdpu writes could close: those indented 2-3
+    columns outside a list item, which close at up to 3 columns."""
     fences: dict[int, int] = {}
+    loose: list[int] = []
     i, n = 0, len(texts)
     while i < n:
         m = _FENCE_OPEN_RE.match(texts[i])
@@ -128,8 +131,11 @@ def _find_fences(texts: list[str]) -> dict[int, int]:
                     fences[i] = j
                     i = j
                     break
+            else:
+                if not in_item and depth >= 2:
+                    loose.append(i)
         i += 1
-    return fences
+    return fences, loose
 
 
 @dataclass
@@ -188,22 +194,24 @@ def _fence_for(lines: list[str]) -> str:
     return "`" * max(3, longest + 1)
 
 
-def render_field(prefix: str, value: str, indent: str, sep: str = " ") -> list[str]:
-    """The lines of one bullet. One-line values stay inline; others become an indented fence."""
+def render_field(prefix: str, value: str, indent: str, sep: str = " ",
+                 fence_indent: str = "  ") -> list[str]:
+    """The lines of one bullet. One-line values stay inline; others become a fence indented
+    `fence_indent` under the bullet."""
     if "\n" not in value and value == value.strip():
         return [f"{prefix}{sep}{value}" if value else prefix]
     body = value.split("\n")
-    inner = indent + "  "
+    inner = indent + fence_indent
     fence = _fence_for(body)
     return [prefix, inner + fence, *[inner + line if line else "" for line in body], inner + fence]
 
 
-def render_record(rec: BugRecord) -> list[str]:
+def render_record(rec: BugRecord, fence_indent: str = "  ") -> list[str]:
     out = [f"## Bug #{rec.number}: {rec.title}"]
     for attr in ORDER:
-        out += render_field(f"- **{FIELD_KEYS[attr]}**:", getattr(rec, attr), "")
+        out += render_field(f"- **{FIELD_KEYS[attr]}**:", getattr(rec, attr), "", " ", fence_indent)
     for key, value in rec.extra:
-        out += render_field(f"- **{key}**:", value, "")
+        out += render_field(f"- **{key}**:", value, "", " ", fence_indent)
     if rec.signature:
         out.append(f"<!-- tdpu:signature {rec.signature} -->")
     return out
@@ -254,7 +262,7 @@ class BugDocument:
         texts = [t for t, _ in self.lines]
         crlf = sum(1 for _, e in self.lines if e == "\r\n")
         self.eol = "\r\n" if crlf * 2 > len(self.lines) else "\n"
-        self.fences = _find_fences(texts)
+        self.fences, self.loose_fences = _find_fences(texts)
         self.in_fence: set[int] = set()
         in_fence = self.in_fence
         for o, c in self.fences.items():
@@ -379,6 +387,12 @@ class BugDocument:
 
     # -- editing ------------------------------------------------------------------------------
 
+    def _fence_indent(self, pos: int) -> str:
+        """How far under its bullet a value's fence goes when written at line `pos`: two
+        columns, as tdpu writes; four past a fence opened 2-3 columns in by hand and never
+        closed, which a fence at two columns would close, swallowing the record."""
+        return "    " if self.loose_fences and self.loose_fences[0] < pos else "  "
+
     def _eol_at(self, i: int) -> str:
         return self.lines[i][1] if 0 <= i < len(self.lines) and self.lines[i][1] else self.eol
 
@@ -400,10 +414,11 @@ class BugDocument:
         self._parse()
 
     def _field_edit(self, f: _Field, attr: str, value: str) -> tuple[int, int, list[str]]:
+        fi = self._fence_indent(f.start)
         if attr not in ONE_LINE_FIELDS:
-            return f.start, f.end, render_field(f.prefix, value, f.indent, f.sep)
+            return f.start, f.end, render_field(f.prefix, value, f.indent, f.sep, fi)
         if f.value_line == f.start:
-            return f.start, f.start + 1, render_field(f.prefix, value, f.indent, f.sep)
+            return f.start, f.start + 1, render_field(f.prefix, value, f.indent, f.sep, fi)
         line = self.lines[f.value_line][0]
         return f.value_line, f.value_line + 1, [_leading(line) + value]
 
@@ -429,7 +444,8 @@ class BugDocument:
                 continue
             before = [g.end for g in span.fields if KEY_FIELDS.get(g.key) in ORDER[:idx]]
             pos = max(before) if before else (span.fields[0].start if span.fields else span.body_end)
-            edits.append((pos, pos, render_field(f"- **{key}**:", changes[attr], "")))
+            edits.append((pos, pos, render_field(f"- **{key}**:", changes[attr], "", " ",
+                                                 self._fence_indent(pos))))
         if "extra" in changes and list(changes["extra"]) != current.extra:
             old = span.extra_fields()
             remaining = list(changes["extra"])
@@ -440,10 +456,12 @@ class BugDocument:
                     continue
                 remaining.remove(match)
                 if match[1] != f.value:
-                    edits.append((f.start, f.end, render_field(f.prefix, match[1], f.indent, f.sep)))
+                    edits.append((f.start, f.end, render_field(f.prefix, match[1], f.indent, f.sep,
+                                                               self._fence_indent(f.start))))
             pos = max((g.end for g in span.fields), default=span.body_end)
             for key, value in remaining:
-                edits.append((pos, pos, render_field(f"- **{key}**:", value, "")))
+                edits.append((pos, pos, render_field(f"- **{key}**:", value, "", " ",
+                                                     self._fence_indent(pos))))
         if edits:
             self._apply(edits)
 
@@ -458,7 +476,7 @@ class BugDocument:
             last = "---"
         if last.strip():
             texts.append("")
-        texts += [*render_record(rec), "", "---"]
+        texts += [*render_record(rec, self._fence_indent(len(self.lines))), "", "---"]
         n = len(self.lines)
         self._apply([(n, n, texts)])
         if self.lines and not self.lines[-1][1]:

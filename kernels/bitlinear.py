@@ -529,33 +529,86 @@ def ternary_matmul_int(q: np.ndarray, p: np.ndarray, layout: str, path: str | No
 PATIENCE_S = 0.05    # a helper waits this long for the caller's quantized row, then takes nothing
 
 
-def _one_row_shared(x2: np.ndarray, p: np.ndarray, ws: np.float32, layout: str, path: str) -> np.ndarray:
-    """bitlinear of one row on a vector path in one kernel call, the core shared with the pool's
-    helpers (`kernels.int8.bitlinear_one_row_shared`)."""
-    int8 = _int8()
-    if path not in _known_paths:
-        select.check_path(path)
-        _known_paths.add(path)
-    (isa,), _, _ = _cores(path)
-    rows = p.shape[0]
-    row_stride, code_stride = _strides(layout, rows)
-    chunk = max(1, -(-(rows // 2) // int8.CHUNKS))
-    k_dim = p.shape[1]
-    q = np.empty((1, k_dim), np.int8)
-    s = np.empty((1, 1), np.float32)
-    sumq = np.empty(1, np.int32)
-    acc = np.empty((1, 4 * rows), np.int32)
-    y = np.empty((1, 4 * rows), np.float32)
-    stall = pool.cycles(pool.STALL_S)
-    args = (isa, q, sumq, p, acc, row_stride, code_stride, chunk)
-    with pool.posted(int8.rows_m1_gated, args + (pool.cycles(PATIENCE_S),)) as ctrl:
-        if ctrl is None:
-            ctrl, signal = np.zeros(3, np.int64), np.zeros(1, np.int64)
+class _OneRow:
+    """The one-row product of a packed weight on a vector path, its fixed choices (the core,
+    strides, chunking, the helpers' deadlines) made once per weight and path."""
+
+    __slots__ = ("path", "p", "layout", "run")
+
+    def __init__(self, p: np.ndarray, layout: str, path: str):
+        int8 = _int8()
+        if path not in _known_paths:
+            select.check_path(path)
+            _known_paths.add(path)
+        lead, _, _ = _cores(path)
+        rows, k_dim = p.shape
+        row_stride, code_stride = _strides(layout, rows)
+        self.path, self.p, self.layout = path, p, layout
+        if p.nbytes < _SMALL_BYTES:          # waking a helper costs more than it brings
+            one_row = int8.bitlinear_one_row
+
+            def run(x2: np.ndarray, ws: np.float32) -> np.ndarray:
+                y = np.empty((1, 4 * rows), np.float32)
+                one_row(*lead, x2, p, ws, y, row_stride, code_stride)
+                return y
         else:
-            signal = pool.SIGNAL
-        int8.bitlinear_one_row_shared(isa, x2, p, ws, y, row_stride, code_stride, chunk,
-                                      q, s, sumq, acc, ctrl, signal, stall)
-    return y
+            shared, gated = int8.bitlinear_one_row_shared, int8.rows_m1_gated
+            (isa,) = lead
+            chunk = max(1, -(-(rows // 2) // int8.CHUNKS))
+            stall, patience = pool.cycles(pool.STALL_S), pool.cycles(PATIENCE_S)
+
+            def run(x2: np.ndarray, ws: np.float32) -> np.ndarray:
+                """The core shared with the pool's helpers (`kernels.int8.bitlinear_one_row_shared`)."""
+                q = np.empty((1, k_dim), np.int8)
+                s = np.empty((1, 1), np.float32)
+                sumq = np.empty(1, np.int32)
+                acc = np.empty((1, 4 * rows), np.int32)
+                y = np.empty((1, 4 * rows), np.float32)
+                args = (isa, q, sumq, p, acc, row_stride, code_stride, chunk)
+                ctrl = pool.post(gated, args + (patience,))
+                if ctrl is None:
+                    shared(isa, x2, p, ws, y, row_stride, code_stride, chunk, q, s, sumq, acc,
+                           np.zeros(3, np.int64), np.zeros(1, np.int64), stall)
+                    return y
+                try:
+                    shared(isa, x2, p, ws, y, row_stride, code_stride, chunk, q, s, sumq, acc,
+                           ctrl, pool.SIGNAL, stall)
+                finally:
+                    pool.unpost()
+                return y
+        self.run = run
+
+
+class Prepared:
+    """`bitlinear(x, p, weight_scale, layout)` for a weight checked once: a call checks only the
+    activations, and one activation row goes straight to its plan (`_OneRow`). The ONNX
+    Runtime operator's bound nodes call this: a decode step's projections cross the bridge
+    about 200 times a token, and the Python they run comes in cold after each weight stream.
+    Bit-identical to `bitlinear`."""
+
+    __slots__ = ("p", "ws", "layout", "k", "n", "_plan")
+
+    def __init__(self, p: np.ndarray, weight_scale, layout: str):
+        self.p = _as_packed(p, layout)
+        ws = np.asarray(weight_scale, dtype=np.float32)
+        if ws.size != 1:
+            raise ValueError(f"weight_scale must hold one value, found shape {ws.shape}")
+        self.ws = np.float32(ws.reshape(()))
+        self.layout = layout
+        self.k, self.n = self.p.shape[1], 4 * self.p.shape[0]
+        self._plan: _OneRow | None = None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if (type(x) is np.ndarray and x.dtype == np.float32 and x.ndim and x.shape[-1] == self.k
+                and x.size == self.k and self.n and x.flags.c_contiguous):
+            path = select.chosen_path(1)
+            plan = self._plan
+            if plan is None or plan.path != path:
+                if path not in select.VECTOR_PATHS:
+                    return bitlinear(x, self.p, self.ws, self.layout)
+                plan = self._plan = _OneRow(self.p, self.layout, path)
+            return plan.run(x.reshape(1, self.k), self.ws).reshape(x.shape[:-1] + (self.n,))
+        return bitlinear(x, self.p, self.ws, self.layout)
 
 
 def bitlinear(x: np.ndarray, p: np.ndarray, weight_scale, layout: str, path: str | None = None
@@ -576,17 +629,8 @@ def bitlinear(x: np.ndarray, p: np.ndarray, weight_scale, layout: str, path: str
     x2 = x.reshape(-1, k_dim)
     if x2.shape[0] == 1 and p.shape[0]:
         path = path or select.chosen_path(1, k_dim, 4 * p.shape[0])
-        if path in select.VECTOR_PATHS and p.nbytes < _SMALL_BYTES:
-            if path not in _known_paths:
-                select.check_path(path)
-                _known_paths.add(path)
-            lead, _, _ = _cores(path)
-            y = np.empty((1, 4 * p.shape[0]), np.float32)
-            _int8().bitlinear_one_row(*lead, x2, p, np.float32(ws.reshape(())), y,
-                                      *_strides(layout, p.shape[0]))
-            return y.reshape(x.shape[:-1] + (y.shape[1],))
         if path in select.VECTOR_PATHS:
-            y = _one_row_shared(x2, p, np.float32(ws.reshape(())), layout, path)
+            y = _OneRow(p, layout, path).run(x2, np.float32(ws.reshape(())))
             return y.reshape(x.shape[:-1] + (y.shape[1],))
     q, s, sumq = _quantize_2d(x2)
     acc = _matmul_into(q, sumq, p, layout, path)

@@ -10,8 +10,9 @@ late helper finds nothing left. Worst case about the one-thread time, best case 
 many-thread time.
 
     run_claimed(kernel, args, chunks)     kernel(*args, ctrl, signal) on the caller and helpers
-    with posted(kernel, args) as ctrl:    helpers run kernel(*args, ctrl, own_signal) while the
-        caller_kernel(..., ctrl, SIGNAL)  caller's own kernel runs (and waits for their chunks)
+    ctrl = post(kernel, args)             helpers run kernel(*args, ctrl, own_signal) while the
+    caller_kernel(..., ctrl, SIGNAL)      caller's own kernel runs (and waits for their chunks);
+    unpost()                              then the helpers are free (only when ctrl is not None)
 
 Every such kernel starts with `simd.announce(signal)`: the caller's copy gets `SIGNAL`, which
 the helpers watch; a helper's copy gets its private counter.
@@ -32,7 +33,6 @@ LLVM may read a counter register user code may not (SIGILL) or none at all.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import threading
@@ -193,23 +193,38 @@ def _loaders():
     return load
 
 
-@contextlib.contextmanager
-def posted(kernel, args: tuple):
-    """Hand `kernel(*args, ctrl, signal)` to the helpers while the block runs (ctrl: int64
-    [claimed, done, ready], yielded); None when they are busy with another product or there
-    are none, and the caller then does all the work. The block's own kernel must bump
+@functools.cache
+def _thread_count():
+    """What `numba.get_num_threads()` returns, without the two locks it takes on every call
+    (1.4 us before every decode product): the threading layer's own getter, once started."""
+    numba.get_num_threads()         # numba's threading layer started
+    from numba.np.ufunc import parallel
+
+    getter = getattr(parallel, "_get_num_threads", None)
+    return getter if callable(getter) and getter() == numba.get_num_threads() else numba.get_num_threads
+
+
+def post(kernel, args: tuple):
+    """Hand `kernel(*args, ctrl, signal)` to the helpers (ctrl: int64 [claimed, done, ready],
+    returned) until `unpost()`; None when they are busy with another product or there are
+    none, and the caller then does all the work. The caller's own kernel must bump
     `pool.SIGNAL` once it has let go of the GIL and wait for every chunk before it returns."""
-    threads = numba.get_num_threads()
+    threads = _thread_count()()
     if threads < 2 or not _lock.acquire(blocking=False):
-        yield None
-        return
+        return None
     try:
         ctrl = np.zeros(3, np.int64)
         for helper in _started(min(threads, MAX_HELPERS + 1) - 1):
             helper.give((kernel, args + (ctrl, helper.own_signal)))
-        yield ctrl
-    finally:
+    except BaseException:
         _lock.release()
+        raise
+    return ctrl
+
+
+def unpost() -> None:
+    """The end of what `post` returned a ctrl for."""
+    _lock.release()
 
 
 def run_claimed(kernel, args: tuple, chunks: int) -> None:
@@ -219,7 +234,7 @@ def run_claimed(kernel, args: tuple, chunks: int) -> None:
     if chunks < 2:
         kernel(*args, ctrl, np.zeros(1, np.int64))
         return
-    threads = numba.get_num_threads()
+    threads = _thread_count()()
     if threads < 2 or not _lock.acquire(blocking=False):
         kernel(*args, ctrl, np.zeros(1, np.int64))
         return

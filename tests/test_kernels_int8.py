@@ -127,6 +127,35 @@ def test_one_row_on_a_large_weight_is_one_shared_kernel_call_and_bit_identical(p
         np.testing.assert_array_equal(y, ref)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("n, k", [(1644, 2560), (12, 33), (64, 2560)])   # over 1 MB (odd rows), small
+def test_a_prepared_weight_is_bit_identical_to_bitlinear_on_every_path_and_follows_set_path(
+        layout, n, k):
+    """`Prepared` (the operator's bound nodes) keeps its one-row plan per path: each path the
+    CPU has, set in turn, gives bitlinear's result; other shapes of x go to bitlinear."""
+    from kernels.bitlinear import Prepared
+
+    rng = np.random.default_rng(11)
+    p = packing.pack(ternary(rng, n, k), layout)
+    prepared = Prepared(p, np.float32(0.027), layout)
+    xs = [(rng.standard_normal(shape) * 4).astype(np.float32)
+          for shape in [(k,), (1, k), (1, 1, k), (3, k), (2, 2, k), (0, k)]]
+    xs.append(xs[1].astype(np.float64))                          # cast, as bitlinear does
+    xs.append(np.asfortranarray(np.tile(xs[1], (2, 1)))[:1])     # a view, not C-contiguous
+    want = [bitlinear(x, p, 0.027, layout, path=select.REFERENCE) for x in xs]
+    try:
+        for path in PATHS:
+            select.set_path(path)
+            for x, ref in zip(xs, want):
+                got = prepared(x)
+                assert got.dtype == np.float32 and got.shape == ref.shape, (path, x.shape)
+                np.testing.assert_array_equal(got, ref, err_msg=f"{path} x {x.shape}")
+    finally:
+        select.set_path(None)
+    with pytest.raises(ValueError, match="K = 5"):
+        prepared(np.zeros((1, 5), np.float32))
+
+
 def test_a_path_this_cpu_lacks_or_an_unknown_one_is_refused():
     missing = [p for p in select.PATHS if p not in PATHS]
     q = np.zeros((1, 8), np.int8)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels.bitlinear import Prepared
+
 
 @dataclass
 class _Entry:
@@ -37,6 +39,7 @@ class _Bound:
     out_features: int
     layout: str
     name: str
+    call: Prepared       # x -> y, the weight checked once
 
 
 _lock = threading.RLock()
@@ -70,8 +73,9 @@ def _bind(weight_key: int, scale: float, in_features: int, out_features: int, la
     with _lock:
         key = _next_key
         _next_key += 1
-        _bound[key] = _Bound(weight_key, _entries[weight_key].packed, np.float32(scale),
-                             int(in_features), int(out_features), layout, name)
+        packed = _entries[weight_key].packed
+        _bound[key] = _Bound(weight_key, packed, np.float32(scale), int(in_features),
+                             int(out_features), layout, name, Prepared(packed, scale, layout))
         return key
 
 

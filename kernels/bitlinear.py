@@ -600,7 +600,7 @@ class Prepared:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if (type(x) is np.ndarray and x.dtype == np.float32 and x.ndim and x.shape[-1] == self.k
-                and x.size == self.k and self.n and x.flags.c_contiguous):
+                and x.size == self.k and self.k and self.n and x.flags.c_contiguous):
             path = select.chosen_path(1)
             plan = self._plan
             if plan is None or plan.path != path:

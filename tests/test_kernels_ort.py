@@ -336,3 +336,19 @@ def test_a_scale_also_listed_as_a_graph_input_can_still_be_fed(rng):
     np.testing.assert_array_equal(y, bitlinear(x, p, np.float32(0.75), "tdpu"))   # the default
     (y,) = session.run(None, {"X": x, name: np.array([0.25], np.float32)})
     np.testing.assert_array_equal(y, bitlinear(x, p, np.float32(0.25), "tdpu"))   # fed
+
+
+def test_a_bound_weight_beyond_the_exact_k_fails_at_run_naming_the_node_and_is_released():
+    """The bound node's weight is checked at its first call (as the product's other errors):
+    create_session takes it, run raises naming the node, the session's end releases it."""
+    from kernels.bitlinear import MAX_K
+
+    w = np.zeros((4, MAX_K + 4), np.int8)
+    gc.collect()
+    before = kort.cache_info()
+    sess = kort.create_session(bitlinear_model(w, x_dims=(1, None)))
+    with pytest.raises(kort.BitLinearError, match=f"BitLinear node '{NODE}'.*int32-exact limit") as info:
+        sess.run(None, {"X": np.ones((1, MAX_K + 4), np.float32)})
+    del sess, info          # its traceback holds the session
+    gc.collect()
+    assert kort.cache_info() == before

@@ -13,7 +13,7 @@ import numpy as np
 
 from kernels import packing
 from kernels.bf16 import linear_bf16
-from kernels.bitlinear import bitlinear
+from kernels.bitlinear import Prepared, bitlinear
 from kernels.ort.registry import _bound, _entries
 
 DOMAIN = "ai.tdpu"
@@ -60,7 +60,7 @@ def _failed(where: str, exc: Exception, x: np.ndarray, n: int) -> np.ndarray:
     """
     err = exc if isinstance(exc, BitLinearError) else BitLinearError(f"{where}: {exc}")
     _pending[threading.get_ident()] = err
-    _log.error("%s", err)
+    _log.error("%s", str(err))   # the text: a handler keeping records keeps no session alive
     shape = (x.shape[:-1] if x.ndim else ()) + (max(int(n), 0),)
     return np.full(shape, np.nan, np.float32)
 
@@ -104,7 +104,10 @@ def _bound_op(x, key):
                                  "kernels.ort.create_session in this process")
         if x.ndim == 0 or x.shape[-1] != node.in_features:
             _check_x(f"BitLinear node {node.name!r}", x, node.in_features)
-        return node.call(x)
+        call = node.call
+        if call is None:        # its errors, as the product's, name the node (except below)
+            call = node.call = Prepared(node.packed, node.scale, node.layout)
+        return call(x)
     except Exception as exc:
         where = f"BitLinear node {node.name!r}" if node is not None else "BitLinear node"
         return _failed(where, exc, x, node.out_features if node is not None else 0)

@@ -16,10 +16,12 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kernels.bitlinear import Prepared
+if TYPE_CHECKING:
+    from kernels.bitlinear import Prepared
 
 
 @dataclass
@@ -39,7 +41,7 @@ class _Bound:
     out_features: int
     layout: str
     name: str
-    call: Prepared       # x -> y, the weight checked once
+    call: Prepared | None = None     # x -> y, the weight checked once (at the first call)
 
 
 _lock = threading.RLock()
@@ -73,9 +75,8 @@ def _bind(weight_key: int, scale: float, in_features: int, out_features: int, la
     with _lock:
         key = _next_key
         _next_key += 1
-        packed = _entries[weight_key].packed
-        _bound[key] = _Bound(weight_key, packed, np.float32(scale), int(in_features),
-                             int(out_features), layout, name, Prepared(packed, scale, layout))
+        _bound[key] = _Bound(weight_key, _entries[weight_key].packed, np.float32(scale),
+                             int(in_features), int(out_features), layout, name)
         return key
 
 

@@ -352,3 +352,24 @@ def test_a_bound_weight_beyond_the_exact_k_fails_at_run_naming_the_node_and_is_r
     del sess, info          # its traceback holds the session
     gc.collect()
     assert kort.cache_info() == before
+
+
+def test_run_takes_the_direct_call_only_for_plain_numpy_feeds_and_keeps_ort_checks(rng):
+    """`BitLinearSession.run` skips InferenceSession's Python checks for a dict of numpy arrays
+    with every required input; anything else (a missing input, OrtValues, run options) goes
+    through them, with ONNX Runtime's own messages."""
+    import onnxruntime as ort
+
+    w = ternary(rng, 8, 16)
+    sess = kort.create_session(bitlinear_model(w, x_dims=(1, None)))
+    x = rng.standard_normal((1, 16)).astype(np.float32)
+    want = bitlinear(x, packing.pack(w, "tdpu"), 0.75, "tdpu")
+    assert sess._tdpu_direct
+    np.testing.assert_array_equal(sess.run(None, {"X": x})[0], want)
+    np.testing.assert_array_equal(sess.run(["Y"], {"X": x})[0], want)
+    np.testing.assert_array_equal(sess.run(None, {"X": ort.OrtValue.ortvalue_from_numpy(x)})[0], want)
+    np.testing.assert_array_equal(sess.run(None, {"X": x}, ort.RunOptions())[0], want)
+    with pytest.raises(ValueError, match="X"):
+        sess.run(None, {"x": x})
+    sess.set_providers(["CPUExecutionProvider"])
+    np.testing.assert_array_equal(sess.run(None, {"X": x})[0], want)

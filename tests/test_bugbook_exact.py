@@ -183,6 +183,24 @@ def test_a_fence_left_open_two_or_three_columns_in_does_not_swallow_an_added_rec
     assert f"{opened}\n忘了闭合\n" in path.read_text(encoding="utf-8")
 
 
+@pytest.mark.parametrize("opened", ["  ```", "  ~~~~"])
+def test_a_fence_left_open_in_a_list_item_does_not_swallow_a_field_written_after_it(
+        tmp_path, opened):
+    # A fence under a bullet closes at any indentation until the next record heading; tdpu's
+    # own fence of the same character would close it and swallow the fields after it (review).
+    path = tmp_path / "bugs_found.md"
+    path.write_text(f"# Phase 3 Bug记录\n\n## Bug #1: t\n- **错误信息**: e\n{opened}\n  忘了闭合\n"
+                    "- **状态**: 未解决\n", encoding="utf-8")
+    BugBook(path).update(1, cause="c1\nc2")
+    BugBook(path).update(1, fix="f1\n~~~\nf2")
+    BugBook(path).add("二", "编译", error="多行\n错误")
+    records = BugBook(path).load()
+    assert [r.number for r in records] == [1, 2]
+    assert records[0].error == f"e\n{opened.strip()}\n忘了闭合"
+    assert (records[0].cause, records[0].fix, records[0].status) == ("c1\nc2", "f1\n~~~\nf2", "未解决")
+    assert records[1].error == "多行\n错误"
+
+
 # -- one-shot commands, absurd numbers, JSON encoding ----------------------------------------------
 
 def test_concurrent_one_shot_sets_apply_one_after_the_other_without_conflict_copies(project):

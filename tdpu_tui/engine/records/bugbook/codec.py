@@ -105,12 +105,15 @@ def _under_a_bullet(texts: list[str], i: int, depth: int) -> bool:
     return False
 
 
-def _find_fences(texts: list[str]) -> tuple[dict[int, int], list[int]]:
+def _find_fences(texts: list[str]) -> tuple[dict[int, int], list[int], list[tuple[int, str, int]]]:
     """Opening line -> closing line of each fenced block (a fence never closed is text), and
-    the lines of fences never closed that a fence tdpu writes could close: those indented 2-3
-    columns outside a list item, which close at up to 3 columns."""
+    the fences never closed that a fence tdpu writes could close: the lines of those indented
+    2-3 columns outside a list item (they close at up to 3 columns), and (line, fence
+    character, end) of those in a list item (they close at any indentation until `end`, the
+    next record heading or the end of the file)."""
     fences: dict[int, int] = {}
     loose: list[int] = []
+    open_items: list[tuple[int, str, int]] = []
     i, n = 0, len(texts)
     while i < n:
         m = _FENCE_OPEN_RE.match(texts[i])
@@ -125,6 +128,7 @@ def _find_fences(texts: list[str]) -> tuple[dict[int, int], list[int]]:
                 rf"^(?P<ws>[ \t]*){re.escape(m['fence'][0])}{{{len(m['fence'])},}}[ \t]*$")
             for j in range(i + 1, n):
                 if in_item and _width(_leading(texts[j])) < depth and _HEADING_RE.match(texts[j]):
+                    open_items.append((i, m["fence"][0], j))
                     break  # the bullet's list item ended at the heading, and the fence with it
                 c = closer.match(texts[j])
                 if c and (in_item or _width(c["ws"]) < margin_close):
@@ -132,10 +136,12 @@ def _find_fences(texts: list[str]) -> tuple[dict[int, int], list[int]]:
                     i = j
                     break
             else:
-                if not in_item and depth >= 2:
+                if in_item:
+                    open_items.append((i, m["fence"][0], n))
+                elif depth >= 2:
                     loose.append(i)
         i += 1
-    return fences, loose
+    return fences, loose, open_items
 
 
 @dataclass
@@ -189,29 +195,31 @@ class _Span:
         return out
 
 
-def _fence_for(lines: list[str]) -> str:
-    longest = max((len(run) for line in lines for run in re.findall(r"`+", line)), default=0)
-    return "`" * max(3, longest + 1)
+def _fence_for(lines: list[str], char: str = "`") -> str:
+    longest = max((len(run) for line in lines for run in re.findall(f"{re.escape(char)}+", line)),
+                  default=0)
+    return char * max(3, longest + 1)
 
 
 def render_field(prefix: str, value: str, indent: str, sep: str = " ",
-                 fence_indent: str = "  ") -> list[str]:
-    """The lines of one bullet. One-line values stay inline; others become a fence indented
-    `fence_indent` under the bullet."""
+                 fence_indent: str = "  ", fence_char: str = "`") -> list[str]:
+    """The lines of one bullet. One-line values stay inline; others become a fence of
+    `fence_char` indented `fence_indent` under the bullet."""
     if "\n" not in value and value == value.strip():
         return [f"{prefix}{sep}{value}" if value else prefix]
     body = value.split("\n")
     inner = indent + fence_indent
-    fence = _fence_for(body)
+    fence = _fence_for(body, fence_char)
     return [prefix, inner + fence, *[inner + line if line else "" for line in body], inner + fence]
 
 
-def render_record(rec: BugRecord, fence_indent: str = "  ") -> list[str]:
+def render_record(rec: BugRecord, fence_indent: str = "  ", fence_char: str = "`") -> list[str]:
     out = [f"## Bug #{rec.number}: {rec.title}"]
     for attr in ORDER:
-        out += render_field(f"- **{FIELD_KEYS[attr]}**:", getattr(rec, attr), "", " ", fence_indent)
+        out += render_field(f"- **{FIELD_KEYS[attr]}**:", getattr(rec, attr), "", " ", fence_indent,
+                            fence_char)
     for key, value in rec.extra:
-        out += render_field(f"- **{key}**:", value, "", " ", fence_indent)
+        out += render_field(f"- **{key}**:", value, "", " ", fence_indent, fence_char)
     if rec.signature:
         out.append(f"<!-- tdpu:signature {rec.signature} -->")
     return out
@@ -262,7 +270,7 @@ class BugDocument:
         texts = [t for t, _ in self.lines]
         crlf = sum(1 for _, e in self.lines if e == "\r\n")
         self.eol = "\r\n" if crlf * 2 > len(self.lines) else "\n"
-        self.fences, self.loose_fences = _find_fences(texts)
+        self.fences, self.loose_fences, self.open_item_fences = _find_fences(texts)
         self.in_fence: set[int] = set()
         in_fence = self.in_fence
         for o, c in self.fences.items():
@@ -387,11 +395,18 @@ class BugDocument:
 
     # -- editing ------------------------------------------------------------------------------
 
-    def _fence_indent(self, pos: int) -> str:
-        """How far under its bullet a value's fence goes when written at line `pos`: two
-        columns, as tdpu writes; four past a fence opened 2-3 columns in by hand and never
-        closed, which a fence at two columns would close, swallowing the record."""
-        return "    " if self.loose_fences and self.loose_fences[0] < pos else "  "
+    def _fence_style(self, pos: int) -> dict[str, str]:
+        """How a value's fence is written at line `pos` so that it closes no fence the user left
+        open before it. Two columns under its bullet, as tdpu writes, but four past a fence
+        opened 2-3 columns in outside a list item (a fence at two columns would close it); and
+        tildes, not backticks, inside the reach of a backtick fence left open in a list item
+        (which any fence of its character closes), or backticks for a tilde one. (A value with a
+        line of that fence's character still closes it: the value is the user's, kept as is.)"""
+        style = {"fence_indent": "    " if self.loose_fences and self.loose_fences[0] < pos else "  "}
+        chars = {c for line, c, end in self.open_item_fences if line < pos <= end}
+        if chars == {"`"}:
+            style["fence_char"] = "~"
+        return style
 
     def _eol_at(self, i: int) -> str:
         return self.lines[i][1] if 0 <= i < len(self.lines) and self.lines[i][1] else self.eol
@@ -414,11 +429,11 @@ class BugDocument:
         self._parse()
 
     def _field_edit(self, f: _Field, attr: str, value: str) -> tuple[int, int, list[str]]:
-        fi = self._fence_indent(f.start)
+        style = self._fence_style(f.start)
         if attr not in ONE_LINE_FIELDS:
-            return f.start, f.end, render_field(f.prefix, value, f.indent, f.sep, fi)
+            return f.start, f.end, render_field(f.prefix, value, f.indent, f.sep, **style)
         if f.value_line == f.start:
-            return f.start, f.start + 1, render_field(f.prefix, value, f.indent, f.sep, fi)
+            return f.start, f.start + 1, render_field(f.prefix, value, f.indent, f.sep, **style)
         line = self.lines[f.value_line][0]
         return f.value_line, f.value_line + 1, [_leading(line) + value]
 
@@ -444,8 +459,8 @@ class BugDocument:
                 continue
             before = [g.end for g in span.fields if KEY_FIELDS.get(g.key) in ORDER[:idx]]
             pos = max(before) if before else (span.fields[0].start if span.fields else span.body_end)
-            edits.append((pos, pos, render_field(f"- **{key}**:", changes[attr], "", " ",
-                                                 self._fence_indent(pos))))
+            edits.append((pos, pos, render_field(f"- **{key}**:", changes[attr], "",
+                                                 **self._fence_style(pos))))
         if "extra" in changes and list(changes["extra"]) != current.extra:
             old = span.extra_fields()
             remaining = list(changes["extra"])
@@ -457,11 +472,11 @@ class BugDocument:
                 remaining.remove(match)
                 if match[1] != f.value:
                     edits.append((f.start, f.end, render_field(f.prefix, match[1], f.indent, f.sep,
-                                                               self._fence_indent(f.start))))
+                                                               **self._fence_style(f.start))))
             pos = max((g.end for g in span.fields), default=span.body_end)
             for key, value in remaining:
-                edits.append((pos, pos, render_field(f"- **{key}**:", value, "", " ",
-                                                     self._fence_indent(pos))))
+                edits.append((pos, pos, render_field(f"- **{key}**:", value, "",
+                                                     **self._fence_style(pos))))
         if edits:
             self._apply(edits)
 
@@ -476,7 +491,7 @@ class BugDocument:
             last = "---"
         if last.strip():
             texts.append("")
-        texts += [*render_record(rec, self._fence_indent(len(self.lines))), "", "---"]
+        texts += [*render_record(rec, **self._fence_style(len(self.lines))), "", "---"]
         n = len(self.lines)
         self._apply([(n, n, texts)])
         if self.lines and not self.lines[-1][1]:

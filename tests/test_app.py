@@ -973,13 +973,13 @@ async def test_tab_switches_leave_no_footer_keys_behind(cfg):
         await pilot.pause(0.2)
         gc.collect()
         before = sum(isinstance(o, FooterKey) for o in gc.get_objects())
-        for i in range(40):
+        for i in range(16):
             await pilot.press("1234"[i % 4])
         await pilot.press("1")
         await pilot.pause(0.2)
         gc.collect()
         alive = [o for o in gc.get_objects() if isinstance(o, FooterKey)]
-        # One bar's keys may be on their way out; the leak kept ~10 per switch (400 here).
+        # One bar's keys may be on their way out; the leak kept ~10 per switch (160 here).
         assert len(alive) <= 2 * before, (before, len(alive))
         assert any(k.description == "Run all" for k in app.query(FooterKey))
 

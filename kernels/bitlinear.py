@@ -533,7 +533,7 @@ class _OneRow:
     """The one-row product of a packed weight on a vector path, its fixed choices (the core,
     strides, chunking, the helpers' deadlines) made once per weight and path."""
 
-    __slots__ = ("path", "p", "layout", "run")
+    __slots__ = ("path", "run")
 
     def __init__(self, p: np.ndarray, layout: str, path: str):
         int8 = _int8()
@@ -543,7 +543,7 @@ class _OneRow:
         lead, _, _ = _cores(path)
         rows, k_dim = p.shape
         row_stride, code_stride = _strides(layout, rows)
-        self.path, self.p, self.layout = path, p, layout
+        self.path = path
         if p.nbytes < _SMALL_BYTES:          # waking a helper costs more than it brings
             one_row = int8.bitlinear_one_row
 
@@ -590,17 +590,15 @@ class Prepared:
 
     def __init__(self, p: np.ndarray, weight_scale, layout: str):
         self.p = _as_packed(p, layout)
-        ws = np.asarray(weight_scale, dtype=np.float32)
-        if ws.size != 1:
-            raise ValueError(f"weight_scale must hold one value, found shape {ws.shape}")
-        self.ws = np.float32(ws.reshape(()))
+        self.ws = _as_scale(weight_scale)
         self.layout = layout
         self.k, self.n = self.p.shape[1], 4 * self.p.shape[0]
         self._plan: _OneRow | None = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if (type(x) is np.ndarray and x.dtype == np.float32 and x.ndim and x.shape[-1] == self.k
-                and x.size == self.k and self.k and self.n and x.flags.c_contiguous):
+        # one row of float32 activations, C-contiguous, K and N not 0: the plan; else bitlinear
+        if (type(x) is np.ndarray and x.dtype == np.float32 and x.ndim and self.n
+                and x.size == x.shape[-1] == self.k != 0 and x.flags.c_contiguous):
             path = select.chosen_path(1)
             plan = self._plan
             if plan is None or plan.path != path:
@@ -609,6 +607,14 @@ class Prepared:
                 plan = self._plan = _OneRow(self.p, self.layout, path)
             return plan.run(x.reshape(1, self.k), self.ws).reshape(x.shape[:-1] + (self.n,))
         return bitlinear(x, self.p, self.ws, self.layout)
+
+
+def _as_scale(weight_scale) -> np.float32:
+    """The one value of `weight_scale` (a float or a one-element array) as a float32 scalar."""
+    ws = np.asarray(weight_scale, dtype=np.float32)
+    if ws.size != 1:
+        raise ValueError(f"weight_scale must hold one value, found shape {ws.shape}")
+    return np.float32(ws.reshape(()))
 
 
 def bitlinear(x: np.ndarray, p: np.ndarray, weight_scale, layout: str, path: str | None = None
@@ -623,21 +629,19 @@ def bitlinear(x: np.ndarray, p: np.ndarray, weight_scale, layout: str, path: str
     k_dim = p.shape[1]
     if x.shape[-1] != k_dim:
         raise ValueError(f"activations have K = {x.shape[-1]}, packed weights have K = {k_dim}")
-    ws = np.asarray(weight_scale, dtype=np.float32)
-    if ws.size != 1:
-        raise ValueError(f"weight_scale must hold one value, found shape {ws.shape}")
+    ws = _as_scale(weight_scale)
     x2 = x.reshape(-1, k_dim)
     if x2.shape[0] == 1 and p.shape[0]:
         path = path or select.chosen_path(1, k_dim, 4 * p.shape[0])
         if path in select.VECTOR_PATHS:
-            y = _OneRow(p, layout, path).run(x2, np.float32(ws.reshape(())))
+            y = _OneRow(p, layout, path).run(x2, ws)
             return y.reshape(x.shape[:-1] + (y.shape[1],))
     q, s, sumq = _quantize_2d(x2)
     acc = _matmul_into(q, sumq, p, layout, path)
     y = np.empty(acc.shape, np.float32)
     if acc.shape[0] >= 8:
-        pool.run_claimed(_rescale_claimed, (acc, s, np.float32(ws.reshape(())), y, 4),
+        pool.run_claimed(_rescale_claimed, (acc, s, ws, y, 4),
                          -(-acc.shape[0] // 4))
     elif acc.size:
-        _rescale_serial(acc, s, np.float32(ws.reshape(())), y)
+        _rescale_serial(acc, s, ws, y)
     return y.reshape(x.shape[:-1] + (acc.shape[1],))

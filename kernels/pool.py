@@ -193,10 +193,15 @@ def _loaders():
     return load
 
 
-@functools.cache
-def _thread_count():
+def _thread_count() -> int:
     """What `numba.get_num_threads()` returns, without the two locks it takes on every call
-    (1.4 us before every decode product): the threading layer's own getter, once started."""
+    (1.4 us before every decode product)."""
+    return _thread_getter()()
+
+
+@functools.cache
+def _thread_getter():
+    """The threading layer's own getter, once started (numba's public function otherwise)."""
     numba.get_num_threads()         # numba's threading layer started
     from numba.np.ufunc import parallel
 
@@ -209,7 +214,7 @@ def post(kernel, args: tuple):
     returned) until `unpost()`; None when they are busy with another product or there are
     none, and the caller then does all the work. The caller's own kernel must bump
     `pool.SIGNAL` once it has let go of the GIL and wait for every chunk before it returns."""
-    threads = _thread_count()()
+    threads = _thread_count()
     if threads < 2 or not _lock.acquire(blocking=False):
         return None
     try:
@@ -234,7 +239,7 @@ def run_claimed(kernel, args: tuple, chunks: int) -> None:
     if chunks < 2:
         kernel(*args, ctrl, np.zeros(1, np.int64))
         return
-    threads = _thread_count()()
+    threads = _thread_count()
     if threads < 2 or not _lock.acquire(blocking=False):
         kernel(*args, ctrl, np.zeros(1, np.int64))
         return

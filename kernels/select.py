@@ -227,7 +227,7 @@ def _resolve() -> dict:
 def chosen_path(m: int = 1, k: int | None = None, n: int | None = None) -> str:
     """The path a product with `m` activation rows runs on this machine (k, n: not used yet)."""
     chosen = _chosen        # once resolved, read without the lock (every decode call asks)
-    return (chosen if chosen is not None else _resolve())["decode" if m <= 1 else "prefill"]
+    return (chosen if chosen is not None else _resolve())[regime(m)]
 
 
 def selection() -> dict:

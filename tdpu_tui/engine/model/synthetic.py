@@ -78,6 +78,10 @@ def _bf16(x: float) -> float:
     return float((bits.astype(np.uint32) << 16).view(np.float32)[0])
 
 
+# The largest synthetic model, in multiples of the 2b4t preset's parameters.
+MAX_PARAMETERS_X_2B4T = 4
+
+
 def resolve_shapes(preset: str, overrides: dict[str, int | None] | None = None) -> dict[str, int]:
     """The preset's shapes with the overrides applied; raises ConfigError on impossible ones."""
     if preset not in PRESETS:
@@ -117,10 +121,6 @@ def resolve_shapes(preset: str, overrides: dict[str, int | None] | None = None) 
         raise bad(key, f"the synthetic model would have {params:,} parameters, more than "
                        f"{MAX_PARAMETERS_X_2B4T} × the 2b4t preset's ({most:,})")
     return shapes
-
-
-# The largest synthetic model, in multiples of the 2b4t preset's parameters.
-MAX_PARAMETERS_X_2B4T = 4
 
 
 def parameter_count(shapes: dict[str, int]) -> int:

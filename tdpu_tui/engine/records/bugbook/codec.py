@@ -201,25 +201,31 @@ def _fence_for(lines: list[str], char: str = "`") -> str:
     return char * max(3, longest + 1)
 
 
-def render_field(prefix: str, value: str, indent: str, sep: str = " ",
-                 fence_indent: str = "  ", fence_char: str = "`") -> list[str]:
-    """The lines of one bullet. One-line values stay inline; others become a fence of
-    `fence_char` indented `fence_indent` under the bullet."""
+@dataclass(frozen=True)
+class Fence:
+    """How a multi-line value's fence is written: `indent` under its bullet, of `char`."""
+    indent: str = "  "
+    char: str = "`"
+
+
+def render_field(prefix: str, value: str, indent: str, sep: str = " ", fence: Fence = Fence()
+                 ) -> list[str]:
+    """The lines of one bullet. One-line values stay inline; others become a `fence` under the
+    bullet."""
     if "\n" not in value and value == value.strip():
         return [f"{prefix}{sep}{value}" if value else prefix]
     body = value.split("\n")
-    inner = indent + fence_indent
-    fence = _fence_for(body, fence_char)
-    return [prefix, inner + fence, *[inner + line if line else "" for line in body], inner + fence]
+    inner = indent + fence.indent
+    mark = _fence_for(body, fence.char)
+    return [prefix, inner + mark, *[inner + line if line else "" for line in body], inner + mark]
 
 
-def render_record(rec: BugRecord, fence_indent: str = "  ", fence_char: str = "`") -> list[str]:
+def render_record(rec: BugRecord, fence: Fence = Fence()) -> list[str]:
     out = [f"## Bug #{rec.number}: {rec.title}"]
     for attr in ORDER:
-        out += render_field(f"- **{FIELD_KEYS[attr]}**:", getattr(rec, attr), "", " ", fence_indent,
-                            fence_char)
+        out += render_field(f"- **{FIELD_KEYS[attr]}**:", getattr(rec, attr), "", fence=fence)
     for key, value in rec.extra:
-        out += render_field(f"- **{key}**:", value, "", " ", fence_indent, fence_char)
+        out += render_field(f"- **{key}**:", value, "", fence=fence)
     if rec.signature:
         out.append(f"<!-- tdpu:signature {rec.signature} -->")
     return out
@@ -395,18 +401,16 @@ class BugDocument:
 
     # -- editing ------------------------------------------------------------------------------
 
-    def _fence_style(self, pos: int) -> dict[str, str]:
+    def _fence(self, pos: int) -> Fence:
         """How a value's fence is written at line `pos` so that it closes no fence the user left
         open before it. Two columns under its bullet, as tdpu writes, but four past a fence
         opened 2-3 columns in outside a list item (a fence at two columns would close it); and
         tildes, not backticks, inside the reach of a backtick fence left open in a list item
         (which any fence of its character closes), or backticks for a tilde one. (A value with a
         line of that fence's character still closes it: the value is the user's, kept as is.)"""
-        style = {"fence_indent": "    " if self.loose_fences and self.loose_fences[0] < pos else "  "}
+        indent = "    " if self.loose_fences and self.loose_fences[0] < pos else "  "
         chars = {c for line, c, end in self.open_item_fences if line < pos <= end}
-        if chars == {"`"}:
-            style["fence_char"] = "~"
-        return style
+        return Fence(indent, "~" if chars == {"`"} else "`")
 
     def _eol_at(self, i: int) -> str:
         return self.lines[i][1] if 0 <= i < len(self.lines) and self.lines[i][1] else self.eol
@@ -429,11 +433,11 @@ class BugDocument:
         self._parse()
 
     def _field_edit(self, f: _Field, attr: str, value: str) -> tuple[int, int, list[str]]:
-        style = self._fence_style(f.start)
+        fence = self._fence(f.start)
         if attr not in ONE_LINE_FIELDS:
-            return f.start, f.end, render_field(f.prefix, value, f.indent, f.sep, **style)
+            return f.start, f.end, render_field(f.prefix, value, f.indent, f.sep, fence)
         if f.value_line == f.start:
-            return f.start, f.start + 1, render_field(f.prefix, value, f.indent, f.sep, **style)
+            return f.start, f.start + 1, render_field(f.prefix, value, f.indent, f.sep, fence)
         line = self.lines[f.value_line][0]
         return f.value_line, f.value_line + 1, [_leading(line) + value]
 
@@ -460,7 +464,7 @@ class BugDocument:
             before = [g.end for g in span.fields if KEY_FIELDS.get(g.key) in ORDER[:idx]]
             pos = max(before) if before else (span.fields[0].start if span.fields else span.body_end)
             edits.append((pos, pos, render_field(f"- **{key}**:", changes[attr], "",
-                                                 **self._fence_style(pos))))
+                                                 fence=self._fence(pos))))
         if "extra" in changes and list(changes["extra"]) != current.extra:
             old = span.extra_fields()
             remaining = list(changes["extra"])
@@ -472,11 +476,11 @@ class BugDocument:
                 remaining.remove(match)
                 if match[1] != f.value:
                     edits.append((f.start, f.end, render_field(f.prefix, match[1], f.indent, f.sep,
-                                                               **self._fence_style(f.start))))
+                                                               self._fence(f.start))))
             pos = max((g.end for g in span.fields), default=span.body_end)
             for key, value in remaining:
                 edits.append((pos, pos, render_field(f"- **{key}**:", value, "",
-                                                     **self._fence_style(pos))))
+                                                     fence=self._fence(pos))))
         if edits:
             self._apply(edits)
 
@@ -491,7 +495,7 @@ class BugDocument:
             last = "---"
         if last.strip():
             texts.append("")
-        texts += [*render_record(rec, **self._fence_style(len(self.lines))), "", "---"]
+        texts += [*render_record(rec, self._fence(len(self.lines))), "", "---"]
         n = len(self.lines)
         self._apply([(n, n, texts)])
         if self.lines and not self.lines[-1][1]:

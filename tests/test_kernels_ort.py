@@ -373,3 +373,105 @@ def test_run_takes_the_direct_call_only_for_plain_numpy_feeds_and_keeps_ort_chec
         sess.run(None, {"x": x})
     sess.set_providers(["CPUExecutionProvider"])
     np.testing.assert_array_equal(sess.run(None, {"X": x})[0], want)
+
+
+def shared_input_model(rng, layout, scales, opset=17, k=40):
+    """q, k, v on one X (h), gate and up on another (g = Relu(h)), one more node on a third
+    (Abs of q's output, read after q's Split); every output a graph output but up's, which a
+    MatMul alone reads (ONNX Runtime's optimizer folds a Mul by a constant into a following
+    MatMul's alpha, a different rounding). The scale of node i is scales[i]."""
+    nodes, inits, outs = [], [], []
+    for i, (n, x) in enumerate([(k, "h"), (8, "h"), (8, "h"), (36, "g"), (36, "g"), (12, "a")]):
+        inits += [numpy_helper.from_array(packing.pack(ternary(rng, n, k), layout), f"W{i}"),
+                  numpy_helper.from_array(np.array([scales[i]], np.float32), f"S{i}")]
+        nodes.append(helper.make_node("BitLinear", [x, f"W{i}", f"S{i}"], [f"Y{i}"], domain="ai.tdpu",
+                                      name=f"node{i}", in_features=k, out_features=n, layout=layout))
+        outs.append(helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, [1, "s", n]))
+    nodes.insert(5, helper.make_node("Abs", ["Y0"], ["a"]))
+    nodes.insert(3, helper.make_node("Relu", ["h"], ["g"]))
+    nodes.insert(0, helper.make_node("Identity", ["x"], ["h"]))
+    nodes.append(helper.make_node("MatMul", ["Y4", "M"], ["Z"]))
+    del outs[4]                   # up's output is read by the MatMul alone
+    inits.append(numpy_helper.from_array(rng.standard_normal((36, 5)).astype(np.float32), "M"))
+    outs.append(helper.make_tensor_value_info("Z", TensorProto.FLOAT, [1, "s", 5]))
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", k])],
+                              outs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("ai.tdpu", 1)])
+
+
+def assert_same_outputs(fused, unfused, feeds):
+    for feed in feeds:
+        for a, b in zip(fused.run(None, feed), unfused.run(None, feed), strict=True):
+            assert a.shape == b.shape and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["tdpu", "hf"])
+@pytest.mark.parametrize("scales", [(0.5,) * 6, (0.011, 0.7, 3.0, 0.5, 0.0123457, 1.5)], ids=["same", "own"])
+@pytest.mark.parametrize("opset", [11, 17, 18])
+def test_nodes_reading_one_x_run_as_one_kernel_call_with_bit_identical_outputs(rng, layout, scales, opset):
+    """q, k, v (one X) and gate, up (another) become one BitLinearBound each over the stacked
+    weights and a Split; the nodes' own scales are applied in the operator, not as graph Mul
+    nodes. The outputs equal the unfused session's bit for bit, for one and for many rows."""
+    from kernels.ort.prepack import _rewrite
+    from kernels.ort.registry import _bound, _release
+
+    model = shared_input_model(rng, layout, scales, opset)
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    keys = _rewrite(rewritten, None)
+    try:
+        onnx.checker.check_model(rewritten)
+        ops = [n.op_type for n in rewritten.graph.node]
+        assert ops.count("BitLinearBound") == 3 and ops.count("Split") == 2 and "Mul" not in ops
+        fused = {_bound[key].name: _bound[key] for key in keys}
+        assert sorted(fused) == ["node0 + node1 + node2", "node3 + node4", "node5"]
+        own = len(set(scales)) > 1
+        assert (fused["node3 + node4"].columns is not None) == own
+        assert not {"W0", "W1", "W3", "S0"} & {t.name for t in rewritten.graph.initializer}
+        assert sum(kort.KEY_SUFFIX in t.name for t in rewritten.graph.initializer) == 3
+    finally:
+        _release(keys)
+    gc.collect()
+    start = kort.cache_info()["entries"]
+    fused_session = kort.create_session(model)
+    assert kort.cache_info()["entries"] == start + 3     # the nodes' own weights are not kept
+    feeds = []
+    for m in (1, 3, 17):
+        x = (rng.standard_normal((1, m, 40)) * 3).astype(np.float32)
+        x[0, 0, :3] = (0.0, -0.0, 1e-9)
+        feeds.append({"x": x})
+    assert_same_outputs(fused_session, kort.create_session(model, fuse=False), feeds)
+
+
+def test_a_graph_of_bitlinear_alone_is_fused_with_an_onnx_opset_added(rng):
+    """No default-domain opset import (only ai.tdpu nodes): the Split needs one."""
+    model = shared_input_model(rng, "tdpu", (0.5, 0.25, 0.125, 1, 1, 1))
+    keep = [n for n in model.graph.node if n.domain == "ai.tdpu" and n.input[0] == "h"]
+    for node in keep:
+        node.input[0] = "x"
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    del model.graph.output[3:]
+    del model.opset_import[0]
+    rng_x = rng.standard_normal((1, 2, 40)).astype(np.float32)
+    assert_same_outputs(kort.create_session(model), kort.create_session(model, fuse=False), [{"x": rng_x}])
+
+
+def test_a_node_with_a_fed_scale_is_not_fused_with_the_nodes_beside_it(rng):
+    model = shared_input_model(rng, "tdpu", (0.5, 0.25, 0.125, 1, 1, 1))
+    scale = next(t for t in model.graph.initializer if t.name == "S1")
+    model.graph.initializer.remove(scale)
+    model.graph.input.append(helper.make_tensor_value_info("S1", TensorProto.FLOAT, [1]))
+    x = rng.standard_normal((1, 2, 40)).astype(np.float32)
+    assert_same_outputs(kort.create_session(model), kort.create_session(model, fuse=False),
+                        [{"x": x, "S1": np.array([0.3], np.float32)}])
+    from kernels.ort.prepack import _rewrite
+    from kernels.ort.registry import _bound, _release
+
+    keys = _rewrite(model, None)
+    try:
+        assert sorted(_bound[key].name for key in keys if key in _bound) == [
+            "node0 + node2", "node3 + node4", "node5"]
+        assert [n.op_type for n in model.graph.node].count("BitLinearPrepacked") == 1
+    finally:
+        _release(keys)

@@ -21,7 +21,11 @@ found by a content digest), and rewrites the node into `ai.tdpu::BitLinearBound(
 the key naming the node's weight entry, its constant weight_scale, shape, layout and name
 (no attributes, no third input: each costs the bridge work on every call). A node whose
 weight_scale is computed at run time becomes `ai.tdpu::BitLinearPrepacked(X, key,
-weight_scale)` with its attributes and a `node_name`. The file on disk is not touched and still carries W.
+weight_scale)` with its attributes and a `node_name`. Bound nodes that read the same X (a
+layer's q, k, v; its gate, up) then become one bound node over their stacked weights, a Split
+and a Mul by each node's scale: one bridge crossing per group, bit-identical outputs
+(`kernels.ort.prepack`; `create_session(..., fuse=False)` keeps them apart). The file on
+disk is not touched and still carries W.
 Registry entries are reference-counted by the sessions that use them and dropped when
 the last such session is garbage-collected.
 
@@ -43,7 +47,7 @@ The package keeps its seams apart (`kernels.ort.<module>`):
 
     registry   the process-wide registry of prepacked weights (keys, reference counts)
     ops        the operators' bodies, their checks, their registration with the bridge
-    prepack    the graph rewrite: check each node, move its W into the registry
+    prepack    the graph rewrite: check each node, move its W into the registry, fuse
     session    session_options, create_session, BitLinearSession
 
 `session_options()` alone also runs BitLinear graphs (W then travels through the

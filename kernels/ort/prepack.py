@@ -2,6 +2,16 @@
 W into the registry, the node becoming `BitLinearBound(X, key)` (a constant weight_scale: the
 node's whole description under its key), `BitLinearPrepacked(X, key, weight_scale)` (a scale fed
 at run time) or `LinearBF16Prepacked(X, key)`.
+
+Then bound nodes that read the same X are fused (`_fuse_shared_inputs`): a decoder layer's
+q, k and v projections read one normalized hidden state, gate and up another. Each group
+becomes one `BitLinearBound` over the group's weights stacked in the tdpu layout, then a
+`Split` into the nodes' outputs. Where the nodes' weight_scales differ, the kernel runs with
+scale 1 and the operator multiplies each output column by its own node's scale (float32), inside
+the operator rather than as graph `Mul` nodes, which ONNX Runtime's optimizer would fold into a
+following MatMul's alpha (a different rounding). `float32(acc) / s * 1` is exact, so every output
+is bit-identical to the unfused graph's; what changes is one bridge crossing and one kernel call
+per group instead of one per node.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from kernels.ort.ops import (
     PREPACKED_OP_TYPE,
     BitLinearError,
 )
-from kernels.ort.registry import _acquire, _bind, _entries, _release
+from kernels.ort.registry import _acquire, _bind, _bound, _entries, _release
 
 _DTYPE_NAMES = {v: k for k, v in TensorProto.DataType.items()}
 
@@ -111,6 +121,110 @@ def _bind_node(graph: onnx.GraphProto, node: onnx.NodeProto, index: int, w_name:
     node.op_type = BOUND_OP_TYPE
 
 
+def _free_name(taken: set[str], stem: str) -> str:
+    name, i = stem, 1
+    while any(t == name or t.startswith(name + "/") for t in taken):
+        name, i = f"{stem}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def _graph_names(graph: onnx.GraphProto) -> set[str]:
+    names = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+        names.add(node.name)
+        names |= _subgraph_reads(node)
+    return names
+
+
+def _stack(group: list[tuple[onnx.NodeProto, int]]) -> int:
+    """A bound registry key over the weights of `group` (nodes with their bound keys) stacked in
+    the tdpu layout, with the scale they share or, where theirs differ, scale 1 and each node's
+    scale per output column."""
+    entries = [_bound[key] for _, key in group]
+    stacked = np.concatenate([e.packed if e.layout == "tdpu" else packing.repack(e.packed, e.layout, "tdpu")
+                              for e in entries])
+    scales = {e.scale for e in entries}
+    columns = None if len(scales) == 1 else np.concatenate(
+        [np.full(e.out_features, e.scale, np.float32) for e in entries])
+    weight_key = _acquire(stacked)
+    try:
+        return _bind(weight_key, scales.pop() if columns is None else 1.0, entries[0].in_features,
+                     4 * stacked.shape[0], "tdpu", " + ".join(e.name for e in entries), columns)
+    except BaseException:
+        _release([weight_key])
+        raise
+
+
+def _fused_nodes(model: onnx.ModelProto, group: list[tuple[onnx.NodeProto, int]], key: int, base: str
+                 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """BitLinearBound(X, key) over the stacked weights, then a Split into the group's outputs."""
+    x_name = group[0][0].input[0]
+    inits = [numpy_helper.from_array(np.array([key], np.int64), f"{base}{KEY_SUFFIX}")]
+    bound = onnx.helper.make_node(BOUND_OP_TYPE, [x_name, inits[0].name], [f"{base}/stacked"],
+                                  name=f"{base}/BitLinear", domain=DOMAIN)
+    sizes = [_bound[own].out_features for _, own in group]
+    outputs = [node.output[0] for node, _ in group]
+    if _default_opset(model) >= 13:
+        inits.append(numpy_helper.from_array(np.array(sizes, np.int64), f"{base}/sizes"))
+        split = onnx.helper.make_node("Split", [f"{base}/stacked", inits[-1].name], outputs, axis=-1)
+    else:
+        split = onnx.helper.make_node("Split", [f"{base}/stacked"], outputs, axis=-1, split=sizes)
+    split.name = f"{base}/Split"
+    return [bound, split], inits
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    """The model's ONNX opset; one is imported (17) if it has none (a graph of BitLinear alone)."""
+    found = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if found is None:
+        model.opset_import.append(onnx.helper.make_opsetid("", 17))
+        found = 17
+    return found
+
+
+def _fuse_shared_inputs(model: onnx.ModelProto, bound: list[tuple[int, int]], keys: list[int]) -> None:
+    """Fuse the bound nodes (graph position, key) that read the same X with the same K (module
+    doc). `keys`, the session's registry keys, gets each fused key in place of its nodes' own."""
+    graph = model.graph
+    groups: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for position, key in bound:
+        groups.setdefault((graph.node[position].input[0], _bound[key].in_features), []).append((position, key))
+    groups = {g: members for g, members in groups.items() if len(members) > 1}
+    if not groups:
+        return
+    taken = _graph_names(graph)
+    fused: dict[int, list[onnx.NodeProto]] = {}     # first member's position -> the fused nodes
+    gone: set[int] = set()
+    dead_inits: set[str] = set()
+    for (x_name, _), members in groups.items():
+        group = [(graph.node[p], k) for p, k in members]
+        key = _stack(group)
+        keys.append(key)
+        nodes, inits = _fused_nodes(model, group, key, _free_name(taken, f"{x_name}/tdpu_fused"))
+        graph.initializer.extend(inits)
+        fused[members[0][0]] = nodes
+        gone.update(p for p, _ in members)
+        dead_inits.update(node.input[1] for node, _ in group)
+        own = [k for _, k in members]
+        _release(own)           # before leaving `keys`: a second release of a bound key is a no-op
+        for k in own:
+            keys.remove(k)
+    kept: list[onnx.NodeProto] = []
+    for position, node in enumerate(graph.node):
+        if position in fused:       # X is there already: every member reads only X
+            kept.extend(fused[position])
+        elif position not in gone:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    inits_kept = [t for t in graph.initializer if t.name not in dead_inits]
+    del graph.initializer[:]
+    graph.initializer.extend(inits_kept)
+
+
 def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
     """Names the subgraphs of `node` (If/Loop/Scan bodies) read from the outer scope."""
     names: set[str] = set()
@@ -123,8 +237,9 @@ def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
 
 
 def _rewrite(model: onnx.ModelProto, base_dir: str | None,
-             shared: dict[str, np.ndarray] | None = None) -> list[int]:
+             shared: dict[str, np.ndarray] | None = None, fuse: bool = True) -> list[int]:
     """Check every BitLinear node, prepack W, rewrite in place; return the registry keys taken.
+    `fuse`: bound nodes reading the same X become one (`_fuse_shared_inputs`).
 
     `shared` (when given) receives the external-data weights that other nodes still read (a
     tied bf16 table: LinearBF16 and the embedding Gather): the caller hands ONNX Runtime the
@@ -143,6 +258,7 @@ def _rewrite(model: onnx.ModelProto, base_dir: str | None,
     last_dims = _static_last_dims(graph)
     graph_inputs = {v.name for v in graph.input}
     keys: list[int] = []
+    bound: list[tuple[int, int]] = []      # (graph position, key) of the bound nodes
     drop: set[str] = set()
     try:
         for index, node in enumerate(graph.node):
@@ -197,6 +313,7 @@ def _rewrite(model: onnx.ModelProto, base_dir: str | None,
             else:
                 key = _bind(key, scale, k, n, layout, node.name or f"#{index}")
                 keys.append(key)
+                bound.append((index, key))
                 _bind_node(graph, node, index, w_name, key)
                 uses[s_name] -= 1
                 if uses[s_name] == 0:
@@ -204,6 +321,8 @@ def _rewrite(model: onnx.ModelProto, base_dir: str | None,
             uses[w_name] -= 1
             if uses[w_name] == 0:
                 drop.add(w_name)
+        if fuse:
+            _fuse_shared_inputs(model, bound, keys)
     except BaseException:
         _release(keys)
         raise

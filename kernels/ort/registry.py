@@ -42,6 +42,10 @@ class _Bound:
     layout: str
     name: str
     call: Prepared | None = None     # x -> y, the weight checked once (at the first call)
+    # Fused nodes with their own weight_scales (`kernels.ort.prepack`): y[..., n] *= columns[n]
+    # after the kernel ran with scale 1 (float32(acc) / s * 1 is exact, so each output is the
+    # product its own node computed).
+    columns: np.ndarray | None = None
 
 
 _lock = threading.RLock()
@@ -69,14 +73,14 @@ def _acquire(packed: np.ndarray) -> int:
 
 
 def _bind(weight_key: int, scale: float, in_features: int, out_features: int, layout: str,
-          name: str) -> int:
+          name: str, columns: np.ndarray | None = None) -> int:
     """A key for one node on the weight entry `weight_key` (whose reference it takes over)."""
     global _next_key
     with _lock:
         key = _next_key
         _next_key += 1
         _bound[key] = _Bound(weight_key, _entries[weight_key].packed, np.float32(scale),
-                             int(in_features), int(out_features), layout, name)
+                             int(in_features), int(out_features), layout, name, columns=columns)
         return key
 
 

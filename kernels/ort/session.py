@@ -165,7 +165,7 @@ class BitLinearSession(onnxruntime.InferenceSession):
         return self._checked(super().run_with_ort_values, output_names, input_dict_ort_values, run_options)
 
 
-def create_session(model_or_path, providers=None, threads: int | None = None
+def create_session(model_or_path, providers=None, threads: int | None = None, fuse: bool = True
                    ) -> BitLinearSession:
     """InferenceSession for a graph that may contain `ai.tdpu::BitLinear` (see module doc).
 
@@ -173,7 +173,8 @@ def create_session(model_or_path, providers=None, threads: int | None = None
     on disk and ONNX Runtime reads it from the model's directory), serialized bytes, or an
     onnx.ModelProto (copied, not modified; it must serialize below protobuf's 2 GB once the
     BitLinear weights are out, so pass large models by path). `threads`: ONNX Runtime
-    intra-op threads.
+    intra-op threads. `fuse`: BitLinear nodes that read the same X (a layer's q, k, v; its
+    gate, up) run as one kernel call each group, bit-identical (`kernels.ort.prepack`).
     """
     base_dir = None
     if isinstance(model_or_path, onnx.ModelProto):
@@ -186,7 +187,7 @@ def create_session(model_or_path, providers=None, threads: int | None = None
         model = onnx.load(str(path), load_external_data=False)
         base_dir = str(path.resolve().parent)
     shared: dict[str, np.ndarray] = {}
-    keys = _rewrite(model, base_dir, shared)
+    keys = _rewrite(model, base_dir, shared, fuse)
     so = session_options(threads)
     # A tied bf16 table read by LinearBF16 and by a Gather: ONNX Runtime uses the registry's
     # array for the Gather instead of loading a second copy (0.66 GB at 2B4T shapes).

@@ -204,6 +204,24 @@ async def test_a_result_with_brackets_is_shown_as_written(cfg):
         assert cell.plain.endswith("set [icraft].bin")
 
 
+@aio
+async def test_the_panels_text_areas_are_drawn_in_the_foreground_colour(cfg):
+    """Textual 8 caches a widget's text style keyed on the widget's own styles, so a style
+    computed before the screen's colour reached it stayed transparent (the stage detail drawn
+    in the background colour in about one start in three). Each text area names its colour."""
+    app = TdpuApp(cfg, stages=fake_stages())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await run_and_wait(pilot, app)
+        await pilot.press("down")
+        for tab, name in (("1", "#stage-detail"), ("2", "#log-status"), ("3", "#nodes-status"),
+                          ("3", "#node-detail"), ("4", "#bugs-status"), ("4", "#bug-detail")):
+            await pilot.press(tab)
+            await pilot.pause()
+            widget = app.screen.query_one(name)
+            assert widget.styles.has_rule("color"), name
+            assert widget.visual_style.foreground.a == 1, name
+
+
 @pytest.mark.slow
 @aio
 async def test_the_tiny_pipeline_runs_from_the_app(cfg):

@@ -22,8 +22,8 @@ the key naming the node's weight entry, its constant weight_scale, shape, layout
 (no attributes, no third input: each costs the bridge work on every call). A node whose
 weight_scale is computed at run time becomes `ai.tdpu::BitLinearPrepacked(X, key,
 weight_scale)` with its attributes and a `node_name`. Bound nodes that read the same X (a
-layer's q, k, v; its gate, up) then become one bound node over their stacked weights, a Split
-and a Mul by each node's scale: one bridge crossing per group, bit-identical outputs
+layer's q, k, v; its gate, up) then become one bound node over their stacked weights and a
+Split, each node's scale applied per output column: one bridge crossing per group, bit-identical outputs
 (`kernels.ort.prepack`; `create_session(..., fuse=False)` keeps them apart). The file on
 disk is not touched and still carries W.
 Registry entries are reference-counted by the sessions that use them and dropped when

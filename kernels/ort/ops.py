@@ -107,10 +107,9 @@ def _bound_op(x, key):
         call = node.call
         if call is None:        # its errors, as the product's, name the node (except below)
             call = node.call = Prepared(node.packed, node.scale, node.layout)
-        if node.columns is None:
-            return call(x)
         y = call(x)
-        np.multiply(y, node.columns, out=y)     # float32, as the kernel's own multiply
+        if node.columns is not None:        # fused nodes' own scales: float32, as the kernel's
+            np.multiply(y, node.columns, out=y)
         return y
     except Exception as exc:
         where = f"BitLinear node {node.name!r}" if node is not None else "BitLinear node"

@@ -158,7 +158,7 @@ def _stack(group: list[tuple[onnx.NodeProto, int]]) -> int:
         raise
 
 
-def _fused_nodes(model: onnx.ModelProto, group: list[tuple[onnx.NodeProto, int]], key: int, base: str
+def _fused_nodes(opset: int, group: list[tuple[onnx.NodeProto, int]], key: int, base: str
                  ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """BitLinearBound(X, key) over the stacked weights, then a Split into the group's outputs."""
     x_name = group[0][0].input[0]
@@ -167,7 +167,7 @@ def _fused_nodes(model: onnx.ModelProto, group: list[tuple[onnx.NodeProto, int]]
                                   name=f"{base}/BitLinear", domain=DOMAIN)
     sizes = [_bound[own].out_features for _, own in group]
     outputs = [node.output[0] for node, _ in group]
-    if _default_opset(model) >= 13:
+    if opset >= 13:         # Split's sizes: an input from opset 13, an attribute before
         inits.append(numpy_helper.from_array(np.array(sizes, np.int64), f"{base}/sizes"))
         split = onnx.helper.make_node("Split", [f"{base}/stacked", inits[-1].name], outputs, axis=-1)
     else:
@@ -196,6 +196,7 @@ def _fuse_shared_inputs(model: onnx.ModelProto, bound: list[tuple[int, int]], ke
     if not groups:
         return
     taken = _graph_names(graph)
+    opset = _default_opset(model)
     fused: dict[int, list[onnx.NodeProto]] = {}     # first member's position -> the fused nodes
     gone: set[int] = set()
     dead_inits: set[str] = set()
@@ -203,7 +204,7 @@ def _fuse_shared_inputs(model: onnx.ModelProto, bound: list[tuple[int, int]], ke
         group = [(graph.node[p], k) for p, k in members]
         key = _stack(group)
         keys.append(key)
-        nodes, inits = _fused_nodes(model, group, key, _free_name(taken, f"{x_name}/tdpu_fused"))
+        nodes, inits = _fused_nodes(opset, group, key, _free_name(taken, f"{x_name}/tdpu_fused"))
         graph.initializer.extend(inits)
         fused[members[0][0]] = nodes
         gone.update(p for p, _ in members)

@@ -974,6 +974,8 @@ async def test_bug_file_changed_on_disk_is_reloaded(cfg):
         assert app.bugs_panel.table.row_count == 1
         path.write_text(BUG_FILE + BUG_FILE.split("\n", 2)[2].replace("#1", "#2"), encoding="utf-8")
         await wait_for(pilot, lambda: app.bugs_panel.table.row_count == 2, timeout=5)
+        # notify() posts a message: the notice lands a moment after the table's rebuild
+        await wait_for(pilot, lambda: any(n.title == "bug records" for n in app._notifications), timeout=5)
         assert any(n.title == "bug records" for n in app._notifications)
 
 
